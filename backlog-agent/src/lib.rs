@@ -1,0 +1,22 @@
+//! backlog-agent: reports TCP connections that listening sockets drop
+//! because their SYN or accept queue is full, and who owns the listener.
+//!
+//! The binary (`main.rs`) wires these modules together:
+//! - `preflight`: privileges, BTF, tracefs, memlock: what must hold first.
+//! - `btf`, `tracefs`, `offsets`: kernel layouts resolved at start-up.
+//! - `probes`: loads the eBPF object and attaches a hook for each kind.
+//! - `decode`: ring-buffer records to events, by checked reads.
+//! - `attribution`: socket inode to the processes holding it.
+//! - `output`, `summary`, `clock`: what the user sees.
+
+pub mod attribution;
+pub mod btf;
+pub mod cli;
+pub mod clock;
+pub mod decode;
+pub mod offsets;
+pub mod output;
+pub mod preflight;
+pub mod probes;
+pub mod summary;
+pub mod tracefs;

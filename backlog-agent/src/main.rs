@@ -1,0 +1,221 @@
+//! backlog-agent: see `--help`. Errors leave as one line on stderr with a
+//! non-zero exit code; everything the user should know about what is and
+//! is not observed goes to stderr, events to stdout.
+
+use std::{
+    io::{self, BufWriter, Stdout, Write as _},
+    path::Path,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+use backlog_agent::{
+    attribution::SocketOwners,
+    btf::Btf,
+    cli::{Cli, OutputFormat},
+    clock::MonotonicToWall,
+    decode::{decode, DecodeError},
+    output, preflight,
+    probes::{self, Outcome},
+    summary::Summary,
+    tracefs,
+};
+use clap::Parser as _;
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+};
+
+/// Undecodable records are counted; only the first few are described, so
+/// that a systematic problem cannot flood stderr.
+const DECODE_ERRORS_SHOWN: u64 = 5;
+
+/// A listener that nobody holds (closed, or a process we cannot see) must
+/// not turn every event into a full /proc scan.
+const MIN_RESCAN: Duration = Duration::from_millis(200);
+
+fn note(message: impl std::fmt::Display) {
+    eprintln!("backlog-agent: {message}");
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("backlog-agent: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let started = Instant::now();
+    let status = preflight::self_status();
+    preflight::check_privileges(&status)?;
+    preflight::check_btf()?;
+    if let Some(warning) = preflight::attribution_warning(&status) {
+        note(warning);
+    }
+    if let Err(err) = preflight::raise_memlock_limit(&preflight::kernel_release()) {
+        note(format_args!(
+            "could not raise RLIMIT_MEMLOCK ({err}); maps may fail to load before 5.11"
+        ));
+    }
+    let tracefs = tracefs::ensure_mounted()?;
+    let btf = Btf::from_file(Path::new(preflight::VMLINUX_BTF))?;
+    let (mut probes, absent) = probes::start(cli.attach, cli.ring_buffer_kib, &btf, &tracefs)?;
+    drop(btf);
+    for field in absent {
+        note(format_args!(
+            "this kernel has no {field}; the event field it feeds stays 0"
+        ));
+    }
+    let mut attached = 0;
+    for (kind, outcome) in &probes.outcomes {
+        match outcome {
+            Outcome::Attached { hook, .. } => {
+                attached += 1;
+                note(format_args!("{}: {hook}", kind.as_str()));
+            }
+            Outcome::NotObservable { reason } => {
+                note(format_args!("{}: not observable: {reason}", kind.as_str()));
+            }
+        }
+    }
+    let ring = probes.take_events()?;
+    let counters = probes.take_counters()?;
+    // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged,
+    // for as long as it lives, and the AsyncFd owns the ring buffer.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(io::Error::from)
+        .context("cannot poll the ring buffer")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let deadline = cli.duration.map(|d| tokio::time::Instant::now() + d);
+    note(format_args!(
+        "ready: watching {attached} of {} drop kinds; Ctrl-C to stop",
+        probes.outcomes.len()
+    ));
+
+    let mut sink = Sink::new(cli.output);
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            () = until(deadline) => break,
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("polling the ring buffer failed")?;
+                sink.drain(guard.get_inner_mut());
+                guard.clear_ready();
+            }
+        }
+        if sink.stdout_closed {
+            note("stdout was closed; stopping");
+            break;
+        }
+    }
+    // Detach first so that nothing new arrives, then read what is queued.
+    drop(probes);
+    sink.drain(ring.get_mut());
+    note("detached");
+
+    match counters.events_lost() {
+        Ok(lost) => sink.summary.losses.lost_in_kernel = lost,
+        Err(err) => note(format_args!("cannot read the lost-event counter: {err}")),
+    }
+    if let Ok(errors) = counters.read_errors() {
+        if errors > 0 {
+            note(format_args!(
+                "{errors} events had unreadable kernel fields (flagged partial)"
+            ));
+        }
+    }
+    let scans = sink.owners.stats();
+    eprint!(
+        "backlog-agent: summary after {:.1} s:\n{}",
+        started.elapsed().as_secs_f64(),
+        sink.summary.render()
+    );
+    if scans.vanished + scans.unreadable > 0 {
+        note(format_args!(
+            "attribution: {} /proc scans; {} processes exited mid-scan, {} unreadable",
+            scans.scans, scans.vanished, scans.unreadable
+        ));
+    }
+    Ok(())
+}
+
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Turns records into output lines and summary counts.
+struct Sink {
+    format: OutputFormat,
+    out: BufWriter<Stdout>,
+    clock: MonotonicToWall,
+    owners: SocketOwners,
+    summary: Summary,
+    stdout_closed: bool,
+}
+
+impl Sink {
+    fn new(format: OutputFormat) -> Self {
+        Sink {
+            format,
+            out: BufWriter::new(io::stdout()),
+            clock: MonotonicToWall::now(),
+            owners: SocketOwners::new("/proc", MIN_RESCAN),
+            summary: Summary::default(),
+            stdout_closed: false,
+        }
+    }
+
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(record) = ring.next() {
+            match decode(&record) {
+                Ok(event) => self.emit(&event),
+                Err(err) => self.skip(&err),
+            }
+        }
+        // One flush per batch: lines reach a pipe promptly without a
+        // syscall per event under a flood.
+        if !self.stdout_closed && self.out.flush().is_err() {
+            self.stdout_closed = true;
+        }
+    }
+
+    fn emit(&mut self, event: &backlog_agent::decode::Event) {
+        let processes = self.owners.lookup(event.socket_inode);
+        let time = self.clock.wall(event.timestamp_ns);
+        if !self.stdout_closed {
+            let line = match self.format {
+                OutputFormat::Text => output::text_line(event, time, processes),
+                OutputFormat::Json => output::json_line(event, time, processes),
+            };
+            if writeln!(self.out, "{line}").is_err() {
+                self.stdout_closed = true;
+            }
+        }
+        let processes = processes.to_vec();
+        self.summary.record(event, &processes);
+    }
+
+    fn skip(&mut self, err: &DecodeError) {
+        self.summary.losses.undecodable += 1;
+        if self.summary.losses.undecodable <= DECODE_ERRORS_SHOWN {
+            note(format_args!("skipped an undecodable record: {err}"));
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Kernel struct offsets for the eBPF programs, from the running kernel's
+//! BTF. Rust eBPF has no CO-RE, so these are resolved here at start-up
+//! and written into the programs' read-only data before load.
+
+use backlog_common::{KernelOffsets, OFFSET_ABSENT};
+use thiserror::Error;
+
+use crate::{
+    btf::{Btf, BtfError, Field},
+    tracefs::EventFormat,
+};
+
+#[derive(Debug, Error)]
+pub enum OffsetError {
+    #[error("kernel {0}")]
+    Btf(#[from] BtfError),
+    #[error(
+        "kernel BTF: {path} is {actual} bytes, expected {expected} (unsupported kernel layout)"
+    )]
+    UnexpectedSize {
+        path: &'static str,
+        actual: u32,
+        expected: u32,
+    },
+}
+
+/// Offsets plus the optional fields this kernel lacks, to be told to the
+/// user (their event fields stay zero).
+pub struct Resolved {
+    pub offsets: KernelOffsets,
+    pub absent: Vec<&'static str>,
+}
+
+fn sized(btf: &Btf, path: &'static str, expected: u32) -> Result<Field, OffsetError> {
+    let field = btf.field(path)?;
+    if field.size != expected {
+        return Err(OffsetError::UnexpectedSize {
+            path,
+            actual: field.size,
+            expected,
+        });
+    }
+    Ok(field)
+}
+
+/// Collects the optional fields this kernel lacks while resolving.
+struct Optional<'a> {
+    btf: &'a Btf,
+    absent: Vec<&'static str>,
+}
+
+impl Optional<'_> {
+    /// The field's offset, or OFFSET_ABSENT (noted) when this kernel has
+    /// no such field. A field of the wrong size is still an error: reading
+    /// it would give garbage.
+    fn offset(&mut self, path: &'static str, expected: u32) -> Result<u32, OffsetError> {
+        match sized(self.btf, path, expected) {
+            Ok(field) => Ok(field.offset),
+            Err(OffsetError::Btf(
+                BtfError::TypeNotFound { .. } | BtfError::MemberNotFound { .. },
+            )) => {
+                self.absent.push(path);
+                Ok(OFFSET_ABSENT)
+            }
+            Err(err) => Err(err),
+        }
+    }
+}
+
+/// Resolves the struct offsets every program needs. Fields without which
+/// no event makes sense are errors; the others are recorded as absent.
+pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetError> {
+    let mut o = KernelOffsets::ABSENT;
+    o.sk_family = sized(btf, "sock.__sk_common.skc_family", 2)?.offset;
+    o.sk_num = sized(btf, "sock.__sk_common.skc_num", 2)?.offset;
+    o.sk_rcv_saddr = sized(btf, "sock.__sk_common.skc_rcv_saddr", 4)?.offset;
+    o.sk_socket = sized(btf, "sock.sk_socket", 8)?.offset;
+    o.sk_ack_backlog = sized(btf, "sock.sk_ack_backlog", 4)?.offset;
+    o.sk_max_ack_backlog = sized(btf, "sock.sk_max_ack_backlog", 4)?.offset;
+    o.skb_head = sized(btf, "sk_buff.head", 8)?.offset;
+    o.skb_network_header = sized(btf, "sk_buff.network_header", 2)?.offset;
+    o.skb_transport_header = sized(btf, "sk_buff.transport_header", 2)?.offset;
+    // SOCK_INODE(): struct socket is embedded in struct socket_alloc next
+    // to its vfs inode.
+    let socket = btf.field("socket_alloc.socket")?.offset;
+    let vfs_inode = btf.field("socket_alloc.vfs_inode")?.offset;
+    o.socket_to_inode = vfs_inode.wrapping_sub(socket);
+    o.inode_i_ino = sized(btf, "inode.i_ino", 8)?.offset;
+
+    let mut optional = Optional {
+        btf,
+        absent: Vec::new(),
+    };
+    // Without CONFIG_IPV6 there is no v6 address in sock_common.
+    o.sk_v6_rcv_saddr = optional.offset("sock.__sk_common.skc_v6_rcv_saddr", 16)?;
+    // qlen is an atomic_t (4 bytes) on every kernel we know.
+    o.icsk_syn_queue_len = optional.offset("inet_connection_sock.icsk_accept_queue.qlen", 4)?;
+    // skc_net is a possible_net_t, which holds the pointer only with
+    // CONFIG_NET_NS.
+    let skc_net = optional.offset("sock.__sk_common.skc_net", 8)?;
+    let net_ptr = optional.offset("possible_net_t.net", 8)?;
+    if skc_net != OFFSET_ABSENT && net_ptr != OFFSET_ABSENT {
+        o.sk_net = skc_net + net_ptr;
+    }
+    o.net_ns_inum = optional.offset("net.ns.inum", 4)?;
+    // sk_cgrp_data: since 5.15 a plain `struct cgroup *cgroup`; before, a
+    // u64 `val` that holds the pointer only when bit 0 is clear.
+    let (inner, tagged) = match (
+        btf.field("sock_cgroup_data.cgroup"),
+        btf.field("sock_cgroup_data.val"),
+    ) {
+        (Ok(ptr), _) => (Some(ptr), 0),
+        (Err(_), Ok(val)) => (Some(val), 1),
+        _ => (None, 0),
+    };
+    match (btf.field("sock.sk_cgrp_data"), inner) {
+        (Ok(data), Some(inner)) if inner.size == 8 => {
+            o.sk_cgroup_ptr = data.offset + inner.offset;
+            o.sk_cgroup_ptr_tagged = tagged;
+        }
+        _ => optional.absent.push("sock.sk_cgrp_data"),
+    }
+    o.cgroup_kn = optional.offset("cgroup.kn", 8)?;
+    o.kernfs_node_id = optional.offset("kernfs_node.id", 8)?;
+    Ok(Resolved {
+        offsets: o,
+        absent: optional.absent,
+    })
+}
+
+/// Why the skb:kfree_skb hook cannot report final-ACK overflows here.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum KfreeSkbUnavailable {
+    #[error("skb:kfree_skb has no `{0}` field (added in 6.11)")]
+    NoField(&'static str),
+    #[error("kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (added in 6.15)")]
+    NoReason,
+}
+
+/// Fills in the skb:kfree_skb record layout and the drop-reason number.
+pub fn apply_kfree_skb(
+    o: &mut KernelOffsets,
+    btf: &Btf,
+    format: &EventFormat,
+) -> Result<(), KfreeSkbUnavailable> {
+    let field = |name: &'static str, size: u32| {
+        format
+            .field(name)
+            .filter(|f| f.size == size)
+            .map(|f| f.offset)
+            .ok_or(KfreeSkbUnavailable::NoField(name))
+    };
+    let skbaddr = field("skbaddr", 8)?;
+    let rx_sk = field("rx_sk", 8)?;
+    let reason = field("reason", 4)?;
+    let value = btf
+        .enum_value("skb_drop_reason", "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW")
+        .map_err(|_| KfreeSkbUnavailable::NoReason)?;
+    o.tp_kfree_skb_skbaddr = skbaddr;
+    o.tp_kfree_skb_rx_sk = rx_sk;
+    o.tp_kfree_skb_reason = reason;
+    o.reason_tcp_listen_overflow =
+        u32::try_from(value).map_err(|_| KfreeSkbUnavailable::NoReason)?;
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! Event lines for stdout: readable text or JSON lines.
+//!
+//! The JSON keys are a contract with log pipelines; `json_keys_are_stable`
+//! pins them.
+
+use std::{fmt::Write as _, net::SocketAddr, time::SystemTime};
+
+use serde::Serialize;
+
+use crate::{attribution::Process, clock, decode::Event};
+
+#[derive(Serialize)]
+struct Endpoint {
+    addr: String,
+    port: u16,
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(addr: SocketAddr) -> Self {
+        Endpoint {
+            addr: addr.ip().to_string(),
+            port: addr.port(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Queue {
+    len: u32,
+    max: u32,
+}
+
+#[derive(Serialize)]
+struct SynQueue {
+    len: u32,
+}
+
+#[derive(Serialize)]
+struct ProcessJson<'a> {
+    pid: u32,
+    comm: &'a str,
+}
+
+#[derive(Serialize)]
+struct EventJson<'a> {
+    kind: &'static str,
+    time: String,
+    listener: Endpoint,
+    local: Option<Endpoint>,
+    peer: Option<Endpoint>,
+    accept_queue: Queue,
+    syn_queue: SynQueue,
+    netns: u32,
+    socket_inode: u64,
+    cgroup_id: u64,
+    cpu: u32,
+    processes: Vec<ProcessJson<'a>>,
+    /// Some kernel read failed: zero values may not be true.
+    partial: bool,
+}
+
+pub fn json_line(event: &Event, time: SystemTime, processes: &[Process]) -> String {
+    let json = EventJson {
+        kind: event.kind.as_str(),
+        time: clock::rfc3339(time),
+        listener: event.listener.into(),
+        local: event.local.map(Endpoint::from),
+        peer: event.peer.map(Endpoint::from),
+        accept_queue: Queue {
+            len: event.accept_queue_len,
+            max: event.accept_queue_max,
+        },
+        syn_queue: SynQueue {
+            len: event.syn_queue_len,
+        },
+        netns: event.netns_inode,
+        socket_inode: event.socket_inode,
+        cgroup_id: event.cgroup_id,
+        cpu: event.cpu,
+        processes: processes
+            .iter()
+            .map(|p| ProcessJson {
+                pid: p.pid,
+                comm: &p.comm,
+            })
+            .collect(),
+        partial: event.partial,
+    };
+    // Serialising plain structs of strings and integers cannot fail.
+    serde_json::to_string(&json).unwrap_or_default()
+}
+
+/// `pid/comm` list, or `?` when no holder was found.
+pub fn process_list(processes: &[Process]) -> String {
+    if processes.is_empty() {
+        return "?".into();
+    }
+    let mut out = String::new();
+    for (i, p) in processes.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{}/{}", p.pid, p.comm);
+    }
+    out
+}
+
+pub fn text_line(event: &Event, time: SystemTime, processes: &[Process]) -> String {
+    let mut line = format!(
+        "{} {} listener={} peer={} accept_queue={}/{} syn_queue={} netns={} processes={}",
+        clock::rfc3339(time),
+        event.kind.as_str(),
+        event.listener,
+        event
+            .peer
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "?".into()),
+        event.accept_queue_len,
+        event.accept_queue_max,
+        event.syn_queue_len,
+        event.netns_inode,
+        process_list(processes),
+    );
+    if event.partial {
+        line.push_str(" (partial: some kernel fields were unreadable)");
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use backlog_common::DropKind;
+    use serde_json::Value;
+
+    use super::*;
+
+    fn event() -> Event {
+        Event {
+            kind: DropKind::AckDroppedAcceptQueueFull,
+            timestamp_ns: 1,
+            cpu: 1,
+            listener: "[::]:8080".parse().unwrap(),
+            local: Some("127.0.0.1:8080".parse().unwrap()),
+            peer: Some("127.0.0.1:40000".parse().unwrap()),
+            accept_queue_len: 9,
+            accept_queue_max: 8,
+            syn_queue_len: 2,
+            netns_inode: 4026531840,
+            socket_inode: 555,
+            cgroup_id: 77,
+            partial: false,
+        }
+    }
+
+    fn procs() -> Vec<Process> {
+        vec![
+            Process {
+                pid: 10,
+                comm: "nginx".into(),
+            },
+            Process {
+                pid: 11,
+                comm: "nginx".into(),
+            },
+        ]
+    }
+
+    fn time() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_795_316_400)
+    }
+
+    #[test]
+    fn json_keys_are_stable() {
+        let v: Value = serde_json::from_str(&json_line(&event(), time(), &procs())).unwrap();
+        assert_eq!(v["kind"], "ack_dropped_accept_queue_full");
+        assert_eq!(v["time"], "2026-11-22T03:00:00.000000Z");
+        assert_eq!(v["listener"]["addr"], "::");
+        assert_eq!(v["listener"]["port"], 8080);
+        assert_eq!(v["peer"]["addr"], "127.0.0.1");
+        assert_eq!(v["peer"]["port"], 40000);
+        assert_eq!(v["local"]["port"], 8080);
+        assert_eq!(v["accept_queue"]["len"], 9);
+        assert_eq!(v["accept_queue"]["max"], 8);
+        assert_eq!(v["syn_queue"]["len"], 2);
+        assert_eq!(v["netns"], 4026531840u64);
+        assert_eq!(v["socket_inode"], 555);
+        assert_eq!(v["cgroup_id"], 77);
+        assert_eq!(v["processes"][1]["pid"], 11);
+        assert_eq!(v["processes"][1]["comm"], "nginx");
+        assert_eq!(v["partial"], false);
+    }
+
+    #[test]
+    fn json_unknown_peer_is_null() {
+        let mut e = event();
+        e.peer = None;
+        let v: Value = serde_json::from_str(&json_line(&e, time(), &[])).unwrap();
+        assert!(v["peer"].is_null());
+        assert_eq!(v["processes"].as_array().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn text_line_reads_well() {
+        assert_eq!(
+            text_line(&event(), time(), &procs()),
+            "2026-11-22T03:00:00.000000Z ack_dropped_accept_queue_full listener=[::]:8080 \
+             peer=127.0.0.1:40000 accept_queue=9/8 syn_queue=2 netns=4026531840 \
+             processes=10/nginx,11/nginx"
+        );
+        let mut e = event();
+        e.peer = None;
+        e.partial = true;
+        let line = text_line(&e, time(), &[]);
+        assert!(line.contains("peer=? "), "{line}");
+        assert!(line.contains("processes=?"), "{line}");
+        assert!(line.ends_with("(partial: some kernel fields were unreadable)"));
+    }
+}

@@ -1,0 +1,144 @@
+//! What must hold before anything is loaded, each failure a one-line
+//! error that says what is missing and how to fix it.
+
+use std::{fs, path::Path};
+
+use thiserror::Error;
+
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+const CAP_SYS_PTRACE: u32 = 19;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PreflightError {
+    #[error(
+        "missing privileges: needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN); \
+         run it as root, e.g. `sudo backlog-agent`"
+    )]
+    NotPrivileged,
+    #[error(
+        "kernel BTF not found at {VMLINUX_BTF}: this kernel was built without \
+         CONFIG_DEBUG_INFO_BTF=y, which backlog needs to find struct offsets"
+    )]
+    NoBtf,
+}
+
+/// Effective capability bits of this process (`CapEff` in
+/// /proc/self/status); `None` when that cannot be read.
+fn effective_caps(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+}
+
+fn has(caps: u64, cap: u32) -> bool {
+    caps & (1 << cap) != 0
+}
+
+/// Checks that this process may load and attach tracing programs.
+pub fn check_privileges(status: &str) -> Result<(), PreflightError> {
+    let caps = effective_caps(status).unwrap_or(0);
+    if has(caps, CAP_SYS_ADMIN) || (has(caps, CAP_BPF) && has(caps, CAP_PERFMON)) {
+        Ok(())
+    } else {
+        Err(PreflightError::NotPrivileged)
+    }
+}
+
+/// A warning when /proc/PID/fd of other users' processes will be
+/// unreadable, so events would come without process names.
+pub fn attribution_warning(status: &str) -> Option<&'static str> {
+    let caps = effective_caps(status).unwrap_or(0);
+    (!has(caps, CAP_SYS_PTRACE)).then_some(
+        "no CAP_SYS_PTRACE: processes of other users will not be attributed (run as root)",
+    )
+}
+
+pub fn self_status() -> String {
+    fs::read_to_string("/proc/self/status").unwrap_or_default()
+}
+
+pub fn check_btf() -> Result<(), PreflightError> {
+    if Path::new(VMLINUX_BTF).exists() {
+        Ok(())
+    } else {
+        Err(PreflightError::NoBtf)
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it there so
+/// the ring buffer fits. Later kernels account maps to the memory cgroup
+/// and ignore the limit, so nothing is touched (or reported) on them.
+/// Returns the error text when it was needed and could not be raised.
+pub fn raise_memlock_limit(kernel_release: &str) -> Result<(), String> {
+    if !release_before(kernel_release, (5, 11)) {
+        return Ok(());
+    }
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct is passed by reference.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(())
+}
+
+/// `uname -r` of the running kernel, e.g. "6.1.0-50-cloud-amd64".
+pub fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// True when `release` ("6.1.0-50-cloud-amd64") is older than
+/// `(major, minor)`; an unparsable release counts as old (the safe side).
+pub fn release_before(release: &str, (major, minor): (u32, u32)) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(maj), Some(min)) => (maj, min) < (major, minor),
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_and_capability_sets() {
+        let root = "Name:\tx\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(check_privileges(root), Ok(()));
+        assert_eq!(attribution_warning(root), None);
+        let bpf_perfmon = format!("CapEff:\t{:016x}\n", (1u64 << 39) | (1u64 << 38));
+        assert_eq!(check_privileges(&bpf_perfmon), Ok(()));
+        assert!(attribution_warning(&bpf_perfmon).is_some());
+        let only_bpf = format!("CapEff:\t{:016x}\n", 1u64 << 39);
+        assert_eq!(
+            check_privileges(&only_bpf),
+            Err(PreflightError::NotPrivileged)
+        );
+        assert_eq!(
+            check_privileges("CapEff:\t0000000000000000\n"),
+            Err(PreflightError::NotPrivileged)
+        );
+        assert_eq!(check_privileges(""), Err(PreflightError::NotPrivileged));
+    }
+
+    #[test]
+    fn compares_kernel_releases() {
+        assert!(release_before("5.10.0-46-cloud-amd64", (5, 11)));
+        assert!(!release_before("5.11.0", (5, 11)));
+        assert!(!release_before("6.1.0-50-cloud-amd64", (5, 11)));
+        assert!(!release_before("6.18.44-fc-v769", (6, 15)));
+        assert!(release_before("6.12.100+deb12-cloud-amd64", (6, 15)));
+        assert!(release_before("garbage", (5, 11)));
+    }
+}

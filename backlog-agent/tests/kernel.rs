@@ -1,0 +1,159 @@
+//! Privileged end-to-end tests: the real agent against real overflows in
+//! private network namespaces, its counts checked against the kernel's.
+
+mod common;
+
+use std::{process::Command, time::Duration};
+
+use common::{
+    counter_delta, in_new_netns, matrix, netns_inode, privileged, scenarios, serial,
+    symbolic_value, tcp_ext, Agent, Started, TraceInstance,
+};
+use serde_json::Value;
+
+/// Hook families the agent knows, most preferred first.
+const FAMILIES: [&str; 3] = ["fentry", "kprobe", "tracepoint"];
+
+fn events_of<'a>(events: &'a [Value], kind: &str, netns: u64) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| e["kind"] == kind && e["netns"].as_u64() == Some(netns))
+        .collect()
+}
+
+/// ack_dropped_accept_queue_full: every family this kernel supports must
+/// report each final-ACK overflow, attributed to this process and the
+/// listener's port, with the count equal to the kernel's.
+#[test]
+fn final_ack_overflow_matches_kernel_counters() {
+    if !privileged("final_ack_overflow_matches_kernel_counters") {
+        return;
+    }
+    let _serial = serial();
+    let mut attached_any = false;
+    for family in FAMILIES {
+        let agent = match Agent::start(&["--output", "json", "--attach", family]) {
+            Started::Ready(agent) => agent,
+            Started::Exited(run) => {
+                assert!(
+                    run.stderr.contains("is not possible on this kernel")
+                        || run.stderr.contains("no drop kind can be observed"),
+                    "--attach {family} failed for another reason:\n{}",
+                    run.stderr
+                );
+                let reason = run.stderr.lines().last().unwrap_or("").replace(' ', "_");
+                matrix(family, "final_ack_overflow", "unsupported", &reason);
+                continue;
+            }
+        };
+        attached_any = true;
+        // Independent count where the kernel has the event: skb:kfree_skb
+        // with the listen-overflow reason (6.15+), numbered from the
+        // tracepoint's own print format, not from BTF.
+        let reference = symbolic_value("skb/kfree_skb", "TCP_LISTEN_OVERFLOW")
+            .map(|reason| TraceInstance::new("skb/kfree_skb", &format!("reason == {reason}")));
+        if let Some(trace) = &reference {
+            trace.enable();
+        }
+        let (listener, netns, before, after) = in_new_netns(|| {
+            let before = tcp_ext();
+            let listener = scenarios::final_ack_overflow(
+                "127.0.0.1:0".parse().unwrap(),
+                8,
+                Duration::from_millis(1200),
+            );
+            (listener, netns_inode(), before, tcp_ext())
+        });
+        let traced = reference.as_ref().map(|trace| {
+            trace.disable();
+            trace.count()
+        });
+        let run = agent.stop();
+        assert!(
+            run.status.success(),
+            "agent failed: {}\n{}",
+            run.status,
+            run.stderr
+        );
+
+        let events = run.json_events();
+        let acks = events_of(&events, "ack_dropped_accept_queue_full", netns);
+        let overflows = counter_delta(&before, &after, "ListenOverflows");
+        eprintln!(
+            "{family}: agent ack_dropped_accept_queue_full={} kfree_skb(TCP_LISTEN_OVERFLOW)={} \
+             ListenOverflows delta={overflows} ListenDrops delta={}",
+            acks.len(),
+            traced.map_or("n/a".into(), |t| t.to_string()),
+            counter_delta(&before, &after, "ListenDrops"),
+        );
+        assert!(
+            !acks.is_empty(),
+            "no events from {family}; stderr:\n{}",
+            run.stderr
+        );
+        for event in &acks {
+            assert_eq!(event["listener"]["port"], listener.port, "{event}");
+            assert_eq!(event["listener"]["addr"], "127.0.0.1", "{event}");
+            assert_eq!(event["peer"]["addr"], "127.0.0.1", "{event}");
+            assert_eq!(event["accept_queue"]["max"], listener.backlog, "{event}");
+            assert!(
+                event["accept_queue"]["len"].as_i64() > Some(i64::from(listener.backlog) - 1),
+                "queue not full in {event}"
+            );
+            let pids: Vec<u64> = event["processes"]
+                .as_array()
+                .expect("processes array")
+                .iter()
+                .filter_map(|p| p["pid"].as_u64())
+                .collect();
+            assert_eq!(pids, vec![u64::from(std::process::id())], "{event}");
+            assert_eq!(event["partial"], false, "{event}");
+        }
+        if let Some(traced) = traced {
+            assert_eq!(
+                acks.len() as u64,
+                traced,
+                "agent vs kfree_skb tracepoint count"
+            );
+        }
+        // The scenario drops no SYN, so every overflow the kernel counted
+        // in this namespace is a final-ACK drop.
+        assert_eq!(acks.len() as u64, overflows, "agent vs ListenOverflows");
+        assert!(
+            run.stderr.contains("ack_dropped_accept_queue_full"),
+            "summary lacks the kind:\n{}",
+            run.stderr
+        );
+        matrix(
+            family,
+            "final_ack_overflow",
+            "pass",
+            &format!("agent={},ListenOverflows={overflows}", acks.len()),
+        );
+    }
+    assert!(
+        attached_any,
+        "no hook family could observe final-ACK overflows"
+    );
+}
+
+/// Without privileges the agent says what is missing in one line and
+/// exits non-zero.
+#[test]
+fn unprivileged_run_fails_with_one_clear_line() {
+    if !privileged("unprivileged_run_fails_with_one_clear_line") {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(common::agent_bin())
+        .arg("--duration=1")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run agent as nobody");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("missing privileges"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}

@@ -1,0 +1,267 @@
+//! Types shared by the eBPF programs and the agent.
+//!
+//! Everything here crosses the kernel/user boundary as raw bytes, so every
+//! struct is `#[repr(C)]` with explicit padding (no implicit holes whose
+//! content would be undefined) and a compile-time size check: a field added
+//! on one side only fails the build instead of garbling records.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Address families as the kernel numbers them (`AF_INET`, `AF_INET6`,
+/// `AF_UNIX`). Repeated here because `libc` is not available in the eBPF
+/// crate.
+pub const AF_UNIX: u16 = 1;
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// How a listener lost a connection. The numbers are the wire format of
+/// [`DropEvent::kind`]; the strings are the stable names users grep for.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DropKind {
+    /// SYN dropped: SYN queue full and SYN cookies off.
+    SynDroppedSynQueueFull = 1,
+    /// SYN queue full, a SYN cookie answered instead (a warning, not a loss).
+    SynCookieSent = 2,
+    /// SYN dropped because the accept queue was full.
+    SynDroppedAcceptQueueFull = 3,
+    /// Final ACK of the handshake dropped because the accept queue was full.
+    AckDroppedAcceptQueueFull = 4,
+    /// SYN dropped: SYN queue past 3/4 of tcp_max_syn_backlog, cookies off.
+    SynDroppedSynBacklogPressure = 5,
+    /// Non-blocking connect() to a UNIX stream listener failed with EAGAIN.
+    UnixConnectBacklogFull = 6,
+}
+
+impl DropKind {
+    pub const ALL: [DropKind; 6] = [
+        DropKind::SynDroppedSynQueueFull,
+        DropKind::SynCookieSent,
+        DropKind::SynDroppedAcceptQueueFull,
+        DropKind::AckDroppedAcceptQueueFull,
+        DropKind::SynDroppedSynBacklogPressure,
+        DropKind::UnixConnectBacklogFull,
+    ];
+
+    /// Decodes a wire value; unknown values are `None`, never transmuted.
+    pub const fn from_u32(value: u32) -> Option<DropKind> {
+        Some(match value {
+            1 => DropKind::SynDroppedSynQueueFull,
+            2 => DropKind::SynCookieSent,
+            3 => DropKind::SynDroppedAcceptQueueFull,
+            4 => DropKind::AckDroppedAcceptQueueFull,
+            5 => DropKind::SynDroppedSynBacklogPressure,
+            6 => DropKind::UnixConnectBacklogFull,
+            _ => return None,
+        })
+    }
+
+    /// The stable name used in text and JSON output.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DropKind::SynDroppedSynQueueFull => "syn_dropped_syn_queue_full",
+            DropKind::SynCookieSent => "syn_cookie_sent",
+            DropKind::SynDroppedAcceptQueueFull => "syn_dropped_accept_queue_full",
+            DropKind::AckDroppedAcceptQueueFull => "ack_dropped_accept_queue_full",
+            DropKind::SynDroppedSynBacklogPressure => "syn_dropped_syn_backlog_pressure",
+            DropKind::UnixConnectBacklogFull => "unix_connect_backlog_full",
+        }
+    }
+}
+
+/// [`DropEvent::flags`]: at least one kernel read failed, so some fields are
+/// zero rather than true values.
+pub const EVENT_FLAG_PARTIAL: u32 = 1 << 0;
+/// [`DropEvent::flags`]: the packet headers could not be read, so the peer
+/// and local address/port are unknown.
+pub const EVENT_FLAG_NO_PACKET: u32 = 1 << 1;
+
+/// One dropped SYN or overflowed connection, as written to the ring buffer.
+///
+/// Addresses are in network byte order (IPv4 in the first 4 bytes); ports
+/// are in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropEvent {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC, converted to wall time by the
+    /// agent.
+    pub timestamp_ns: u64,
+    /// Inode number of the listener's socket (`socket:[N]` in /proc/PID/fd);
+    /// 0 when the listener has no `struct socket` any more.
+    pub socket_inode: u64,
+    /// cgroup v2 id of the listener (`sk_cgrp_data`); 0 when unknown.
+    pub cgroup_id: u64,
+    /// The address the listener is bound to (0.0.0.0 / :: for a wildcard).
+    pub listener_addr: [u8; 16],
+    /// Destination address of the dropped packet (the local side).
+    pub local_addr: [u8; 16],
+    /// Source address of the dropped packet (the client).
+    pub peer_addr: [u8; 16],
+    /// A [`DropKind`] value.
+    pub kind: u32,
+    /// CPU that saw the drop.
+    pub cpu: u32,
+    /// Inode of the listener's network namespace (`ls -l /proc/PID/ns/net`).
+    pub netns_inode: u32,
+    /// Connections waiting in the accept queue (`sk_ack_backlog`).
+    pub accept_queue_len: u32,
+    /// The accept queue limit the kernel applied (`sk_max_ack_backlog`).
+    pub accept_queue_max: u32,
+    /// Requests in the SYN queue (`icsk_accept_queue.qlen`).
+    pub syn_queue_len: u32,
+    pub listener_port: u16,
+    pub local_port: u16,
+    pub peer_port: u16,
+    /// `sk_family` of the listener: AF_INET or AF_INET6.
+    pub listener_family: u16,
+    /// IP version of the dropped packet as an address family, 0 if unknown.
+    /// Differs from `listener_family` for IPv4 on a dual-stack listener.
+    pub packet_family: u16,
+    pub _pad0: u16,
+    /// `EVENT_FLAG_*` bits.
+    pub flags: u32,
+}
+
+pub const DROP_EVENT_SIZE: usize = 112;
+const _: () = assert!(size_of::<DropEvent>() == DROP_EVENT_SIZE);
+
+impl DropEvent {
+    pub const ZERO: DropEvent = DropEvent {
+        timestamp_ns: 0,
+        socket_inode: 0,
+        cgroup_id: 0,
+        listener_addr: [0; 16],
+        local_addr: [0; 16],
+        peer_addr: [0; 16],
+        kind: 0,
+        cpu: 0,
+        netns_inode: 0,
+        accept_queue_len: 0,
+        accept_queue_max: 0,
+        syn_queue_len: 0,
+        listener_port: 0,
+        local_port: 0,
+        peer_port: 0,
+        listener_family: 0,
+        packet_family: 0,
+        _pad0: 0,
+        flags: 0,
+    };
+}
+
+/// Indexes of the per-CPU `COUNTERS` array: things the programs could not
+/// report as events. The agent sums them over CPUs and reports them.
+pub const COUNTER_EVENTS_LOST: u32 = 0;
+/// A kernel read failed while filling an event (the event is still sent,
+/// flagged `EVENT_FLAG_PARTIAL`).
+pub const COUNTER_READ_ERRORS: u32 = 1;
+/// Events successfully queued.
+pub const COUNTER_EVENTS_SENT: u32 = 2;
+pub const COUNTER_COUNT: u32 = 3;
+
+/// Marks an offset as "this kernel has no such field": the program skips
+/// the read and leaves the event field zero.
+pub const OFFSET_ABSENT: u32 = u32::MAX;
+
+/// Kernel struct and tracepoint-record offsets, resolved by the agent from
+/// the running kernel's BTF and tracefs, and written into the program's
+/// read-only data before load. Rust eBPF gets no CO-RE relocations, so no
+/// kernel offset may be compiled into the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOffsets {
+    // skb:kfree_skb tracepoint record.
+    pub tp_kfree_skb_skbaddr: u32,
+    pub tp_kfree_skb_rx_sk: u32,
+    pub tp_kfree_skb_reason: u32,
+    /// Value of SKB_DROP_REASON_TCP_LISTEN_OVERFLOW on this kernel.
+    pub reason_tcp_listen_overflow: u32,
+
+    // struct sock (via sock_common).
+    pub sk_family: u32,
+    pub sk_num: u32,
+    pub sk_rcv_saddr: u32,
+    pub sk_v6_rcv_saddr: u32,
+    /// skc_net: a `struct net *` (possible_net_t holds just that pointer).
+    pub sk_net: u32,
+    pub sk_socket: u32,
+    pub sk_ack_backlog: u32,
+    pub sk_max_ack_backlog: u32,
+    /// Where the `struct cgroup *` of sk_cgrp_data is.
+    pub sk_cgroup_ptr: u32,
+    /// 1 on kernels < 5.15 where sk_cgrp_data is a tagged union: the pointer
+    /// is only valid when bit 0 (is_data) is clear.
+    pub sk_cgroup_ptr_tagged: u32,
+    /// inet_connection_sock.icsk_accept_queue.qlen
+    pub icsk_syn_queue_len: u32,
+
+    pub net_ns_inum: u32,
+    /// SOCK_INODE(): offset of `vfs_inode` minus offset of `socket` in
+    /// struct socket_alloc, added to a `struct socket *`.
+    pub socket_to_inode: u32,
+    pub inode_i_ino: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
+
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_transport_header: u32,
+    pub _pad0: u32,
+}
+
+const _: () = assert!(size_of::<KernelOffsets>() == 24 * 4);
+
+impl KernelOffsets {
+    /// All fields absent: a program that runs with these reports nothing
+    /// wrong, only zeros.
+    pub const ABSENT: KernelOffsets = KernelOffsets {
+        tp_kfree_skb_skbaddr: OFFSET_ABSENT,
+        tp_kfree_skb_rx_sk: OFFSET_ABSENT,
+        tp_kfree_skb_reason: OFFSET_ABSENT,
+        reason_tcp_listen_overflow: OFFSET_ABSENT,
+        sk_family: OFFSET_ABSENT,
+        sk_num: OFFSET_ABSENT,
+        sk_rcv_saddr: OFFSET_ABSENT,
+        sk_v6_rcv_saddr: OFFSET_ABSENT,
+        sk_net: OFFSET_ABSENT,
+        sk_socket: OFFSET_ABSENT,
+        sk_ack_backlog: OFFSET_ABSENT,
+        sk_max_ack_backlog: OFFSET_ABSENT,
+        sk_cgroup_ptr: OFFSET_ABSENT,
+        sk_cgroup_ptr_tagged: 0,
+        icsk_syn_queue_len: OFFSET_ABSENT,
+        net_ns_inum: OFFSET_ABSENT,
+        socket_to_inode: OFFSET_ABSENT,
+        inode_i_ino: OFFSET_ABSENT,
+        cgroup_kn: OFFSET_ABSENT,
+        kernfs_node_id: OFFSET_ABSENT,
+        skb_head: OFFSET_ABSENT,
+        skb_network_header: OFFSET_ABSENT,
+        skb_transport_header: OFFSET_ABSENT,
+        _pad0: 0,
+    };
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: both are repr(C), made only of integers and integer arrays,
+    // with explicit padding, so every bit pattern is valid and there are no
+    // uninitialised bytes.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::DropEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_and_unknown_is_none() {
+        for kind in DropKind::ALL {
+            assert_eq!(DropKind::from_u32(kind as u32), Some(kind));
+        }
+        assert_eq!(DropKind::from_u32(0), None);
+        assert_eq!(DropKind::from_u32(7), None);
+    }
+}

@@ -1,0 +1,34 @@
+//! Final-ACK accept-queue overflow as reported by `skb:kfree_skb`.
+//!
+//! Since 6.15 `tcp_check_req()` frees the ACK of a handshake that cannot
+//! be completed because the accept queue is full with reason
+//! SKB_DROP_REASON_TCP_LISTEN_OVERFLOW, and since 6.11 the tracepoint
+//! carries the listener as `rx_sk`. The reason number differs between
+//! kernels, so the agent writes it into `OFFSETS` from BTF.
+
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use backlog_common::DropKind;
+
+use crate::event;
+
+#[tracepoint]
+pub fn kfree_skb_listen_overflow(ctx: TracePointContext) -> u32 {
+    let o = crate::offsets();
+    // The tracepoint fires for every freed-with-reason packet on the
+    // machine: bail out on the first comparison for all other reasons.
+    let Ok(reason) = (unsafe { ctx.read_at::<u32>(o.tp_kfree_skb_reason as usize) }) else {
+        return 0;
+    };
+    if reason != o.reason_tcp_listen_overflow {
+        return 0;
+    }
+    let sk = unsafe { ctx.read_at::<u64>(o.tp_kfree_skb_rx_sk as usize) }.unwrap_or(0);
+    let skb = unsafe { ctx.read_at::<u64>(o.tp_kfree_skb_skbaddr as usize) }.unwrap_or(0);
+    event::emit(
+        DropKind::AckDroppedAcceptQueueFull as u32,
+        sk as *const u8,
+        skb as *const u8,
+        0,
+    );
+    0
+}

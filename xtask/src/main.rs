@@ -1,0 +1,112 @@
+//! Developer tasks: `cargo xtask setup|run|test|vm-test`.
+//!
+//! README.md promises a newcomer two commands (`cargo xtask run`, `cargo
+//! xtask test`); both start with `setup`, which installs only what is
+//! missing, so they are safe to repeat.
+
+mod setup;
+mod vm;
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, run and test backlog")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need and is missing: Debian
+    /// packages (LLVM 22, qemu, busybox, ...), nightly's rust-src and
+    /// bpf-linker. Idempotent.
+    Setup,
+    /// Set up, build the agent and run it with the given arguments.
+    Run {
+        /// Arguments passed to backlog-agent (after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run the whole test suite: fmt, clippy, unit and
+    /// privileged host tests, and the guest kernel matrix.
+    Test {
+        /// Skip the qemu guest matrix (host tests only).
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Boot Debian kernels in qemu and run the privileged tests inside.
+    VmTest(vm::VmTestOpts),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::ensure_all(),
+        Task::Run { args } => run_agent(&args),
+        Task::Test { no_vm } => test_all(no_vm),
+        Task::VmTest(opts) => setup::ensure_all().and_then(|()| vm::vm_test(&opts)),
+    };
+    if let Err(err) = result {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Runs a command and fails with its command line when it does not succeed.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn run_agent(args: &[String]) -> Result<()> {
+    setup::ensure_all()?;
+    run(cargo().args(["build", "--release", "--package", "backlog-agent"]))?;
+    let agent = workspace_root().join("target/release/backlog-agent");
+    // exec-like: hand over the agent's exit status so Ctrl-C behaves as if
+    // the agent had been started directly.
+    let status = Command::new(&agent)
+        .args(args)
+        .status()
+        .with_context(|| format!("failed to start {}", agent.display()))?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+fn test_all(no_vm: bool) -> Result<()> {
+    setup::ensure_all()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // Privileged tests change sysctls and count kernel events system-wide,
+    // so they must not overlap: one test thread.
+    run(cargo().args(["test", "--workspace", "--", "--test-threads=1"]))?;
+    if !no_vm {
+        vm::vm_test(&vm::VmTestOpts::default())?;
+    }
+    Ok(())
+}
+
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}

@@ -1,0 +1,343 @@
+//! Booting one guest in qemu and reading its verdict off the serial
+//! console.
+
+use std::fs::File;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::initramfs::{MARK_KERNEL, MARK_RESULT, MARK_TEST};
+use super::matrix::MatrixLine;
+
+/// How long qemu may take to power off after the result marker before it
+/// is killed (the verdict is already known by then).
+const POWEROFF_GRACE: Duration = Duration::from_secs(30);
+
+pub struct GuestRun<'a> {
+    pub label: &'a str,
+    pub package: &'a str,
+    pub vmlinuz: &'a Path,
+    pub initrd: &'a Path,
+    pub log: &'a Path,
+    pub timeout: Duration,
+}
+
+pub struct GuestOutcome {
+    pub label: String,
+    pub package: Option<String>,
+    /// `uname -r` as the guest printed it.
+    pub uname: Option<String>,
+    /// The aggregate exit code /init reported.
+    pub rc: Option<i32>,
+    /// Tests whose exit code was not 0, with that code.
+    pub failed_tests: Vec<(String, String)>,
+    pub matrix: Vec<MatrixLine>,
+    /// Why the guest counts as failed even if `rc` says otherwise (panic,
+    /// timeout, missing marker, qemu error, kernel not fetched).
+    pub problem: Option<String>,
+    pub boot_to_marker: Option<Duration>,
+    pub wall: Option<Duration>,
+    pub log: Option<String>,
+}
+
+impl GuestOutcome {
+    fn new(label: &str) -> Self {
+        Self {
+            label: label.to_owned(),
+            package: None,
+            uname: None,
+            rc: None,
+            failed_tests: Vec::new(),
+            matrix: Vec::new(),
+            problem: None,
+            boot_to_marker: None,
+            wall: None,
+            log: None,
+        }
+    }
+
+    /// A guest whose kernel could not be fetched.
+    pub fn not_booted(label: &str, problem: String) -> Self {
+        Self {
+            problem: Some(problem),
+            ..Self::new(label)
+        }
+    }
+
+    /// Why this guest failed, or None if it passed. A matrix line with
+    /// result=fail fails the guest even when the test binary exited 0.
+    pub fn failure(&self) -> Option<String> {
+        if let Some(problem) = &self.problem {
+            return Some(problem.clone());
+        }
+        if !self.failed_tests.is_empty() {
+            let tests: Vec<String> = self
+                .failed_tests
+                .iter()
+                .map(|(name, rc)| format!("{name} rc={rc}"))
+                .collect();
+            return Some(format!("failed: {}", tests.join(", ")));
+        }
+        match self.rc {
+            Some(0) => {}
+            Some(rc) => return Some(format!("rc={rc}")),
+            None => return Some("no result marker".to_owned()),
+        }
+        let failed: Vec<&str> = self
+            .matrix
+            .iter()
+            .filter(|m| m.result == "fail")
+            .map(|m| m.test.as_str())
+            .collect();
+        if !failed.is_empty() {
+            return Some(format!("matrix reports fail for {}", failed.join(", ")));
+        }
+        None
+    }
+
+    /// Columns of the per-kernel summary: label, verdict, package,
+    /// boot-to-marker, wall time, log, and why it failed.
+    pub fn summary_fields(&self) -> [String; 7] {
+        let secs =
+            |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.1}s", d.as_secs_f64()));
+        let failure = self.failure();
+        [
+            self.label.clone(),
+            if failure.is_none() { "PASS" } else { "FAIL" }.to_owned(),
+            self.package.clone().unwrap_or_else(|| "-".to_owned()),
+            format!("boot-to-marker {}", secs(self.boot_to_marker)),
+            format!("wall {}", secs(self.wall)),
+            self.log
+                .as_deref()
+                .map_or(String::new(), |log| format!("log {log}")),
+            failure.unwrap_or_default(),
+        ]
+    }
+}
+
+enum Event {
+    Console(String),
+    QemuStderr(String),
+}
+
+pub fn run(guest: &GuestRun) -> GuestOutcome {
+    let mut outcome = GuestOutcome::new(guest.label);
+    outcome.package = Some(guest.package.to_owned());
+    outcome.log = Some(super::display_rel(guest.log));
+    if let Err(problem) = boot(guest, &mut outcome) {
+        outcome.problem = Some(problem);
+    }
+    outcome
+}
+
+/// Runs qemu to completion (or kills it), filling `outcome` from the
+/// console; returns the problem that makes the guest fail, if any.
+fn boot(guest: &GuestRun, outcome: &mut GuestOutcome) -> Result<(), String> {
+    let mut log = File::create(guest.log)
+        .map_err(|err| format!("cannot create {}: {err}", guest.log.display()))?;
+    let started = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        // Nested KVM crashes or hangs on this project's machines: software
+        // emulation, spread over both host cores.
+        .args(["-accel", "tcg,thread=multi", "-cpu", "max"])
+        .args(["-m", "2048", "-smp", "2"])
+        .args(["-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(guest.vmlinuz)
+        .arg("-initrd")
+        .arg(guest.initrd)
+        // panic=-1 reboots at once on a panic, and -no-reboot turns that
+        // reboot into qemu exiting: a panicking guest ends instead of
+        // hanging until the timeout.
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        // With -nographic the console is multiplexed with qemu's monitor on
+        // stdio; a null stdin keeps the host terminal out of it.
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|err| format!("cannot start qemu-system-x86_64: {err}"))?;
+
+    let (tx, rx) = mpsc::channel();
+    spawn_reader(child.stdout.take(), tx.clone(), Event::Console);
+    spawn_reader(child.stderr.take(), tx, Event::QemuStderr);
+
+    let mut deadline = started + guest.timeout;
+    let mut timed_out = false;
+    let mut killed = false;
+    let mut panic_line: Option<String> = None;
+    let mut qemu_errors: Vec<String> = Vec::new();
+    loop {
+        let now = Instant::now();
+        let event = match rx.recv_timeout(deadline.saturating_duration_since(now)) {
+            Ok(event) => event,
+            // Both pipes closed: qemu has exited.
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) if !killed => {
+                timed_out = outcome.rc.is_none();
+                kill(&mut child);
+                killed = true;
+                // The readers end once the pipes close; drain what is left.
+                deadline = Instant::now() + Duration::from_secs(10);
+                continue;
+            }
+            // A grandchild holding the pipes open must not hang us.
+            Err(RecvTimeoutError::Timeout) => break,
+        };
+        let line = match event {
+            Event::Console(line) => line,
+            Event::QemuStderr(line) => {
+                qemu_errors.push(line.clone());
+                format!("qemu: {line}")
+            }
+        };
+        // Logging is best effort: a full disk must not hide the verdict.
+        let _ = writeln!(log, "{line}");
+        println!("[{}] {line}", guest.label);
+
+        if line.contains("Kernel panic - not syncing") && panic_line.is_none() {
+            panic_line = Some(line.trim().to_owned());
+        }
+        if let Some(rest) = after(&line, MARK_KERNEL) {
+            outcome.uname = Some(rest.trim().to_owned());
+        } else if let Some(rest) = after(&line, MARK_TEST) {
+            if let Some(rc) = field(rest, "rc") {
+                if rc != "0" {
+                    let name = field(rest, "name").unwrap_or("?");
+                    outcome.failed_tests.push((name.to_owned(), rc.to_owned()));
+                }
+            }
+        } else if let Some(rest) = after(&line, MARK_RESULT) {
+            let rc = rest.split_whitespace().next().unwrap_or_default();
+            // An unparsable code counts as a failure, not as a pass.
+            outcome.rc = Some(rc.parse().unwrap_or(-1));
+            outcome.boot_to_marker = Some(started.elapsed());
+            deadline = deadline.min(Instant::now() + POWEROFF_GRACE);
+        } else if let Some(matrix) = MatrixLine::parse(&line) {
+            outcome.matrix.push(matrix);
+        }
+    }
+    let status = child.wait();
+    outcome.wall = Some(started.elapsed());
+
+    if let Some(panic) = panic_line {
+        return Err(format!("kernel panic: {panic}"));
+    }
+    if timed_out {
+        return Err(format!("timed out after {}s", guest.timeout.as_secs()));
+    }
+    if outcome.rc.is_none() {
+        let qemu = match status {
+            Ok(status) if !status.success() => {
+                let last = qemu_errors
+                    .last()
+                    .map_or(String::new(), |e| format!(": {e}"));
+                format!(", qemu exited with {status}{last}")
+            }
+            Ok(_) => String::new(),
+            Err(err) => format!(", waiting for qemu failed: {err}"),
+        };
+        return Err(format!(
+            "no {} marker on the console{qemu}",
+            MARK_RESULT.trim_end_matches(" rc=")
+        ));
+    }
+    Ok(())
+}
+
+fn spawn_reader<R: std::io::Read + Send + 'static>(
+    pipe: Option<R>,
+    tx: mpsc::Sender<Event>,
+    wrap: fn(String) -> Event,
+) {
+    let Some(pipe) = pipe else { return };
+    thread::spawn(move || {
+        let mut reader = BufReader::new(pipe);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = strip_controls(&String::from_utf8_lossy(&buf));
+                    if tx.send(wrap(line)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Drops terminal control sequences and characters: SeaBIOS and the kernel
+/// reset and clear the screen (ESC c, ESC [2J), which would wipe the user's
+/// terminal or CI log, and the serial console ends lines with \r\n.
+fn strip_controls(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => {
+                // CSI sequences run to a final byte in @..~; other escapes
+                // are two characters long.
+                if chars.next() == Some('[') {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn kill(child: &mut Child) {
+    // Already exited is fine; anything else leaves nothing better to do.
+    let _ = child.kill();
+}
+
+/// The text after `marker`, wherever it starts in the line (kernel messages
+/// can land in front of it on the console).
+fn after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+    line.find(marker).map(|at| &line[at + marker.len()..])
+}
+
+/// The value of `key=` among space-separated words.
+fn field<'a>(words: &'a str, key: &str) -> Option<&'a str> {
+    words
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_control_sequences_are_dropped() {
+        assert_eq!(
+            strip_controls("\x1bc\x1b[?7l\x1b[2J\x1b[0mSeaBIOS (1.16)\r\n"),
+            "SeaBIOS (1.16)"
+        );
+        assert_eq!(strip_controls("a\tb\r"), "a\tb");
+    }
+
+    #[test]
+    fn a_failing_matrix_line_fails_the_guest() {
+        let mut outcome = GuestOutcome::new("6.1");
+        outcome.rc = Some(0);
+        assert_eq!(outcome.failure(), None);
+        outcome.matrix.extend(MatrixLine::parse(
+            "BACKLOG-MATRIX kernel=k family=kprobe test=t result=fail",
+        ));
+        assert!(outcome.failure().is_some());
+    }
+}

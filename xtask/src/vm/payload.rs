@@ -1,0 +1,190 @@
+//! What runs inside the guests: the agent plus its integration tests, or
+//! the binaries given with `--test-bin`.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context as _, Result};
+
+/// An executable copied into the initramfs.
+pub struct PayloadFile {
+    pub host: PathBuf,
+    pub guest: String,
+}
+
+/// One command the guest's /init runs; its exit code counts.
+pub struct TestRun {
+    pub name: String,
+    pub guest: String,
+    pub args: Vec<String>,
+}
+
+pub struct Payload {
+    pub files: Vec<PayloadFile>,
+    pub runs: Vec<TestRun>,
+}
+
+/// Where the integration tests expect the agent (they read
+/// BACKLOG_AGENT_BIN, which /init sets to this).
+pub const AGENT_GUEST_PATH: &str = "/bin/backlog-agent";
+
+/// Builds backlog-agent and its integration tests (the `tests/*.rs`
+/// targets). Unit tests of the lib and bin stay on the host: they need no
+/// particular kernel.
+pub fn build_default() -> Result<Payload> {
+    let agent_artifacts = cargo_artifacts(&["build", "--package", "backlog-agent"])?;
+    let agent = agent_artifacts
+        .iter()
+        .find(|a| a.name == "backlog-agent" && a.kinds.iter().any(|k| k == "bin"))
+        .context("cargo build --package backlog-agent reported no backlog-agent executable")?;
+
+    let test_artifacts = cargo_artifacts(&["test", "--package", "backlog-agent", "--no-run"])?;
+    let mut files = vec![PayloadFile {
+        host: agent.executable.clone(),
+        guest: AGENT_GUEST_PATH.to_owned(),
+    }];
+    let mut runs = Vec::new();
+    for test in test_artifacts
+        .iter()
+        .filter(|a| a.kinds.iter().any(|k| k == "test"))
+    {
+        let guest = format!("/tests/{}", test.name);
+        files.push(PayloadFile {
+            host: test.executable.clone(),
+            guest: guest.clone(),
+        });
+        runs.push(TestRun {
+            name: test.name.clone(),
+            guest,
+            // The privileged tests change sysctls and count kernel events
+            // system-wide, so they must not overlap.
+            args: vec!["--test-threads=1".to_owned()],
+        });
+    }
+    if runs.is_empty() {
+        // An empty guest run would pass without testing anything.
+        bail!("backlog-agent has no integration tests (tests/*.rs): nothing to run in the guests");
+    }
+    runs.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Payload { files, runs })
+}
+
+/// `--test-bin` payloads run with no arguments: they need not be libtest
+/// harnesses.
+pub fn from_test_bins(paths: &[PathBuf]) -> Result<Payload> {
+    let mut files = Vec::new();
+    let mut runs: Vec<TestRun> = Vec::new();
+    for path in paths {
+        let host = path
+            .canonicalize()
+            .with_context(|| format!("test binary {} not found", path.display()))?;
+        if !host.is_file() {
+            bail!("test binary {} is not a file", path.display());
+        }
+        let name = guest_name(&host);
+        if runs.iter().any(|r| r.name == name) {
+            bail!("two test binaries are named {name}: rename one");
+        }
+        let guest = format!("/tests/{name}");
+        files.push(PayloadFile {
+            host,
+            guest: guest.clone(),
+        });
+        runs.push(TestRun {
+            name,
+            guest,
+            args: Vec::new(),
+        });
+    }
+    Ok(Payload { files, runs })
+}
+
+/// File names become guest paths and shell words in /init: keep them to a
+/// safe alphabet.
+fn guest_name(path: &Path) -> String {
+    let name: String = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.is_empty() || name.starts_with('.') {
+        format!("t{name}")
+    } else {
+        name
+    }
+}
+
+struct Artifact {
+    name: String,
+    kinds: Vec<String>,
+    executable: PathBuf,
+}
+
+/// Runs cargo with JSON messages on stdout and collects the executables it
+/// produced. Diagnostics are rendered for humans on stderr, which is
+/// inherited so build errors show as usual.
+fn cargo_artifacts(args: &[&str]) -> Result<Vec<Artifact>> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let shown = format!("cargo {}", args.join(" "));
+    println!("vm-test: {shown}");
+    let mut child = Command::new(&cargo)
+        .args(args)
+        .arg("--message-format=json-render-diagnostics")
+        .current_dir(crate::workspace_root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to start {shown}"))?;
+    let mut stdout = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        out.read_to_string(&mut stdout)
+            .with_context(|| format!("failed to read the output of {shown}"))?;
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("failed to wait for {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status}); its errors are above");
+    }
+
+    let mut artifacts = Vec::new();
+    for line in stdout.lines() {
+        // Build scripts may print non-JSON lines; they are not artifacts.
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let Some(executable) = msg["executable"].as_str() else {
+            continue;
+        };
+        let name = msg["target"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let kinds = msg["target"]["kind"]
+            .as_array()
+            .map(|kinds| {
+                kinds
+                    .iter()
+                    .filter_map(|k| k.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        artifacts.push(Artifact {
+            name,
+            kinds,
+            executable: PathBuf::from(executable),
+        });
+    }
+    Ok(artifacts)
+}
