@@ -72,7 +72,8 @@ impl Record<'_> {
     }
 }
 
-fn ip(family: u16, raw: [u8; 16]) -> Option<IpAddr> {
+/// An address as the kernel stores it: IPv4 in the first 4 bytes.
+pub fn ip(family: u16, raw: [u8; 16]) -> Option<IpAddr> {
     match family {
         AF_INET => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
         AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(raw))),

@@ -22,6 +22,7 @@ use backlog_agent::{
     summary::Summary,
     tracefs,
 };
+use backlog_common::DropKind;
 use clap::Parser as _;
 use tokio::{
     io::{unix::AsyncFd, Interest},
@@ -78,18 +79,12 @@ async fn run(cli: Cli) -> Result<()> {
             "this kernel has no {field}; the event field it feeds stays 0"
         ));
     }
-    let mut attached = 0;
-    for (kind, outcome) in &probes.outcomes {
-        match outcome {
-            Outcome::Attached { hook, .. } => {
-                attached += 1;
-                note(format_args!("{}: {hook}", kind.as_str()));
-            }
-            Outcome::NotObservable { reason } => {
-                note(format_args!("{}: not observable: {reason}", kind.as_str()));
-            }
-        }
-    }
+    report_outcomes(&probes.outcomes);
+    let attached = probes
+        .outcomes
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Attached { .. }))
+        .count();
     let ring = probes.take_events()?;
     let counters = probes.take_counters()?;
     // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged,
@@ -131,6 +126,17 @@ async fn run(cli: Cli) -> Result<()> {
         Ok(lost) => sink.summary.losses.lost_in_kernel = lost,
         Err(err) => note(format_args!("cannot read the lost-event counter: {err}")),
     }
+    match counters.totals() {
+        Ok(totals) => sink.summary.apply_totals(&totals),
+        Err(err) => note(format_args!("cannot read the per-listener totals: {err}")),
+    }
+    if let Ok(full) = counters.totals_full() {
+        if full > 0 {
+            note(format_args!(
+                "{full} drops could not be added to per-listener totals (too many listeners)"
+            ));
+        }
+    }
     if let Ok(errors) = counters.read_errors() {
         if errors > 0 {
             note(format_args!(
@@ -151,6 +157,32 @@ async fn run(cli: Cli) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Tells, per drop kind, which hook serves it or why none can, grouping
+/// kinds that share an outcome (the five SYN-stage kinds share one hook).
+fn report_outcomes(outcomes: &[(DropKind, Outcome)]) {
+    let mut groups: Vec<(Vec<&'static str>, &Outcome)> = Vec::new();
+    for (kind, outcome) in outcomes {
+        match groups.iter_mut().find(|(_, o)| *o == outcome) {
+            Some((kinds, _)) => kinds.push(kind.as_str()),
+            None => groups.push((vec![kind.as_str()], outcome)),
+        }
+    }
+    for (kinds, outcome) in groups {
+        let kinds = kinds.join(", ");
+        match outcome {
+            Outcome::Attached { hook, skipped, .. } => {
+                note(format_args!("{kinds}: {hook}"));
+                for reason in skipped {
+                    note(format_args!("  skipped: {reason}"));
+                }
+            }
+            Outcome::NotObservable { reason } => {
+                note(format_args!("{kinds}: not observable: {reason}"));
+            }
+        }
+    }
 }
 
 async fn until(deadline: Option<tokio::time::Instant>) {

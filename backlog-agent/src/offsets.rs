@@ -67,6 +67,23 @@ impl Optional<'_> {
     }
 }
 
+/// A per-netns sysctl that is a u8 on recent kernels and an int on older
+/// ones.
+fn netns_sysctl(optional: &mut Optional<'_>, path: &'static str) -> Result<u32, OffsetError> {
+    match optional.btf.field(path) {
+        Ok(field) if field.size == 1 || field.size == 4 => Ok(field.offset),
+        Ok(field) => Err(OffsetError::UnexpectedSize {
+            path,
+            actual: field.size,
+            expected: 1,
+        }),
+        Err(_) => {
+            optional.absent.push(path);
+            Ok(OFFSET_ABSENT)
+        }
+    }
+}
+
 /// Resolves the struct offsets every program needs. Fields without which
 /// no event makes sense are errors; the others are recorded as absent.
 pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetError> {
@@ -120,6 +137,12 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetError> {
         }
         _ => optional.absent.push("sock.sk_cgrp_data"),
     }
+    // Per-netns sysctls read at drop time: u8 since 5.x reworks, an int
+    // before; the programs read the low byte of the first two, which is
+    // the same value on little-endian machines.
+    o.net_syncookies = netns_sysctl(&mut optional, "net.ipv4.sysctl_tcp_syncookies")?;
+    o.net_abort_on_overflow = netns_sysctl(&mut optional, "net.ipv4.sysctl_tcp_abort_on_overflow")?;
+    o.net_max_syn_backlog = optional.offset("net.ipv4.sysctl_max_syn_backlog", 4)?;
     o.cgroup_kn = optional.offset("cgroup.kn", 8)?;
     o.kernfs_node_id = optional.offset("kernfs_node.id", 8)?;
     Ok(Resolved {

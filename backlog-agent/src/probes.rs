@@ -6,11 +6,13 @@
 use std::path::Path;
 
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{FEntry, FExit, KProbe, Program, TracePoint},
     Ebpf, EbpfError, EbpfLoader,
 };
-use backlog_common::{DropKind, COUNTER_EVENTS_LOST, COUNTER_READ_ERRORS};
+use backlog_common::{
+    DropKind, DropTotalKey, COUNTER_EVENTS_LOST, COUNTER_READ_ERRORS, COUNTER_TOTALS_FULL,
+};
 use thiserror::Error;
 
 use crate::{
@@ -73,40 +75,158 @@ impl HookFamily {
     }
 }
 
-/// One way of observing a kind: a program of the object and where it goes.
+/// Where one program of a hook attaches.
+#[derive(Clone, Copy, Debug)]
+enum Attach {
+    Tracepoint {
+        category: &'static str,
+        name: &'static str,
+    },
+    Fentry(&'static str),
+    Fexit(&'static str),
+    Kprobe(&'static str),
+    Kretprobe(&'static str),
+}
+
+/// One way of observing a kind: programs that must all attach.
 #[derive(Clone, Copy, Debug)]
 struct Hook {
     family: HookFamily,
-    program: &'static str,
-    /// `category:name` for tracepoints, a function name otherwise.
-    target: &'static str,
+    /// What the user is told, e.g. "fexit tcp_v4_syn_recv_sock, tcp_v6_syn_recv_sock".
+    label: &'static str,
+    programs: &'static [(&'static str, Attach)],
 }
 
 impl Hook {
     fn describe(&self) -> String {
-        format!("{} {}", self.family.as_str(), self.target)
+        self.label.to_owned()
     }
 }
 
 const KFREE_SKB: Hook = Hook {
     family: HookFamily::Tracepoint,
-    program: "kfree_skb_listen_overflow",
-    target: "skb:kfree_skb",
+    label: "tracepoint skb:kfree_skb (reason TCP_LISTEN_OVERFLOW)",
+    programs: &[(
+        "kfree_skb_listen_overflow",
+        Attach::Tracepoint {
+            category: "skb",
+            name: "kfree_skb",
+        },
+    )],
+};
+
+const SYN_RECV_SOCK_FEXIT: Hook = Hook {
+    family: HookFamily::Fentry,
+    label: "fexit tcp_v4_syn_recv_sock, tcp_v6_syn_recv_sock",
+    programs: &[
+        (
+            "fexit_syn_recv_sock_v4",
+            Attach::Fexit("tcp_v4_syn_recv_sock"),
+        ),
+        (
+            "fexit_syn_recv_sock_v6",
+            Attach::Fexit("tcp_v6_syn_recv_sock"),
+        ),
+    ],
+};
+
+const SYN_RECV_SOCK_KPROBE: Hook = Hook {
+    family: HookFamily::Kprobe,
+    label: "kprobe+kretprobe tcp_v4_syn_recv_sock, tcp_v6_syn_recv_sock",
+    programs: &[
+        (
+            "kprobe_syn_recv_sock_v4",
+            Attach::Kprobe("tcp_v4_syn_recv_sock"),
+        ),
+        (
+            "kretprobe_syn_recv_sock_v4",
+            Attach::Kretprobe("tcp_v4_syn_recv_sock"),
+        ),
+        (
+            "kprobe_syn_recv_sock_v6",
+            Attach::Kprobe("tcp_v6_syn_recv_sock"),
+        ),
+        (
+            "kretprobe_syn_recv_sock_v6",
+            Attach::Kretprobe("tcp_v6_syn_recv_sock"),
+        ),
+    ],
+};
+
+// The SYN-stage hooks: state markers first, the entry that arms them
+// last, so that no SYN is classified with half the programs in place.
+const CONN_REQUEST_FENTRY: Hook = Hook {
+    family: HookFamily::Fentry,
+    label: "fentry/fexit tcp_conn_request, tcp_syn_flood_action, tcp_v4/v6_send_synack",
+    programs: &[
+        (
+            "fexit_syn_flood_action",
+            Attach::Fexit("tcp_syn_flood_action"),
+        ),
+        (
+            "fentry_send_synack_v4",
+            Attach::Fentry("tcp_v4_send_synack"),
+        ),
+        (
+            "fentry_send_synack_v6",
+            Attach::Fentry("tcp_v6_send_synack"),
+        ),
+        ("fexit_conn_request", Attach::Fexit("tcp_conn_request")),
+        ("fentry_conn_request", Attach::Fentry("tcp_conn_request")),
+    ],
+};
+
+const CONN_REQUEST_KPROBE: Hook = Hook {
+    family: HookFamily::Kprobe,
+    label: "kprobe/kretprobe tcp_conn_request, tcp_syn_flood_action, tcp_v4/v6_send_synack",
+    programs: &[
+        (
+            "kretprobe_syn_flood_action",
+            Attach::Kretprobe("tcp_syn_flood_action"),
+        ),
+        (
+            "kprobe_send_synack_v4",
+            Attach::Kprobe("tcp_v4_send_synack"),
+        ),
+        (
+            "kprobe_send_synack_v6",
+            Attach::Kprobe("tcp_v6_send_synack"),
+        ),
+        (
+            "kretprobe_conn_request",
+            Attach::Kretprobe("tcp_conn_request"),
+        ),
+        ("kprobe_conn_request", Attach::Kprobe("tcp_conn_request")),
+    ],
 };
 
 /// Candidate hooks per kind, best first (fentry, kprobe, tracepoint).
 fn hooks_for(kind: DropKind) -> &'static [Hook] {
     match kind {
-        DropKind::AckDroppedAcceptQueueFull => &[KFREE_SKB],
-        _ => &[],
+        DropKind::AckDroppedAcceptQueueFull => {
+            &[SYN_RECV_SOCK_FEXIT, SYN_RECV_SOCK_KPROBE, KFREE_SKB]
+        }
+        DropKind::SynDroppedSynQueueFull
+        | DropKind::SynCookieSent
+        | DropKind::SynDroppedAcceptQueueFull
+        | DropKind::SynDroppedSynBacklogPressure
+        | DropKind::SynDroppedOther => &[CONN_REQUEST_FENTRY, CONN_REQUEST_KPROBE],
+        DropKind::UnixConnectBacklogFull => &[],
     }
 }
 
 /// What happened to one kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    Attached { family: HookFamily, hook: String },
-    NotObservable { reason: String },
+    Attached {
+        family: HookFamily,
+        hook: String,
+        /// Better hooks that could not be used, with the reason.
+        skipped: Vec<String>,
+    },
+    NotObservable {
+        reason: String,
+    },
 }
 
 pub struct Probes {
@@ -123,7 +243,7 @@ struct Preconditions {
 
 impl Preconditions {
     fn of(&self, hook: &Hook) -> Result<(), String> {
-        if hook.program == KFREE_SKB.program {
+        if hook.label == KFREE_SKB.label {
             self.kfree_skb.clone()
         } else {
             Ok(())
@@ -155,27 +275,48 @@ pub fn start(
         .map_max_entries("EVENTS", ring_buffer_kib * 1024)
         .load(OBJECT)?;
 
+    let mut kernel_btf = KernelBtf::default();
+    // One hook may serve several kinds (tcp_conn_request serves five):
+    // attach it once and reuse the result.
+    let mut tried: Vec<(&'static str, Result<(), String>)> = Vec::new();
     let mut outcomes = Vec::new();
     for kind in DropKind::ALL {
         let hooks = hooks_for(kind);
         let mut failures = Vec::new();
         let mut attached = None;
         for hook in hooks.iter().filter(|h| h.family.allowed_by(mode)) {
-            match preconditions
-                .of(hook)
-                .and_then(|()| attach(&mut ebpf, hook))
-            {
+            let result = match tried.iter().find(|(label, _)| *label == hook.label) {
+                Some((_, result)) => result.clone(),
+                None => {
+                    let result = preconditions
+                        .of(hook)
+                        .and_then(|()| attach(&mut ebpf, hook, &mut kernel_btf));
+                    tried.push((hook.label, result.clone()));
+                    result
+                }
+            };
+            match result {
                 Ok(()) => {
                     attached = Some(hook);
                     break;
                 }
-                Err(reason) => failures.push(format!("{}: {reason}", hook.describe())),
+                Err(reason) => {
+                    let line = match kernel_wide_refusal(&reason) {
+                        // Same reason for every hook of the family: say it once.
+                        Some(refusal) => refusal.to_owned(),
+                        None => format!("{}: {reason}", hook.describe()),
+                    };
+                    if !failures.contains(&line) {
+                        failures.push(line);
+                    }
+                }
             }
         }
         let outcome = match attached {
             Some(hook) => Outcome::Attached {
                 family: hook.family,
                 hook: hook.describe(),
+                skipped: failures,
             },
             None if hooks.is_empty() => Outcome::NotObservable {
                 reason: "this version of backlog has no hook for it yet".into(),
@@ -222,28 +363,145 @@ fn mode_name(mode: AttachMode) -> &'static str {
     }
 }
 
-/// Loads and attaches one program. Loading alone proves nothing (kprobe
-/// programs load on kernels without kprobes), so success means attached.
-fn attach(ebpf: &mut Ebpf, hook: &Hook) -> Result<(), String> {
+/// Loads and attaches every program of `hook`; on any failure, unloads
+/// those already attached so that a half-attached hook never reports.
+/// Loading alone proves nothing (kprobe programs load on kernels without
+/// kprobes), so success means attached.
+fn attach(ebpf: &mut Ebpf, hook: &Hook, kernel_btf: &mut KernelBtf) -> Result<(), String> {
+    for (done, (name, target)) in hook.programs.iter().enumerate() {
+        if let Err(err) = attach_program(ebpf, name, *target, kernel_btf) {
+            for (loaded, _) in &hook.programs[..=done] {
+                unload(ebpf, loaded);
+            }
+            return Err(format!(
+                "{}: {}",
+                target_name(*target),
+                explain(*target, &err)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Detaches and unloads one program (best effort: it is being given up).
+fn unload(ebpf: &mut Ebpf, name: &str) {
+    let _ = match ebpf.program_mut(name) {
+        Some(Program::TracePoint(p)) => p.unload(),
+        Some(Program::FEntry(p)) => p.unload(),
+        Some(Program::FExit(p)) => p.unload(),
+        Some(Program::KProbe(p)) => p.unload(),
+        _ => Ok(()),
+    };
+}
+
+fn target_name(target: Attach) -> String {
+    match target {
+        Attach::Tracepoint { category, name } => format!("{category}:{name}"),
+        Attach::Fentry(f) | Attach::Fexit(f) | Attach::Kprobe(f) | Attach::Kretprobe(f) => {
+            f.to_owned()
+        }
+    }
+}
+
+/// aya's own BTF (fexit needs it to find the target's type id), parsed
+/// only when an fexit hook is tried.
+#[derive(Default)]
+struct KernelBtf(Option<Result<aya::Btf, String>>);
+
+impl KernelBtf {
+    fn get(&mut self) -> Result<&aya::Btf, String> {
+        self.0
+            .get_or_insert_with(|| aya::Btf::from_sys_fs().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+}
+
+fn attach_program(
+    ebpf: &mut Ebpf,
+    name: &str,
+    target: Attach,
+    kernel_btf: &mut KernelBtf,
+) -> Result<(), String> {
     let program = ebpf
-        .program_mut(hook.program)
-        .ok_or_else(|| format!("program {} missing from the eBPF object", hook.program))?;
-    match hook.family {
-        HookFamily::Tracepoint => {
-            let (category, name) = hook
-                .target
-                .split_once(':')
-                .ok_or_else(|| format!("bad tracepoint name {}", hook.target))?;
+        .program_mut(name)
+        .ok_or_else(|| format!("program {name} missing from the eBPF object"))?;
+    match target {
+        Attach::Tracepoint { category, name } => {
             let tp: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
             tp.load().map_err(|e| format!("load: {e}"))?;
             tp.attach(category, name)
                 .map_err(|e| format!("attach: {e}"))?;
         }
-        HookFamily::Fentry | HookFamily::Kprobe => {
-            return Err("not built into this version".into());
+        Attach::Fentry(function) => {
+            let btf = kernel_btf.get()?;
+            let fentry: &mut FEntry = program.try_into().map_err(|e| format!("{e}"))?;
+            fentry
+                .load(function, btf)
+                .map_err(|e| format!("load: {}", error_chain(&e)))?;
+            fentry.attach().map_err(|e| format!("attach: {e}"))?;
+        }
+        Attach::Fexit(function) => {
+            let btf = kernel_btf.get()?;
+            let fexit: &mut FExit = program.try_into().map_err(|e| format!("{e}"))?;
+            fexit
+                .load(function, btf)
+                .map_err(|e| format!("load: {}", error_chain(&e)))?;
+            fexit.attach().map_err(|e| format!("attach: {e}"))?;
+        }
+        Attach::Kprobe(function) | Attach::Kretprobe(function) => {
+            let kprobe: &mut KProbe = program.try_into().map_err(|e| format!("{e}"))?;
+            kprobe.load().map_err(|e| format!("load: {e}"))?;
+            kprobe
+                .attach(function, 0)
+                .map_err(|e| format!("attach: {}", error_chain(&e)))?;
         }
     }
     Ok(())
+}
+
+const REFUSES_FENTRY: &str = "the kernel refuses fentry/fexit programs (EPERM at load)";
+const NO_KPROBES: &str = "the kernel has no kprobes (CONFIG_KPROBES off)";
+
+/// A refusal that holds for every hook of a family, not one function.
+fn kernel_wide_refusal(reason: &str) -> Option<&'static str> {
+    [REFUSES_FENTRY, NO_KPROBES]
+        .into_iter()
+        .find(|refusal| reason.ends_with(refusal))
+}
+
+/// Says in plain words why the kernel refused, keeping the raw error for
+/// the cases we do not recognise.
+fn explain(target: Attach, raw: &str) -> String {
+    match target {
+        Attach::Fentry(_) | Attach::Fexit(_) if raw.contains("Operation not permitted") => {
+            REFUSES_FENTRY.into()
+        }
+        Attach::Fentry(_) | Attach::Fexit(_)
+            if raw.contains("No such file") || raw.contains("not found") =>
+        {
+            "the function is not in the kernel's BTF (inlined or absent)".into()
+        }
+        Attach::Kprobe(_) | Attach::Kretprobe(_)
+            if raw.contains("/sys/bus/event_source/devices/kprobe") =>
+        {
+            NO_KPROBES.into()
+        }
+        _ => raw.to_owned(),
+    }
+}
+
+/// An error with its sources, on one line: aya's top-level messages alone
+/// ("the BPF_PROG_LOAD syscall failed") hide the errno that explains.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 impl Probes {
@@ -267,13 +525,22 @@ impl Probes {
             name: "COUNTERS",
             reason: e.to_string(),
         })?;
-        Ok(KernelCounters { array })
+        let map = self.ebpf.take_map("DROP_TOTALS").ok_or(ProbeError::Map {
+            name: "DROP_TOTALS",
+            reason: "missing from the eBPF object".into(),
+        })?;
+        let totals = PerCpuHashMap::try_from(map).map_err(|e| ProbeError::Map {
+            name: "DROP_TOTALS",
+            reason: e.to_string(),
+        })?;
+        Ok(KernelCounters { array, totals })
     }
 }
 
 /// The programs' per-CPU counters of what they could not report.
 pub struct KernelCounters {
     array: PerCpuArray<MapData, u64>,
+    totals: PerCpuHashMap<MapData, DropTotalKey, u64>,
 }
 
 impl KernelCounters {
@@ -288,5 +555,21 @@ impl KernelCounters {
 
     pub fn read_errors(&self) -> Result<u64, String> {
         self.sum(COUNTER_READ_ERRORS)
+    }
+
+    /// Per-listener totals that could not be stored (map full).
+    pub fn totals_full(&self) -> Result<u64, String> {
+        self.sum(COUNTER_TOTALS_FULL)
+    }
+
+    /// Exact drops per listener and kind, summed over CPUs.
+    pub fn totals(&self) -> Result<Vec<(DropTotalKey, u64)>, String> {
+        self.totals
+            .iter()
+            .map(|entry| {
+                let (key, values) = entry.map_err(|e| e.to_string())?;
+                Ok((key, values.iter().sum()))
+            })
+            .collect()
     }
 }

@@ -2,9 +2,13 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
-use backlog_common::DropKind;
+use backlog_common::{DropKind, DropTotalKey};
 
-use crate::{attribution::Process, decode::Event, output::process_list};
+use crate::{
+    attribution::Process,
+    decode::{ip, Event},
+    output::process_list,
+};
 
 /// A listener is its socket; the address and netns make it readable and
 /// keep listeners apart when the socket inode is unknown (0).
@@ -17,7 +21,11 @@ pub struct ListenerKey {
 
 #[derive(Clone, Debug, Default)]
 pub struct ListenerStats {
+    /// Events received per kind.
     pub counts: BTreeMap<DropKind, u64>,
+    /// Exact drops per kind as counted in the kernel (may exceed `counts`
+    /// when the ring buffer overflowed).
+    pub totals: BTreeMap<DropKind, u64>,
     pub processes: Vec<Process>,
     pub max_accept_queue_seen: u32,
     pub accept_queue_limit: u32,
@@ -61,6 +69,38 @@ impl Summary {
         stats.accept_queue_limit = event.accept_queue_max;
     }
 
+    /// Merges the kernel's exact per-listener totals.
+    pub fn apply_totals(&mut self, totals: &[(DropTotalKey, u64)]) {
+        for (key, total) in totals {
+            let (Some(kind), Some(ip)) = (
+                DropKind::from_u32(key.kind),
+                ip(key.listener_family, key.listener_addr),
+            ) else {
+                continue;
+            };
+            let key = ListenerKey {
+                netns: key.netns_inode,
+                listener: SocketAddr::new(ip, key.listener_port),
+                socket_inode: key.socket_inode,
+            };
+            self.listeners
+                .entry(key)
+                .or_default()
+                .totals
+                .insert(kind, *total);
+        }
+    }
+
+    /// Kernel total for a listener and kind, or the events seen when the
+    /// kernel's totals were not read.
+    fn count(stats: &ListenerStats, kind: DropKind) -> u64 {
+        stats
+            .totals
+            .get(&kind)
+            .copied()
+            .unwrap_or_else(|| stats.counts.get(&kind).copied().unwrap_or(0))
+    }
+
     /// The table printed to stderr at exit.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -73,10 +113,25 @@ impl Summary {
                 "LISTENER", "NETNS", "ACCEPTQ", "KIND", "COUNT"
             );
             for (key, stats) in &self.listeners {
-                for (kind, count) in &stats.counts {
+                let kinds: std::collections::BTreeSet<DropKind> = stats
+                    .counts
+                    .keys()
+                    .chain(stats.totals.keys())
+                    .copied()
+                    .collect();
+                for kind in kinds {
+                    let count = Self::count(stats, kind);
+                    let reported = stats.counts.get(&kind).copied().unwrap_or(0);
+                    // Say when the ring buffer lost some of this listener's
+                    // events: the count is the kernel's, the lines fewer.
+                    let unreported = if reported < count {
+                        format!(" ({} not reported as events)", count - reported)
+                    } else {
+                        String::new()
+                    };
                     let _ = writeln!(
                         out,
-                        "{:<28} {:>10} {:>9} {:<32} {:>8}  {}",
+                        "{:<28} {:>10} {:>9} {:<32} {:>8}  {}{unreported}",
                         key.listener.to_string(),
                         key.netns,
                         format!(
@@ -120,6 +175,38 @@ mod tests {
             cgroup_id: 0,
             partial: false,
         }
+    }
+
+    #[test]
+    fn kernel_totals_win_and_losses_show() {
+        let mut s = Summary::default();
+        s.record(&event(DropKind::SynCookieSent, 80, 10), &[]);
+        let mut key = DropTotalKey {
+            socket_inode: 10,
+            netns_inode: 1,
+            kind: DropKind::SynCookieSent as u32,
+            listener_addr: [0; 16],
+            listener_port: 80,
+            listener_family: backlog_common::AF_INET,
+            _pad0: 0,
+        };
+        let other = DropTotalKey {
+            kind: DropKind::SynDroppedOther as u32,
+            ..key
+        };
+        key.listener_addr[..4].copy_from_slice(&[0, 0, 0, 0]);
+        s.apply_totals(&[(key, 5), (other, 2)]);
+        assert_eq!(s.listeners.len(), 1, "totals merge into the same listener");
+        let table = s.render();
+        assert!(
+            table.contains("syn_cookie_sent                         5  ?"),
+            "{table}"
+        );
+        assert!(table.contains("(4 not reported as events)"), "{table}");
+        assert!(
+            table.contains("syn_dropped_other                       2"),
+            "{table}"
+        );
     }
 
     #[test]

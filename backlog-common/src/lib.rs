@@ -32,16 +32,20 @@ pub enum DropKind {
     SynDroppedSynBacklogPressure = 5,
     /// Non-blocking connect() to a UNIX stream listener failed with EAGAIN.
     UnixConnectBacklogFull = 6,
+    /// SYN dropped by tcp_conn_request() for another reason (no memory,
+    /// no route, an LSM): the kernel counts it in ListenDrops too.
+    SynDroppedOther = 7,
 }
 
 impl DropKind {
-    pub const ALL: [DropKind; 6] = [
+    pub const ALL: [DropKind; 7] = [
         DropKind::SynDroppedSynQueueFull,
         DropKind::SynCookieSent,
         DropKind::SynDroppedAcceptQueueFull,
         DropKind::AckDroppedAcceptQueueFull,
         DropKind::SynDroppedSynBacklogPressure,
         DropKind::UnixConnectBacklogFull,
+        DropKind::SynDroppedOther,
     ];
 
     /// Decodes a wire value; unknown values are `None`, never transmuted.
@@ -53,6 +57,7 @@ impl DropKind {
             4 => DropKind::AckDroppedAcceptQueueFull,
             5 => DropKind::SynDroppedSynBacklogPressure,
             6 => DropKind::UnixConnectBacklogFull,
+            7 => DropKind::SynDroppedOther,
             _ => return None,
         })
     }
@@ -66,6 +71,7 @@ impl DropKind {
             DropKind::AckDroppedAcceptQueueFull => "ack_dropped_accept_queue_full",
             DropKind::SynDroppedSynBacklogPressure => "syn_dropped_syn_backlog_pressure",
             DropKind::UnixConnectBacklogFull => "unix_connect_backlog_full",
+            DropKind::SynDroppedOther => "syn_dropped_other",
         }
     }
 }
@@ -150,6 +156,27 @@ impl DropEvent {
     };
 }
 
+/// [`DropEvent::flags`]: the kernel answered the dropped final ACK with a
+/// RST (net.ipv4.tcp_abort_on_overflow=1); without it the client believes
+/// it is connected and times out later.
+pub const EVENT_FLAG_RESET_SENT: u32 = 1 << 2;
+
+/// Key of the per-listener drop totals kept in the kernel (`DROP_TOTALS`),
+/// exact even when the ring buffer is full.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DropTotalKey {
+    pub socket_inode: u64,
+    pub netns_inode: u32,
+    pub kind: u32,
+    pub listener_addr: [u8; 16],
+    pub listener_port: u16,
+    pub listener_family: u16,
+    pub _pad0: u32,
+}
+
+const _: () = assert!(size_of::<DropTotalKey>() == 40);
+
 /// Indexes of the per-CPU `COUNTERS` array: things the programs could not
 /// report as events. The agent sums them over CPUs and reports them.
 pub const COUNTER_EVENTS_LOST: u32 = 0;
@@ -158,7 +185,9 @@ pub const COUNTER_EVENTS_LOST: u32 = 0;
 pub const COUNTER_READ_ERRORS: u32 = 1;
 /// Events successfully queued.
 pub const COUNTER_EVENTS_SENT: u32 = 2;
-pub const COUNTER_COUNT: u32 = 3;
+/// A per-listener total could not be stored (`DROP_TOTALS` full).
+pub const COUNTER_TOTALS_FULL: u32 = 3;
+pub const COUNTER_COUNT: u32 = 4;
 
 /// Marks an offset as "this kernel has no such field": the program skips
 /// the read and leaves the event field zero.
@@ -207,10 +236,16 @@ pub struct KernelOffsets {
     pub skb_head: u32,
     pub skb_network_header: u32,
     pub skb_transport_header: u32,
+    /// net.ipv4.sysctl_tcp_syncookies (read as its low byte).
+    pub net_syncookies: u32,
+    /// net.ipv4.sysctl_max_syn_backlog (an int).
+    pub net_max_syn_backlog: u32,
+    /// net.ipv4.sysctl_tcp_abort_on_overflow (read as its low byte).
+    pub net_abort_on_overflow: u32,
     pub _pad0: u32,
 }
 
-const _: () = assert!(size_of::<KernelOffsets>() == 24 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 27 * 4);
 
 impl KernelOffsets {
     /// All fields absent: a program that runs with these reports nothing
@@ -239,6 +274,9 @@ impl KernelOffsets {
         skb_head: OFFSET_ABSENT,
         skb_network_header: OFFSET_ABSENT,
         skb_transport_header: OFFSET_ABSENT,
+        net_syncookies: OFFSET_ABSENT,
+        net_max_syn_backlog: OFFSET_ABSENT,
+        net_abort_on_overflow: OFFSET_ABSENT,
         _pad0: 0,
     };
 }
@@ -250,6 +288,7 @@ mod user {
     // uninitialised bytes.
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::DropEvent {}
+    unsafe impl aya::Pod for super::DropTotalKey {}
 }
 
 #[cfg(test)]
@@ -262,6 +301,6 @@ mod tests {
             assert_eq!(DropKind::from_u32(kind as u32), Some(kind));
         }
         assert_eq!(DropKind::from_u32(0), None);
-        assert_eq!(DropKind::from_u32(7), None);
+        assert_eq!(DropKind::from_u32(8), None);
     }
 }

@@ -3,12 +3,59 @@
 //! here so that all kinds carry the same fields.
 
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns};
+use aya_ebpf::{bindings::BPF_NOEXIST, macros::map, maps::PerCpuHashMap};
 use backlog_common::{
-    DropEvent, KernelOffsets, AF_INET, AF_INET6, COUNTER_EVENTS_LOST, COUNTER_EVENTS_SENT,
-    COUNTER_READ_ERRORS, EVENT_FLAG_NO_PACKET, EVENT_FLAG_PARTIAL, OFFSET_ABSENT,
+    DropEvent, DropKind, DropTotalKey, KernelOffsets, AF_INET, AF_INET6, COUNTER_EVENTS_LOST,
+    COUNTER_EVENTS_SENT, COUNTER_READ_ERRORS, COUNTER_TOTALS_FULL, EVENT_FLAG_NO_PACKET,
+    EVENT_FLAG_PARTIAL, EVENT_FLAG_RESET_SENT, OFFSET_ABSENT,
 };
 
 use crate::{count, read, EVENTS};
+
+/// Drops per listener and kind, counted before the event is queued, so
+/// the totals stay exact when the ring buffer overflows. Per-CPU: no
+/// atomics on the hot path; the agent sums the CPUs.
+#[map]
+static DROP_TOTALS: PerCpuHashMap<DropTotalKey, u64> = PerCpuHashMap::with_max_entries(16384, 0);
+
+/// `sk_acceptq_is_full()`: more connections waiting than the limit.
+#[inline(always)]
+pub fn accept_queue_full(sk: *const u8) -> bool {
+    let o = crate::offsets();
+    match (
+        read::at::<u32>(sk, o.sk_ack_backlog),
+        read::at::<u32>(sk, o.sk_max_ack_backlog),
+    ) {
+        (Some(len), Some(max)) => len > max,
+        _ => false,
+    }
+}
+
+#[inline(always)]
+fn add_to_totals(event: &DropEvent) {
+    let key = DropTotalKey {
+        socket_inode: event.socket_inode,
+        netns_inode: event.netns_inode,
+        kind: event.kind,
+        listener_addr: event.listener_addr,
+        listener_port: event.listener_port,
+        listener_family: event.listener_family,
+        _pad0: 0,
+    };
+    for _ in 0..2 {
+        if let Some(total) = DROP_TOTALS.get_ptr_mut(&key) {
+            // SAFETY: this CPU's value of a per-CPU map entry.
+            unsafe { *total += 1 };
+            return;
+        }
+        // Another CPU may create the key between our lookup and insert:
+        // then the insert fails with EEXIST and the second lookup finds it.
+        if DROP_TOTALS.insert(&key, &1, BPF_NOEXIST as u64).is_ok() {
+            return;
+        }
+    }
+    count(COUNTER_TOTALS_FULL);
+}
 
 /// Tracks whether any read for one event failed.
 struct Reads {
@@ -38,16 +85,10 @@ impl Reads {
     }
 }
 
-/// Queues one event for `kind` about listener `sk`, with addresses taken
-/// from `skb` (may be NULL when the hook has no packet).
+/// Counts and queues one event for `kind` about listener `sk`, with
+/// addresses taken from `skb` (may be NULL when the hook has no packet).
 #[inline(always)]
 pub fn emit(kind: u32, sk: *const u8, skb: *const u8, extra_flags: u32) {
-    let Some(mut entry) = EVENTS.reserve::<DropEvent>(0) else {
-        // Ring buffer full: the agent reads this counter and reports the
-        // loss; the per-listener totals stay exact (kernel counters).
-        count(COUNTER_EVENTS_LOST);
-        return;
-    };
     let o = crate::offsets();
     let mut reads = Reads { failed: false };
     let mut event = DropEvent::ZERO;
@@ -59,13 +100,30 @@ pub fn emit(kind: u32, sk: *const u8, skb: *const u8, extra_flags: u32) {
     if skb.is_null() || !fill_packet(&mut event, &o, skb) {
         event.flags |= EVENT_FLAG_NO_PACKET;
     }
+    if kind == DropKind::AckDroppedAcceptQueueFull as u32 && abort_on_overflow(&o, sk) {
+        event.flags |= EVENT_FLAG_RESET_SENT;
+    }
     if reads.failed {
         event.flags |= EVENT_FLAG_PARTIAL;
         count(COUNTER_READ_ERRORS);
     }
-    entry.write(event);
-    entry.submit(0);
-    count(COUNTER_EVENTS_SENT);
+    add_to_totals(&event);
+    if EVENTS.output::<DropEvent>(&event, 0).is_ok() {
+        count(COUNTER_EVENTS_SENT);
+    } else {
+        // Ring buffer full: the agent reports the loss, and the totals
+        // above stay exact.
+        count(COUNTER_EVENTS_LOST);
+    }
+}
+
+/// tcp_check_req() answers an overflowed final ACK with a RST only when
+/// the listener's netns has tcp_abort_on_overflow set.
+#[inline(always)]
+fn abort_on_overflow(o: &KernelOffsets, sk: *const u8) -> bool {
+    read::ptr(sk, o.sk_net)
+        .and_then(|net| read::at::<u8>(net, o.net_abort_on_overflow))
+        .is_some_and(|value| value != 0)
 }
 
 #[inline(always)]
@@ -107,6 +165,15 @@ fn fill_listener(event: &mut DropEvent, o: &KernelOffsets, sk: *const u8, reads:
             read::at::<u64>(kn as *const u8, o.kernfs_node_id),
         );
     }
+}
+
+/// IP version of the packet in `skb` (4 or 6), `None` when unreadable.
+#[inline(always)]
+pub fn packet_ip_version(skb: *const u8) -> Option<u8> {
+    let o = crate::offsets();
+    let head = read::ptr(skb, o.skb_head)?;
+    let network = read::at::<u16>(skb, o.skb_network_header)?;
+    read::at::<u8>(head.wrapping_add(network as usize), 0).map(|b| b >> 4)
 }
 
 /// Fills peer and local address/port from the IP and TCP headers of `skb`.

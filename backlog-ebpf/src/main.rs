@@ -3,9 +3,11 @@
 #![no_std]
 #![no_main]
 
+mod conn_request;
 mod event;
 mod kfree_skb;
 mod read;
+mod syn_recv_sock;
 
 use aya_ebpf::{
     macros::map,

@@ -230,8 +230,12 @@ impl Apt {
         let state = self.state_for(series.suite)?;
         let mut names = self.package_names(&state, series)?;
         if names.is_empty() && self.refreshed.insert(state_key(&state)) {
-            // Empty or outdated lists (a fresh container has none).
-            self.update(&state)?;
+            // Empty or outdated lists (a fresh container has none). A source
+            // that fails to refresh (a third-party one on the machine, say)
+            // matters only if the kernel is still not found.
+            if let Err(err) = self.update(&state) {
+                eprintln!("vm-test: warning: {err:#}");
+            }
             names = self.package_names(&state, series)?;
         }
         names.sort_by(|a, b| natural_cmp(a, b));
@@ -382,7 +386,9 @@ impl Apt {
         capture(
             Command::new("apt-get")
                 .args(state.options())
-                .args(["-q", "update"]),
+                // Without it apt-get exits 0 when every fetch failed (it keeps
+                // the old lists), and a failed refresh would look fresh.
+                .args(["-q", "update", "--error-on=any"]),
             &format!("apt-get update ({})", state.describe()),
         )?;
         println!(
@@ -616,11 +622,12 @@ pub fn capture(cmd: &mut Command, what: &str) -> Result<String> {
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let stdout = String::from_utf8_lossy(&out.stdout);
-        // apt prefixes errors with "E:"; fall back to the last line.
+        // apt prefixes errors with "E:" and the first is the specific one
+        // ("Failed to fetch <uri> <why>"); otherwise the last line.
         let reason = stderr
             .lines()
             .chain(stdout.lines())
-            .rfind(|l| l.starts_with("E:"))
+            .find(|l| l.starts_with("E:"))
             .or_else(|| stderr.lines().rfind(|l| !l.trim().is_empty()))
             .unwrap_or("no error output");
         bail!("{what} failed ({}): {}", out.status, reason.trim());
