@@ -10,13 +10,16 @@ use std::{
 };
 
 use backlog_common::{
-    DropEvent, DropKind, AF_INET, AF_INET6, DROP_EVENT_SIZE, EVENT_FLAG_NO_PACKET,
-    EVENT_FLAG_PARTIAL,
+    DropEvent, DropKind, ListenEvent, UnixConnectEvent, AF_INET, AF_INET6, DROP_EVENT_SIZE,
+    EVENT_FLAG_NO_PACKET, EVENT_FLAG_PARTIAL, EVENT_FLAG_RESET_SENT, LISTEN_EVENT_SIZE,
+    TASK_COMM_LEN, UNIX_CONNECT_EVENT_SIZE, UNIX_PATH_MAX,
 };
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
+    #[error("record of {len} bytes matches no record type")]
+    UnknownLength { len: usize },
     #[error("record of {len} bytes, expected {expected}")]
     WrongLength { len: usize, expected: usize },
     #[error("unknown drop kind {0}")]
@@ -47,13 +50,109 @@ pub struct Event {
     pub cgroup_id: u64,
     /// Some kernel read failed: zero fields may not be true values.
     pub partial: bool,
+    /// The dropped final ACK was answered with a RST (tcp_abort_on_overflow).
+    pub reset_sent: bool,
+}
+
+/// A connect() to a UNIX stream listener that failed with EAGAIN.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnixConnect {
+    pub timestamp_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub cpu: u32,
+    pub comm: String,
+    /// Filesystem path, or `@name` for an abstract socket; `None` when the
+    /// kernel could not read it.
+    pub path: Option<String>,
+}
+
+/// A successful listen().
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenCall {
+    pub timestamp_ns: u64,
+    pub socket_inode: u64,
+    pub pid: u32,
+    pub comm: String,
+    pub netns_inode: u32,
+    pub backlog_requested: i32,
+    pub backlog_applied: u32,
+    pub family: u16,
+    pub port: u16,
+}
+
+/// Any record of the ring buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    Drop(Event),
+    UnixConnect(UnixConnect),
+    Listen(ListenCall),
+}
+
+/// Decodes one record; the record types have distinct sizes.
+pub fn decode_record(data: &[u8]) -> Result<Record, DecodeError> {
+    match data.len() {
+        DROP_EVENT_SIZE => decode(data).map(Record::Drop),
+        UNIX_CONNECT_EVENT_SIZE => Ok(Record::UnixConnect(decode_unix_connect(data))),
+        LISTEN_EVENT_SIZE => Ok(Record::Listen(decode_listen(data))),
+        len => Err(DecodeError::UnknownLength { len }),
+    }
+}
+
+/// A NUL-padded kernel string.
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// sun_path as `ss` shows it: abstract names (leading NUL) as `@name`.
+fn unix_path(raw: &[u8]) -> Option<String> {
+    match raw.split_first() {
+        None => None,
+        Some((0, name)) => Some(format!(
+            "@{}",
+            String::from_utf8_lossy(name).replace('\0', "@")
+        )),
+        Some(_) => Some(c_string(raw)).filter(|p| !p.is_empty()),
+    }
+}
+
+fn decode_unix_connect(data: &[u8]) -> UnixConnect {
+    let r = Bytes(data);
+    let path: [u8; UNIX_PATH_MAX] = r.bytes(offset_of!(UnixConnectEvent, path));
+    let len = (r.u32(offset_of!(UnixConnectEvent, path_len)) as usize).min(UNIX_PATH_MAX);
+    let comm: [u8; TASK_COMM_LEN] = r.bytes(offset_of!(UnixConnectEvent, comm));
+    UnixConnect {
+        timestamp_ns: r.u64(offset_of!(UnixConnectEvent, timestamp_ns)),
+        pid: r.u32(offset_of!(UnixConnectEvent, pid)),
+        tid: r.u32(offset_of!(UnixConnectEvent, tid)),
+        cpu: r.u32(offset_of!(UnixConnectEvent, cpu)),
+        comm: c_string(&comm),
+        path: unix_path(&path[..len]),
+    }
+}
+
+fn decode_listen(data: &[u8]) -> ListenCall {
+    let r = Bytes(data);
+    let comm: [u8; TASK_COMM_LEN] = r.bytes(offset_of!(ListenEvent, comm));
+    ListenCall {
+        timestamp_ns: r.u64(offset_of!(ListenEvent, timestamp_ns)),
+        socket_inode: r.u64(offset_of!(ListenEvent, socket_inode)),
+        pid: r.u32(offset_of!(ListenEvent, pid)),
+        comm: c_string(&comm),
+        netns_inode: r.u32(offset_of!(ListenEvent, netns_inode)),
+        backlog_requested: r.u32(offset_of!(ListenEvent, backlog_requested)) as i32,
+        backlog_applied: r.u32(offset_of!(ListenEvent, backlog_applied)),
+        family: r.u16(offset_of!(ListenEvent, family)),
+        port: r.u16(offset_of!(ListenEvent, port)),
+    }
 }
 
 /// Checked little cursor over one record: every read is bounds-checked
 /// against the record, which `decode` has already length-checked.
-struct Record<'a>(&'a [u8]);
+struct Bytes<'a>(&'a [u8]);
 
-impl Record<'_> {
+impl Bytes<'_> {
     fn bytes<const N: usize>(&self, offset: usize) -> [u8; N] {
         let mut out = [0u8; N];
         if let Some(src) = self.0.get(offset..offset + N) {
@@ -88,7 +187,7 @@ pub fn decode(data: &[u8]) -> Result<Event, DecodeError> {
             expected: DROP_EVENT_SIZE,
         });
     }
-    let r = Record(data);
+    let r = Bytes(data);
     let raw_kind = r.u32(offset_of!(DropEvent, kind));
     let kind = DropKind::from_u32(raw_kind).ok_or(DecodeError::UnknownKind(raw_kind))?;
     let listener_family = r.u16(offset_of!(DropEvent, listener_family));
@@ -124,16 +223,17 @@ pub fn decode(data: &[u8]) -> Result<Event, DecodeError> {
         socket_inode: r.u64(offset_of!(DropEvent, socket_inode)),
         cgroup_id: r.u64(offset_of!(DropEvent, cgroup_id)),
         partial: flags & EVENT_FLAG_PARTIAL != 0,
+        reset_sent: flags & EVENT_FLAG_RESET_SENT != 0,
     })
 }
 
-/// The bytes of a `DropEvent` as the kernel writes them (for tests and
+/// The bytes of a record as the kernel writes them (for tests and
 /// benchmarks).
-pub fn encode(event: &DropEvent) -> Vec<u8> {
-    // SAFETY: DropEvent is repr(C) plain data with explicit padding, so all
-    // of its bytes are initialised.
+pub fn encode<T: aya::Pod>(record: &T) -> Vec<u8> {
+    // SAFETY: Pod types are repr(C) plain data with explicit padding, so
+    // all of their bytes are initialised.
     let bytes = unsafe {
-        std::slice::from_raw_parts((event as *const DropEvent).cast::<u8>(), DROP_EVENT_SIZE)
+        std::slice::from_raw_parts((record as *const T).cast::<u8>(), std::mem::size_of::<T>())
     };
     bytes.to_vec()
 }
@@ -231,6 +331,86 @@ mod tests {
     }
 
     #[test]
+    fn dispatches_by_length() {
+        assert!(matches!(
+            decode_record(&encode(&sample())),
+            Ok(Record::Drop(_))
+        ));
+        assert_eq!(
+            decode_record(&[0; 7]),
+            Err(DecodeError::UnknownLength { len: 7 })
+        );
+    }
+
+    #[test]
+    fn decodes_unix_connect_paths() {
+        let mut e = UnixConnectEvent {
+            timestamp_ns: 5,
+            pid: 100,
+            tid: 101,
+            cpu: 1,
+            path_len: 0,
+            comm: [0; TASK_COMM_LEN],
+            path: [0; UNIX_PATH_MAX],
+            _pad0: 0,
+        };
+        e.comm[..5].copy_from_slice(b"nginx");
+        let fs_path = b"/run/php/www.sock\0";
+        e.path[..fs_path.len()].copy_from_slice(fs_path);
+        e.path_len = fs_path.len() as u32;
+        let Ok(Record::UnixConnect(u)) = decode_record(&encode(&e)) else {
+            panic!("not a unix record");
+        };
+        assert_eq!(u.path.as_deref(), Some("/run/php/www.sock"));
+        assert_eq!((u.pid, u.tid, u.comm.as_str()), (100, 101, "nginx"));
+        // Abstract name: leading NUL, length-delimited.
+        e.path = [0; UNIX_PATH_MAX];
+        e.path[1..5].copy_from_slice(b"fpm1");
+        e.path_len = 5;
+        let Ok(Record::UnixConnect(u)) = decode_record(&encode(&e)) else {
+            panic!("not a unix record");
+        };
+        assert_eq!(u.path.as_deref(), Some("@fpm1"));
+        // Unreadable path.
+        e.path_len = 0;
+        let Ok(Record::UnixConnect(u)) = decode_record(&encode(&e)) else {
+            panic!("not a unix record");
+        };
+        assert_eq!(u.path, None);
+        // A bogus length is clamped, never out of bounds.
+        e.path_len = u32::MAX;
+        assert!(decode_record(&encode(&e)).is_ok());
+    }
+
+    #[test]
+    fn decodes_listen_calls() {
+        let mut e = ListenEvent {
+            timestamp_ns: 9,
+            socket_inode: 4242,
+            pid: 77,
+            netns_inode: 4026531840,
+            backlog_requested: 511,
+            backlog_applied: 128,
+            family: AF_INET6,
+            port: 9000,
+            fd: 3,
+            comm: [0; TASK_COMM_LEN],
+        };
+        e.comm[..7].copy_from_slice(b"php-fpm");
+        let Ok(Record::Listen(l)) = decode_record(&encode(&e)) else {
+            panic!("not a listen record");
+        };
+        assert_eq!((l.backlog_requested, l.backlog_applied), (511, 128));
+        assert_eq!((l.pid, l.comm.as_str(), l.port), (77, "php-fpm", 9000));
+        assert_eq!(l.socket_inode, 4242);
+        e.backlog_requested = -1;
+        let Ok(Record::Listen(l)) = decode_record(&encode(&e)) else {
+            panic!("not a listen record");
+        };
+        assert_eq!(l.backlog_requested, -1);
+    }
+
+    #[test]
     fn garbage_never_panics() {
         // A cheap deterministic fuzz: every byte pattern of a full-length
         // record either decodes or is an error value.
@@ -245,6 +425,19 @@ mod tests {
                 })
                 .collect();
             let _ = decode(&record);
+        }
+        for len in [UNIX_CONNECT_EVENT_SIZE, LISTEN_EVENT_SIZE] {
+            for _ in 0..2_000 {
+                let record: Vec<u8> = (0..len)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        state as u8
+                    })
+                    .collect();
+                let _ = decode_record(&record);
+            }
         }
     }
 }

@@ -143,12 +143,44 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetError> {
     o.net_syncookies = netns_sysctl(&mut optional, "net.ipv4.sysctl_tcp_syncookies")?;
     o.net_abort_on_overflow = netns_sysctl(&mut optional, "net.ipv4.sysctl_tcp_abort_on_overflow")?;
     o.net_max_syn_backlog = optional.offset("net.ipv4.sysctl_max_syn_backlog", 4)?;
+    // fd -> struct socket for listen(): current->files->fdt->fd[fd].
+    o.task_files = optional.offset("task_struct.files", 8)?;
+    o.files_fdt = optional.offset("files_struct.fdt", 8)?;
+    o.fdtable_max_fds = optional.offset("fdtable.max_fds", 4)?;
+    o.fdtable_fd = optional.offset("fdtable.fd", 8)?;
+    o.file_private_data = optional.offset("file.private_data", 8)?;
+    o.socket_sk = optional.offset("socket.sk", 8)?;
     o.cgroup_kn = optional.offset("cgroup.kn", 8)?;
     o.kernfs_node_id = optional.offset("kernfs_node.id", 8)?;
     Ok(Resolved {
         offsets: o,
         absent: optional.absent,
     })
+}
+
+/// Fills in the syscalls:sys_{enter,exit}_{connect,listen} record layouts.
+/// Every syscall tracepoint has the same shape (8-byte argument slots after
+/// the common header), but it is read rather than assumed.
+pub fn apply_syscalls(
+    o: &mut KernelOffsets,
+    enter_connect: &EventFormat,
+    enter_listen: &EventFormat,
+    exit_connect: &EventFormat,
+) -> Result<(), String> {
+    let field = |format: &EventFormat, name: &str| {
+        format
+            .field(name)
+            .filter(|f| f.size == 8)
+            .map(|f| f.offset)
+            .ok_or_else(|| format!("syscall tracepoint has no 8-byte `{name}` field"))
+    };
+    o.tp_connect_fd = field(enter_connect, "fd")?;
+    o.tp_connect_addr = field(enter_connect, "uservaddr")?;
+    o.tp_connect_addrlen = field(enter_connect, "addrlen")?;
+    o.tp_listen_fd = field(enter_listen, "fd")?;
+    o.tp_listen_backlog = field(enter_listen, "backlog")?;
+    o.tp_sys_exit_ret = field(exit_connect, "ret")?;
+    Ok(())
 }
 
 /// Why the skb:kfree_skb hook cannot report final-ACK overflows here.

@@ -55,6 +55,9 @@ struct EventJson<'a> {
     cgroup_id: u64,
     cpu: u32,
     processes: Vec<ProcessJson<'a>>,
+    /// The dropped final ACK was answered with a RST (tcp_abort_on_overflow=1);
+    /// otherwise the client believes it is connected.
+    reset_sent: bool,
     /// Some kernel read failed: zero values may not be true.
     partial: bool,
 }
@@ -84,6 +87,7 @@ pub fn json_line(event: &Event, time: SystemTime, processes: &[Process]) -> Stri
                 comm: &p.comm,
             })
             .collect(),
+        reset_sent: event.reset_sent,
         partial: event.partial,
     };
     // Serialising plain structs of strings and integers cannot fail.
@@ -121,6 +125,9 @@ pub fn text_line(event: &Event, time: SystemTime, processes: &[Process]) -> Stri
         event.netns_inode,
         process_list(processes),
     );
+    if event.reset_sent {
+        line.push_str(" rst_sent");
+    }
     if event.partial {
         line.push_str(" (partial: some kernel fields were unreadable)");
     }
@@ -151,6 +158,7 @@ mod tests {
             socket_inode: 555,
             cgroup_id: 77,
             partial: false,
+            reset_sent: false,
         }
     }
 
@@ -190,6 +198,7 @@ mod tests {
         assert_eq!(v["processes"][1]["pid"], 11);
         assert_eq!(v["processes"][1]["comm"], "nginx");
         assert_eq!(v["partial"], false);
+        assert_eq!(v["reset_sent"], false);
     }
 
     #[test]

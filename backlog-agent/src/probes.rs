@@ -115,6 +115,50 @@ const KFREE_SKB: Hook = Hook {
     )],
 };
 
+const UNIX_CONNECT: Hook = Hook {
+    family: HookFamily::Tracepoint,
+    label: "tracepoint syscalls:sys_enter_connect, sys_exit_connect (EAGAIN on AF_UNIX)",
+    programs: &[
+        (
+            "sys_exit_connect",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_exit_connect",
+            },
+        ),
+        (
+            "sys_enter_connect",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_enter_connect",
+            },
+        ),
+    ],
+};
+
+/// Not a drop kind: records listen() calls for attribution and for the
+/// backlog a process asked for.
+const LISTEN_CALLS: Hook = Hook {
+    family: HookFamily::Tracepoint,
+    label: "tracepoint syscalls:sys_enter_listen, sys_exit_listen",
+    programs: &[
+        (
+            "sys_exit_listen",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_exit_listen",
+            },
+        ),
+        (
+            "sys_enter_listen",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_enter_listen",
+            },
+        ),
+    ],
+};
+
 const SYN_RECV_SOCK_FEXIT: Hook = Hook {
     family: HookFamily::Fentry,
     label: "fexit tcp_v4_syn_recv_sock, tcp_v6_syn_recv_sock",
@@ -211,7 +255,7 @@ fn hooks_for(kind: DropKind) -> &'static [Hook] {
         | DropKind::SynDroppedAcceptQueueFull
         | DropKind::SynDroppedSynBacklogPressure
         | DropKind::SynDroppedOther => &[CONN_REQUEST_FENTRY, CONN_REQUEST_KPROBE],
-        DropKind::UnixConnectBacklogFull => &[],
+        DropKind::UnixConnectBacklogFull => &[UNIX_CONNECT],
     }
 }
 
@@ -233,18 +277,23 @@ pub struct Probes {
     /// Owns the programs and their links: dropping it detaches everything.
     pub ebpf: Ebpf,
     pub outcomes: Vec<(DropKind, Outcome)>,
+    /// listen() tracking: the hook, or why it is unavailable.
+    pub listen_calls: Result<String, String>,
 }
 
 /// Per-hook facts checked before load (tracepoint record layouts, enum
 /// values): a hook whose precondition failed is not tried.
 struct Preconditions {
     kfree_skb: Result<(), String>,
+    syscalls: Result<(), String>,
 }
 
 impl Preconditions {
     fn of(&self, hook: &Hook) -> Result<(), String> {
         if hook.label == KFREE_SKB.label {
             self.kfree_skb.clone()
+        } else if hook.label == UNIX_CONNECT.label || hook.label == LISTEN_CALLS.label {
+            self.syscalls.clone()
         } else {
             Ok(())
         }
@@ -268,7 +317,19 @@ pub fn start(
             offsets::apply_kfree_skb(&mut kernel_offsets, btf, &format)
                 .map_err(|err| err.to_string())
         });
-    let preconditions = Preconditions { kfree_skb };
+    let syscalls = (|| {
+        let read = |name| EventFormat::read(tracefs, "syscalls", name).map_err(|e| e.to_string());
+        offsets::apply_syscalls(
+            &mut kernel_offsets,
+            &read("sys_enter_connect")?,
+            &read("sys_enter_listen")?,
+            &read("sys_exit_connect")?,
+        )
+    })();
+    let preconditions = Preconditions {
+        kfree_skb,
+        syscalls,
+    };
 
     let mut ebpf = EbpfLoader::new()
         .override_global("OFFSETS", &kernel_offsets, true)
@@ -351,7 +412,18 @@ pub fn start(
             .collect();
         return Err(ProbeError::NothingObservable(why.join("\n")));
     }
-    Ok((Probes { ebpf, outcomes }, resolved.absent))
+    let listen_calls = preconditions
+        .of(&LISTEN_CALLS)
+        .and_then(|()| attach(&mut ebpf, &LISTEN_CALLS, &mut kernel_btf))
+        .map(|()| LISTEN_CALLS.describe());
+    Ok((
+        Probes {
+            ebpf,
+            outcomes,
+            listen_calls,
+        },
+        resolved.absent,
+    ))
 }
 
 fn mode_name(mode: AttachMode) -> &'static str {

@@ -174,6 +174,7 @@ mod tests {
             socket_inode: inode,
             cgroup_id: 0,
             partial: false,
+            reset_sent: false,
         }
     }
 

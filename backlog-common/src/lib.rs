@@ -177,6 +177,60 @@ pub struct DropTotalKey {
 
 const _: () = assert!(size_of::<DropTotalKey>() == 40);
 
+pub const UNIX_PATH_MAX: usize = 108;
+pub const TASK_COMM_LEN: usize = 16;
+
+/// A non-blocking connect() to a UNIX stream socket failed with EAGAIN
+/// (the listener's backlog is full): kind `unix_connect_backlog_full`.
+/// The agent finds the listener by path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixConnectEvent {
+    pub timestamp_ns: u64,
+    /// Process (tgid) and thread of the client.
+    pub pid: u32,
+    pub tid: u32,
+    pub cpu: u32,
+    /// Bytes of `path` that are valid; an abstract name starts with NUL.
+    pub path_len: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+    pub path: [u8; UNIX_PATH_MAX],
+    pub _pad0: u32,
+}
+
+pub const UNIX_CONNECT_EVENT_SIZE: usize = 152;
+const _: () = assert!(size_of::<UnixConnectEvent>() == UNIX_CONNECT_EVENT_SIZE);
+
+/// A successful listen(): what the process asked for and what the kernel
+/// applied (cut to net.core.somaxconn), recorded as it happens so that a
+/// listener is attributed even if its process exits soon after.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenEvent {
+    pub timestamp_ns: u64,
+    /// 0 when the fd could not be resolved to a socket.
+    pub socket_inode: u64,
+    pub pid: u32,
+    pub netns_inode: u32,
+    /// The backlog argument of listen() (an int: may be negative).
+    pub backlog_requested: i32,
+    /// sk_max_ack_backlog after the call.
+    pub backlog_applied: u32,
+    pub family: u16,
+    pub port: u16,
+    pub fd: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+pub const LISTEN_EVENT_SIZE: usize = 56;
+const _: () = assert!(size_of::<ListenEvent>() == LISTEN_EVENT_SIZE);
+// Records share one ring buffer and are told apart by their length.
+const _: () = assert!(
+    DROP_EVENT_SIZE != UNIX_CONNECT_EVENT_SIZE
+        && DROP_EVENT_SIZE != LISTEN_EVENT_SIZE
+        && UNIX_CONNECT_EVENT_SIZE != LISTEN_EVENT_SIZE
+);
+
 /// Indexes of the per-CPU `COUNTERS` array: things the programs could not
 /// report as events. The agent sums them over CPUs and reports them.
 pub const COUNTER_EVENTS_LOST: u32 = 0;
@@ -242,10 +296,25 @@ pub struct KernelOffsets {
     pub net_max_syn_backlog: u32,
     /// net.ipv4.sysctl_tcp_abort_on_overflow (read as its low byte).
     pub net_abort_on_overflow: u32,
-    pub _pad0: u32,
+
+    // syscalls:sys_{enter,exit}_{connect,listen} records.
+    pub tp_connect_fd: u32,
+    pub tp_connect_addr: u32,
+    pub tp_connect_addrlen: u32,
+    pub tp_listen_fd: u32,
+    pub tp_listen_backlog: u32,
+    pub tp_sys_exit_ret: u32,
+
+    // fd -> struct socket, for listen().
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
 }
 
-const _: () = assert!(size_of::<KernelOffsets>() == 27 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 38 * 4);
 
 impl KernelOffsets {
     /// All fields absent: a program that runs with these reports nothing
@@ -277,7 +346,18 @@ impl KernelOffsets {
         net_syncookies: OFFSET_ABSENT,
         net_max_syn_backlog: OFFSET_ABSENT,
         net_abort_on_overflow: OFFSET_ABSENT,
-        _pad0: 0,
+        tp_connect_fd: OFFSET_ABSENT,
+        tp_connect_addr: OFFSET_ABSENT,
+        tp_connect_addrlen: OFFSET_ABSENT,
+        tp_listen_fd: OFFSET_ABSENT,
+        tp_listen_backlog: OFFSET_ABSENT,
+        tp_sys_exit_ret: OFFSET_ABSENT,
+        task_files: OFFSET_ABSENT,
+        files_fdt: OFFSET_ABSENT,
+        fdtable_max_fds: OFFSET_ABSENT,
+        fdtable_fd: OFFSET_ABSENT,
+        file_private_data: OFFSET_ABSENT,
+        socket_sk: OFFSET_ABSENT,
     };
 }
 
@@ -289,6 +369,8 @@ mod user {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::DropEvent {}
     unsafe impl aya::Pod for super::DropTotalKey {}
+    unsafe impl aya::Pod for super::UnixConnectEvent {}
+    unsafe impl aya::Pod for super::ListenEvent {}
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ mod event;
 mod kfree_skb;
 mod read;
 mod syn_recv_sock;
+mod syscalls;
 
 use aya_ebpf::{
     macros::map,

@@ -28,7 +28,6 @@ const PACKAGES: &[(&str, &str)] = &[
         "busybox-static",
         "the shell and tools inside the guests' initramfs",
     ),
-    ("cpio", "packs the guests' initramfs"),
 ];
 
 pub fn ensure_all() -> Result<()> {

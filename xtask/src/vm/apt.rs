@@ -433,7 +433,36 @@ impl Apt {
         }
         fs::create_dir_all(&work)
             .with_context(|| format!("failed to create {}", work.display()))?;
+        let fetched = self.download_into(package, state, &work);
+        // The .deb and the extracted tree (modules included) are not needed
+        // once vmlinuz is in place, nor after a failure.
+        if let Err(err) = fs::remove_dir_all(&work) {
+            eprintln!(
+                "vm-test: warning: failed to remove {}: {err}",
+                work.display()
+            );
+        }
+        let (vmlinuz, deb_size) = fetched?;
+        println!(
+            "vm-test: {package}: downloaded ({} MiB) and extracted in {:.1}s",
+            deb_size >> 20,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(ResolvedKernel {
+            package: package.to_owned(),
+            vmlinuz,
+        })
+    }
 
+    /// Downloads and unpacks the package in `work` and moves its vmlinuz
+    /// (and config) into the cache; returns the cached vmlinuz and the size
+    /// of the .deb.
+    fn download_into(
+        &self,
+        package: &str,
+        state: &AptState,
+        work: &Path,
+    ) -> Result<(PathBuf, u64)> {
         capture(
             Command::new("apt-get")
                 .args(state.options())
@@ -441,10 +470,10 @@ impl Apt {
                 // the workspace; without this apt warns and falls back anyway.
                 .args(["-o", "APT::Sandbox::User=root"])
                 .args(["-q", "download", package])
-                .current_dir(&work),
+                .current_dir(work),
             &format!("apt-get download {package} ({})", state.describe()),
         )?;
-        let deb = find_file(&work, |name| name.ends_with(".deb"))
+        let deb = find_file(work, |name| name.ends_with(".deb"))
             .with_context(|| format!("apt-get download {package} left no .deb"))?;
         let deb_size = fs::metadata(&deb).map_or(0, |m| m.len());
         let root = work.join("root");
@@ -469,17 +498,7 @@ impl Apt {
         let dest_vmlinuz = dest.join("vmlinuz");
         fs::rename(&vmlinuz, &dest_vmlinuz)
             .with_context(|| format!("failed to move {} into the cache", vmlinuz.display()))?;
-        fs::remove_dir_all(&work)
-            .with_context(|| format!("failed to remove {}", work.display()))?;
-        println!(
-            "vm-test: {package}: downloaded ({} MiB) and extracted in {:.1}s",
-            deb_size >> 20,
-            started.elapsed().as_secs_f64()
-        );
-        Ok(ResolvedKernel {
-            package: package.to_owned(),
-            vmlinuz: dest_vmlinuz,
-        })
+        Ok((dest_vmlinuz, deb_size))
     }
 }
 

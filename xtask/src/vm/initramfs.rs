@@ -5,8 +5,9 @@
 //! /dev/console, owned by root, without creating device nodes on the host:
 //! the kernel opens /dev/console for /init's stdin/stdout before anything
 //! is mounted, and without it nothing /init prints reaches the serial port.
-//! It is not compressed: under software emulation the kernel unpacks plain
-//! cpio faster than it inflates gzip.
+//! It is not compressed: under software emulation a 57 MiB archive reached
+//! /init about 0.7 s sooner plain than gzipped (6.1 guest), and the host
+//! saves the gzip time too.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};

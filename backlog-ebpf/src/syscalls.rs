@@ -1,0 +1,201 @@
+//! The syscall side: connect() on UNIX stream sockets failing with EAGAIN
+//! (the nginx -> php-fpm "11: Resource temporarily unavailable"), and
+//! listen(), to know the backlog a process asked for and who created a
+//! listener even after it exited. Syscall tracepoints exist on every
+//! kernel built with CONFIG_FTRACE_SYSCALLS, so this works where kprobes
+//! and fentry do not.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
+    },
+    macros::{map, tracepoint},
+    maps::HashMap,
+    programs::TracePointContext,
+};
+use backlog_common::{
+    ListenEvent, UnixConnectEvent, AF_UNIX, COUNTER_EVENTS_LOST, COUNTER_EVENTS_SENT,
+    TASK_COMM_LEN, UNIX_PATH_MAX,
+};
+
+use crate::{count, read, EVENTS};
+
+const EAGAIN: i64 = 11;
+/// sockaddr_un: sun_family (2 bytes), then the path.
+const SUN_PATH_OFFSET: usize = 2;
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct UnixConnectArgs {
+    path_len: u32,
+    _pad: u32,
+    path: [u8; UNIX_PATH_MAX],
+}
+
+/// connect() arguments between syscall entry and exit, per thread.
+#[map]
+static UNIX_CONNECT_ARGS: HashMap<u64, UnixConnectArgs> = HashMap::with_max_entries(8192, 0);
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct ListenArgs {
+    fd: u32,
+    backlog: i32,
+}
+
+#[map]
+static LISTEN_ARGS: HashMap<u64, ListenArgs> = HashMap::with_max_entries(1024, 0);
+
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let o = crate::offsets();
+    let (Ok(addr), Ok(addrlen)) = (
+        unsafe { ctx.read_at::<u64>(o.tp_connect_addr as usize) },
+        unsafe { ctx.read_at::<u64>(o.tp_connect_addrlen as usize) },
+    ) else {
+        return 0;
+    };
+    let addrlen = addrlen as u32 as usize;
+    // Only UNIX sockets with a name; every other connect() leaves here.
+    if addrlen <= SUN_PATH_OFFSET || addr == 0 {
+        return 0;
+    }
+    let Ok(family) = (unsafe { bpf_probe_read_user(addr as *const u16) }) else {
+        return 0;
+    };
+    if family != AF_UNIX {
+        return 0;
+    }
+    let mut args = UnixConnectArgs {
+        path_len: 0,
+        _pad: 0,
+        path: [0; UNIX_PATH_MAX],
+    };
+    // A constant-size read, then the length: the verifier accepts that on
+    // every kernel, a variable-size one it may not. If the full size runs
+    // off the caller's mapping the path stays unknown (length 0): the
+    // event is still reported.
+    let src = (addr as usize + SUN_PATH_OFFSET) as *const u8;
+    if unsafe { bpf_probe_read_user_buf(src, &mut args.path) }.is_ok() {
+        args.path_len = (addrlen - SUN_PATH_OFFSET).min(UNIX_PATH_MAX) as u32;
+    }
+    let key = bpf_get_current_pid_tgid();
+    let _ = UNIX_CONNECT_ARGS.insert(&key, &args, 0);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: copied out before the entry is removed.
+    let Some(args) = (unsafe { UNIX_CONNECT_ARGS.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = UNIX_CONNECT_ARGS.remove(&key);
+    let o = crate::offsets();
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(o.tp_sys_exit_ret as usize) }) else {
+        return 0;
+    };
+    if ret != -EAGAIN {
+        return 0;
+    }
+    let event = UnixConnectEvent {
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        pid: (key >> 32) as u32,
+        tid: key as u32,
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        path_len: args.path_len,
+        comm: bpf_get_current_comm().unwrap_or([0; TASK_COMM_LEN]),
+        path: args.path,
+        _pad0: 0,
+    };
+    if EVENTS.output::<UnixConnectEvent>(&event, 0).is_ok() {
+        count(COUNTER_EVENTS_SENT);
+    } else {
+        count(COUNTER_EVENTS_LOST);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_listen(ctx: TracePointContext) -> u32 {
+    let o = crate::offsets();
+    let (Ok(fd), Ok(backlog)) = (
+        unsafe { ctx.read_at::<u64>(o.tp_listen_fd as usize) },
+        unsafe { ctx.read_at::<u64>(o.tp_listen_backlog as usize) },
+    ) else {
+        return 0;
+    };
+    let key = bpf_get_current_pid_tgid();
+    let args = ListenArgs {
+        fd: fd as u32,
+        backlog: backlog as i32,
+    };
+    let _ = LISTEN_ARGS.insert(&key, &args, 0);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: copied out before the entry is removed.
+    let Some(args) = (unsafe { LISTEN_ARGS.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = LISTEN_ARGS.remove(&key);
+    let o = crate::offsets();
+    if unsafe { ctx.read_at::<i64>(o.tp_sys_exit_ret as usize) } != Ok(0) {
+        return 0;
+    }
+    let mut event = ListenEvent {
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        socket_inode: 0,
+        pid: (key >> 32) as u32,
+        netns_inode: 0,
+        backlog_requested: args.backlog,
+        backlog_applied: 0,
+        family: 0,
+        port: 0,
+        fd: args.fd,
+        comm: bpf_get_current_comm().unwrap_or([0; TASK_COMM_LEN]),
+    };
+    if let Some(socket) = socket_of_fd(args.fd) {
+        if o.socket_to_inode != backlog_common::OFFSET_ABSENT {
+            let inode = socket.wrapping_add(o.socket_to_inode as usize);
+            event.socket_inode = read::at::<u64>(inode, o.inode_i_ino).unwrap_or(0);
+        }
+        if let Some(sk) = read::ptr(socket, o.socket_sk) {
+            event.backlog_applied = read::at::<u32>(sk, o.sk_max_ack_backlog).unwrap_or(0);
+            event.family = read::at::<u16>(sk, o.sk_family).unwrap_or(0);
+            event.port = read::at::<u16>(sk, o.sk_num).unwrap_or(0);
+            if let Some(net) = read::ptr(sk, o.sk_net) {
+                event.netns_inode = read::at::<u32>(net, o.net_ns_inum).unwrap_or(0);
+            }
+        }
+    }
+    if EVENTS.output::<ListenEvent>(&event, 0).is_ok() {
+        count(COUNTER_EVENTS_SENT);
+    } else {
+        count(COUNTER_EVENTS_LOST);
+    }
+    0
+}
+
+/// current->files->fdt->fd[fd]->private_data: the struct socket behind a
+/// socket fd of the calling process.
+#[inline(always)]
+fn socket_of_fd(fd: u32) -> Option<*const u8> {
+    let o = crate::offsets();
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let files = read::ptr(task, o.task_files)?;
+    let fdt = read::ptr(files, o.files_fdt)?;
+    let max_fds = read::at::<u32>(fdt, o.fdtable_max_fds)?;
+    if fd >= max_fds {
+        return None;
+    }
+    let fds = read::ptr(fdt, o.fdtable_fd)?;
+    let file = read::ptr(fds, fd.wrapping_mul(8))?;
+    let socket = read::ptr(file, o.file_private_data)?;
+    (!socket.is_null()).then_some(socket)
+}
