@@ -706,27 +706,12 @@ impl Btf {
         let mut any_enum = false;
         for id in self.ids_named(enum_name) {
             let ty = self.resolve(id)?;
-            let stride = match ty.kind {
-                KIND_ENUM => 8,
-                KIND_ENUM64 => 12,
-                _ => continue,
-            };
+            if ty.kind != KIND_ENUM && ty.kind != KIND_ENUM64 {
+                continue;
+            }
             any_enum = true;
-            for index in 0..ty.vlen {
-                let name_off = self.trailer_u32(&ty, stride, index, 0)?;
-                if self.name(name_off)? != variant {
-                    continue;
-                }
-                let low = self.trailer_u32(&ty, stride, index, 4)?;
-                return Ok(if ty.kind == KIND_ENUM64 {
-                    let high = self.trailer_u32(&ty, stride, index, 8)?;
-                    (u64::from(high) << 32) | u64::from(low)
-                } else if ty.kind_flag {
-                    // kind_flag on an ENUM means its values are unsigned.
-                    u64::from(low)
-                } else {
-                    i64::from(low as i32) as u64
-                });
+            if let Some(value) = self.variant_of(&ty, variant)? {
+                return Ok(value);
             }
         }
         if !any_enum {
@@ -741,11 +726,76 @@ impl Btf {
         })
     }
 
+    /// The value of enumerator `variant` in whichever enum declares it:
+    /// for the kernel's anonymous enums, such as the LINUX_MIB_* counter
+    /// indexes of include/uapi/linux/snmp.h. A linear scan of all types,
+    /// so only for a handful of start-up lookups.
+    pub fn enumerator(&self, variant: &str) -> Result<u64, BtfError> {
+        for id in 1..=self.record_pos.len() as u32 {
+            let ty = self.ty(id)?;
+            if ty.kind != KIND_ENUM && ty.kind != KIND_ENUM64 {
+                continue;
+            }
+            if let Some(value) = self.variant_of(&ty, variant)? {
+                return Ok(value);
+            }
+        }
+        Err(BtfError::EnumValueNotFound {
+            enum_name: "(any)".to_owned(),
+            variant: variant.to_owned(),
+        })
+    }
+
+    /// Looks `variant` up among the enumerators of `ty` (ENUM or ENUM64).
+    fn variant_of(&self, ty: &Type, variant: &str) -> Result<Option<u64>, BtfError> {
+        let stride = if ty.kind == KIND_ENUM64 { 12 } else { 8 };
+        for index in 0..ty.vlen {
+            let name_off = self.trailer_u32(ty, stride, index, 0)?;
+            if self.name(name_off)? != variant {
+                continue;
+            }
+            let low = self.trailer_u32(ty, stride, index, 4)?;
+            return Ok(Some(if ty.kind == KIND_ENUM64 {
+                let high = self.trailer_u32(ty, stride, index, 8)?;
+                (u64::from(high) << 32) | u64::from(low)
+            } else if ty.kind_flag {
+                // kind_flag on an ENUM means its values are unsigned.
+                u64::from(low)
+            } else {
+                i64::from(low as i32) as u64
+            }));
+        }
+        Ok(None)
+    }
+
     /// Whether a FUNC called `name` exists: the kernel has BTF for it, so
     /// fentry can target it (and it was not inlined away entirely).
     pub fn has_function(&self, name: &str) -> bool {
         self.ids_named(name)
             .any(|id| self.ty(id).is_ok_and(|ty| ty.kind == KIND_FUNC))
+    }
+
+    /// Number of parameters of the FUNC `name`. fexit programs find the
+    /// return value after the arguments, and kernels add parameters
+    /// (tcp_v4_syn_recv_sock gained a seventh in 6.12).
+    pub fn function_param_count(&self, name: &str) -> Result<u32, BtfError> {
+        for id in self.ids_named(name) {
+            let func = self.ty(id)?;
+            if func.kind != KIND_FUNC {
+                continue;
+            }
+            let proto = self.ty(func.size_or_type)?;
+            if proto.kind != KIND_FUNC_PROTO {
+                return Err(malformed(format!(
+                    "FUNC {name} (id {id}) does not point to a FUNC_PROTO"
+                )));
+            }
+            return Ok(proto.vlen);
+        }
+        Err(BtfError::TypeNotFound {
+            kind: "function",
+            name: name.to_owned(),
+        })
     }
 }
 
@@ -1276,6 +1326,21 @@ mod tests {
     fn functions() {
         let btf = sample_btf();
         assert!(btf.has_function("tcp_v4_syn_recv_sock"));
+        assert_eq!(btf.function_param_count("tcp_v4_syn_recv_sock").unwrap(), 2);
+        assert_eq!(btf.enumerator("HUGE").unwrap(), 0x1234_5678_9abc_def0);
+        assert_eq!(
+            btf.enumerator("SKB_DROP_REASON_TCP_LISTEN_OVERFLOW")
+                .unwrap(),
+            40
+        );
+        assert!(matches!(
+            btf.enumerator("NO_SUCH_ENUMERATOR"),
+            Err(BtfError::EnumValueNotFound { .. })
+        ));
+        assert!(matches!(
+            btf.function_param_count("nope"),
+            Err(BtfError::TypeNotFound { .. })
+        ));
         assert!(!btf.has_function("tcp_v6_syn_recv_sock"));
         assert!(!btf.has_function("sock"));
         assert!(!btf.has_function("some_var"));

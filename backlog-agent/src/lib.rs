@@ -14,6 +14,7 @@ pub mod btf;
 pub mod cli;
 pub mod clock;
 pub mod decode;
+pub mod kallsyms;
 pub mod offsets;
 pub mod output;
 pub mod preflight;

@@ -183,6 +183,25 @@ pub fn apply_syscalls(
     Ok(())
 }
 
+/// Fills in what the tcp_conn_request hooks need: this CPU's SNMP counters
+/// (net->mib.net_statistics[LINUX_MIB_*]) and `__per_cpu_offset[]`.
+pub fn apply_snmp_counters(o: &mut KernelOffsets, btf: &Btf, kallsyms: &str) -> Result<(), String> {
+    let stats = btf
+        .field("net.mib.net_statistics")
+        .map_err(|e| e.to_string())?;
+    let index = |name: &str| -> Result<u32, String> {
+        let value = btf.enumerator(name).map_err(|e| e.to_string())?;
+        u32::try_from(value).map_err(|_| format!("{name} = {value} is out of range"))
+    };
+    o.mib_listen_overflows = index("LINUX_MIB_LISTENOVERFLOWS")?;
+    o.mib_listen_drops = index("LINUX_MIB_LISTENDROPS")?;
+    o.mib_reqq_full_drop = index("LINUX_MIB_TCPREQQFULLDROP")?;
+    o.mib_reqq_full_do_cookies = index("LINUX_MIB_TCPREQQFULLDOCOOKIES")?;
+    o.per_cpu_offset_addr = crate::kallsyms::address(kallsyms, "__per_cpu_offset")?;
+    o.net_mib_net_statistics = stats.offset;
+    Ok(())
+}
+
 /// Why the skb:kfree_skb hook cannot report final-ACK overflows here.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum KfreeSkbUnavailable {

@@ -159,19 +159,35 @@ const LISTEN_CALLS: Hook = Hook {
     ],
 };
 
-const SYN_RECV_SOCK_FEXIT: Hook = Hook {
+/// fexit programs per prototype of `*_syn_recv_sock()`: the return value
+/// follows 6 arguments before 6.12 and 7 since (see syn_recv_sock.rs).
+const SYN_RECV_SOCK_FEXIT_6: Hook = Hook {
     family: HookFamily::Fentry,
     label: "fexit tcp_v4_syn_recv_sock, tcp_v6_syn_recv_sock",
     programs: &[
         (
-            "fexit_syn_recv_sock_v4",
+            "fexit_syn_recv_sock_v4_6args",
             Attach::Fexit("tcp_v4_syn_recv_sock"),
         ),
         (
-            "fexit_syn_recv_sock_v6",
+            "fexit_syn_recv_sock_v6_6args",
             Attach::Fexit("tcp_v6_syn_recv_sock"),
         ),
     ],
+};
+
+const SYN_RECV_SOCK_FEXIT_7: Hook = Hook {
+    programs: &[
+        (
+            "fexit_syn_recv_sock_v4_7args",
+            Attach::Fexit("tcp_v4_syn_recv_sock"),
+        ),
+        (
+            "fexit_syn_recv_sock_v6_7args",
+            Attach::Fexit("tcp_v6_syn_recv_sock"),
+        ),
+    ],
+    ..SYN_RECV_SOCK_FEXIT_6
 };
 
 const SYN_RECV_SOCK_KPROBE: Hook = Hook {
@@ -197,24 +213,11 @@ const SYN_RECV_SOCK_KPROBE: Hook = Hook {
     ],
 };
 
-// The SYN-stage hooks: state markers first, the entry that arms them
-// last, so that no SYN is classified with half the programs in place.
+// The SYN-stage hooks: exit first, so that no entry is armed without it.
 const CONN_REQUEST_FENTRY: Hook = Hook {
     family: HookFamily::Fentry,
-    label: "fentry/fexit tcp_conn_request, tcp_syn_flood_action, tcp_v4/v6_send_synack",
+    label: "fentry/fexit tcp_conn_request",
     programs: &[
-        (
-            "fexit_syn_flood_action",
-            Attach::Fexit("tcp_syn_flood_action"),
-        ),
-        (
-            "fentry_send_synack_v4",
-            Attach::Fentry("tcp_v4_send_synack"),
-        ),
-        (
-            "fentry_send_synack_v6",
-            Attach::Fentry("tcp_v6_send_synack"),
-        ),
         ("fexit_conn_request", Attach::Fexit("tcp_conn_request")),
         ("fentry_conn_request", Attach::Fentry("tcp_conn_request")),
     ],
@@ -222,20 +225,8 @@ const CONN_REQUEST_FENTRY: Hook = Hook {
 
 const CONN_REQUEST_KPROBE: Hook = Hook {
     family: HookFamily::Kprobe,
-    label: "kprobe/kretprobe tcp_conn_request, tcp_syn_flood_action, tcp_v4/v6_send_synack",
+    label: "kprobe/kretprobe tcp_conn_request",
     programs: &[
-        (
-            "kretprobe_syn_flood_action",
-            Attach::Kretprobe("tcp_syn_flood_action"),
-        ),
-        (
-            "kprobe_send_synack_v4",
-            Attach::Kprobe("tcp_v4_send_synack"),
-        ),
-        (
-            "kprobe_send_synack_v6",
-            Attach::Kprobe("tcp_v6_send_synack"),
-        ),
         (
             "kretprobe_conn_request",
             Attach::Kretprobe("tcp_conn_request"),
@@ -245,10 +236,13 @@ const CONN_REQUEST_KPROBE: Hook = Hook {
 };
 
 /// Candidate hooks per kind, best first (fentry, kprobe, tracepoint).
-fn hooks_for(kind: DropKind) -> &'static [Hook] {
+fn hooks_for(kind: DropKind, syn_recv_sock_params: Option<u32>) -> &'static [Hook] {
     match kind {
+        DropKind::AckDroppedAcceptQueueFull if syn_recv_sock_params == Some(7) => {
+            &[SYN_RECV_SOCK_FEXIT_7, SYN_RECV_SOCK_KPROBE, KFREE_SKB]
+        }
         DropKind::AckDroppedAcceptQueueFull => {
-            &[SYN_RECV_SOCK_FEXIT, SYN_RECV_SOCK_KPROBE, KFREE_SKB]
+            &[SYN_RECV_SOCK_FEXIT_6, SYN_RECV_SOCK_KPROBE, KFREE_SKB]
         }
         DropKind::SynDroppedSynQueueFull
         | DropKind::SynCookieSent
@@ -286,6 +280,10 @@ pub struct Probes {
 struct Preconditions {
     kfree_skb: Result<(), String>,
     syscalls: Result<(), String>,
+    /// The fexit programs exist for 6- and 7-argument prototypes only.
+    syn_recv_sock_fexit: Result<(), String>,
+    /// The SYN-stage classification reads this CPU's SNMP counters.
+    snmp_counters: Result<(), String>,
 }
 
 impl Preconditions {
@@ -294,6 +292,11 @@ impl Preconditions {
             self.kfree_skb.clone()
         } else if hook.label == UNIX_CONNECT.label || hook.label == LISTEN_CALLS.label {
             self.syscalls.clone()
+        } else if hook.label == SYN_RECV_SOCK_FEXIT_6.label {
+            self.syn_recv_sock_fexit.clone()
+        } else if hook.label == CONN_REQUEST_FENTRY.label || hook.label == CONN_REQUEST_KPROBE.label
+        {
+            self.snmp_counters.clone()
         } else {
             Ok(())
         }
@@ -326,9 +329,21 @@ pub fn start(
             &read("sys_exit_connect")?,
         )
     })();
+    let syn_recv_sock_params = btf.function_param_count("tcp_v4_syn_recv_sock").ok();
+    let syn_recv_sock_fexit = match syn_recv_sock_params {
+        Some(6 | 7) => Ok(()),
+        Some(n) => Err(format!(
+            "tcp_v4_syn_recv_sock takes {n} arguments here; this build knows 6 and 7"
+        )),
+        None => Err("tcp_v4_syn_recv_sock is not in the kernel's BTF".into()),
+    };
+    let snmp_counters = crate::kallsyms::read()
+        .and_then(|kallsyms| offsets::apply_snmp_counters(&mut kernel_offsets, btf, &kallsyms));
     let preconditions = Preconditions {
         kfree_skb,
         syscalls,
+        syn_recv_sock_fexit,
+        snmp_counters,
     };
 
     let mut ebpf = EbpfLoader::new()
@@ -342,16 +357,24 @@ pub fn start(
     let mut tried: Vec<(&'static str, Result<(), String>)> = Vec::new();
     let mut outcomes = Vec::new();
     for kind in DropKind::ALL {
-        let hooks = hooks_for(kind);
+        let hooks = hooks_for(kind, syn_recv_sock_params);
         let mut failures = Vec::new();
         let mut attached = None;
         for hook in hooks.iter().filter(|h| h.family.allowed_by(mode)) {
             let result = match tried.iter().find(|(label, _)| *label == hook.label) {
                 Some((_, result)) => result.clone(),
                 None => {
-                    let result = preconditions
-                        .of(hook)
-                        .and_then(|()| attach(&mut ebpf, hook, &mut kernel_btf));
+                    // Attach first: when the kernel refuses the whole
+                    // family, that is the reason worth telling, not a
+                    // missing detail. A hook whose precondition then fails
+                    // is given up (it would report wrong values).
+                    let result = attach(&mut ebpf, hook, &mut kernel_btf).and_then(|()| {
+                        preconditions.of(hook).inspect_err(|_| {
+                            for (program, _) in hook.programs {
+                                unload(&mut ebpf, program);
+                            }
+                        })
+                    });
                     tried.push((hook.label, result.clone()));
                     result
                 }

@@ -312,9 +312,21 @@ pub struct KernelOffsets {
     pub fdtable_fd: u32,
     pub file_private_data: u32,
     pub socket_sk: u32,
+
+    // This CPU's SNMP counters (net->mib.net_statistics, a per-CPU array
+    // of LINUX_MIB_* counters) for the SYN-stage classification.
+    pub net_mib_net_statistics: u32,
+    pub mib_listen_overflows: u32,
+    pub mib_listen_drops: u32,
+    pub mib_reqq_full_drop: u32,
+    pub mib_reqq_full_do_cookies: u32,
+    pub _pad0: u32,
+    /// Address of the kernel's `__per_cpu_offset[]` (from /proc/kallsyms);
+    /// 0 when unknown.
+    pub per_cpu_offset_addr: u64,
 }
 
-const _: () = assert!(size_of::<KernelOffsets>() == 38 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 44 * 4 + 8);
 
 impl KernelOffsets {
     /// All fields absent: a program that runs with these reports nothing
@@ -358,6 +370,13 @@ impl KernelOffsets {
         fdtable_fd: OFFSET_ABSENT,
         file_private_data: OFFSET_ABSENT,
         socket_sk: OFFSET_ABSENT,
+        net_mib_net_statistics: OFFSET_ABSENT,
+        mib_listen_overflows: OFFSET_ABSENT,
+        mib_listen_drops: OFFSET_ABSENT,
+        mib_reqq_full_drop: OFFSET_ABSENT,
+        mib_reqq_full_do_cookies: OFFSET_ABSENT,
+        _pad0: 0,
+        per_cpu_offset_addr: 0,
     };
 }
 

@@ -1,28 +1,31 @@
 //! SYN-stage outcomes of `tcp_conn_request()`, classified from what the
-//! kernel did for this SYN rather than guessed at entry:
+//! kernel counted for this SYN rather than guessed at entry.
 //!
-//! - `tcp_syn_flood_action()` runs only when the SYN queue is full (or
-//!   tcp_syncookies=2); it returns true when a cookie is wanted and bumps
-//!   TCPReqQFullDoCookies, false when the SYN is dropped and bumps
-//!   TCPReqQFullDrop. Its return value is the kind, exactly.
-//! - `af_ops->send_synack()` (`tcp_v4_send_synack`/`tcp_v6_send_synack`,
-//!   called through a pointer, so never inlined) runs iff the SYN was
-//!   answered. An unanswered SYN was dropped: because the accept queue was
-//!   full (ListenOverflows), because the SYN queue passed 3/4 of
-//!   tcp_max_syn_backlog with cookies off, or for another reason.
-//!
-//! The calls happen in softirq on one CPU without nesting (a SYN-ACK sent
-//! on loopback is received in a later softirq run), so the state of the
-//! SYN in flight lives in a per-CPU slot between entry and exit.
+//! Every way tcp_conn_request() handles a SYN from a full queue bumps one
+//! of this CPU's SNMP counters: TCPReqQFullDoCookies (a cookie answered),
+//! TCPReqQFullDrop (SYN queue full, no cookies), ListenOverflows (accept
+//! queue full) and ListenDrops (any drop, including the SYN-backlog
+//! pressure rule). These per-CPU counters are only changed by the CPU that
+//! runs the softirq, and the call does not nest on a CPU, so their change
+//! between entry and exit is exactly what happened to this SYN: the
+//! agent's counts equal /proc/net/netstat's by construction.
+//! (tcp_syn_flood_action() would tell the same, but it is inlined in some
+//! builds, e.g. Debian's 6.1.)
 
 use aya_ebpf::{
+    helpers::bpf_get_smp_processor_id,
     macros::{fentry, fexit, kprobe, kretprobe, map},
     maps::PerCpuArray,
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
-use backlog_common::DropKind;
+use backlog_common::{DropKind, KernelOffsets};
 
 use crate::{event, read};
+
+const LISTEN_OVERFLOWS: usize = 0;
+const LISTEN_DROPS: usize = 1;
+const REQQ_FULL_DROP: usize = 2;
+const REQQ_FULL_DO_COOKIES: usize = 3;
 
 #[derive(Clone, Copy)]
 #[repr(C)]
@@ -30,11 +33,8 @@ pub struct SynInFlight {
     sk: u64,
     skb: u64,
     active: u32,
-    flood_action_called: u32,
-    want_cookie: u32,
-    answered: u32,
-    accept_full_at_entry: u32,
     _pad: u32,
+    counters: [u64; 4],
 }
 
 #[map]
@@ -47,38 +47,42 @@ fn slot() -> Option<&'static mut SynInFlight> {
     SYN_IN_FLIGHT.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
+/// This CPU's values of the four counters in the listener's netns.
+#[inline(always)]
+fn counters(o: &KernelOffsets, sk: *const u8) -> Option<[u64; 4]> {
+    let net = read::ptr(sk, o.sk_net)?;
+    let percpu = read::ptr(net, o.net_mib_net_statistics)?;
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let offsets = o.per_cpu_offset_addr as *const u8;
+    let cpu_offset = read::at::<u64>(offsets, cpu.wrapping_mul(8))?;
+    let mib = (percpu as u64).wrapping_add(cpu_offset) as *const u8;
+    Some([
+        read::at::<u64>(mib, o.mib_listen_overflows.wrapping_mul(8))?,
+        read::at::<u64>(mib, o.mib_listen_drops.wrapping_mul(8))?,
+        read::at::<u64>(mib, o.mib_reqq_full_drop.wrapping_mul(8))?,
+        read::at::<u64>(mib, o.mib_reqq_full_do_cookies.wrapping_mul(8))?,
+    ])
+}
+
 #[inline(always)]
 fn enter(sk: u64, skb: u64) {
-    if let Some(s) = slot() {
-        *s = SynInFlight {
-            sk,
-            skb,
-            active: 1,
-            flood_action_called: 0,
-            want_cookie: 0,
-            answered: 0,
-            accept_full_at_entry: u32::from(event::accept_queue_full(sk as *const u8)),
-            _pad: 0,
-        };
-    }
-}
-
-#[inline(always)]
-fn flood_action_returned(ret: u64) {
-    if let Some(s) = slot() {
-        if s.active != 0 {
-            s.flood_action_called = 1;
-            // A C bool: only the low byte is defined.
-            s.want_cookie = u32::from(ret & 0xff != 0);
+    let o = crate::offsets();
+    let Some(s) = slot() else {
+        return;
+    };
+    match counters(&o, sk as *const u8) {
+        Some(counters) => {
+            *s = SynInFlight {
+                sk,
+                skb,
+                active: 1,
+                _pad: 0,
+                counters,
+            };
         }
-    }
-}
-
-#[inline(always)]
-fn synack_sent() {
-    if let Some(s) = slot() {
-        if s.active != 0 {
-            s.answered = 1;
+        None => {
+            s.active = 0;
+            crate::count(backlog_common::COUNTER_READ_ERRORS);
         }
     }
 }
@@ -89,36 +93,46 @@ fn exit() {
         return;
     };
     if s.active == 0 {
-        // Attached mid-call: the entry was not seen, so say nothing.
+        // Attached mid-call, or the entry could not read the counters.
         return;
     }
     s.active = 0;
     let state = *s;
+    let o = crate::offsets();
     let sk = state.sk as *const u8;
     let skb = state.skb as *const u8;
-    if state.flood_action_called != 0 && state.want_cookie != 0 {
+    let Some(now) = counters(&o, sk) else {
+        crate::count(backlog_common::COUNTER_READ_ERRORS);
+        return;
+    };
+    let delta = |i: usize| now[i].wrapping_sub(state.counters[i]);
+    if delta(REQQ_FULL_DO_COOKIES) != 0 {
         event::emit(DropKind::SynCookieSent as u32, sk, skb, 0);
     }
-    if state.answered != 0 {
-        return;
+    let queue_full = delta(REQQ_FULL_DROP);
+    let overflows = delta(LISTEN_OVERFLOWS);
+    if queue_full != 0 {
+        event::emit(DropKind::SynDroppedSynQueueFull as u32, sk, skb, 0);
     }
-    let kind = if state.flood_action_called != 0 && state.want_cookie == 0 {
-        DropKind::SynDroppedSynQueueFull
-    } else if state.accept_full_at_entry != 0 || event::accept_queue_full(sk) {
-        DropKind::SynDroppedAcceptQueueFull
-    } else if state.want_cookie == 0 && syn_backlog_pressure(sk) {
-        DropKind::SynDroppedSynBacklogPressure
-    } else {
-        DropKind::SynDroppedOther
-    };
-    event::emit(kind as u32, sk, skb, 0);
+    if overflows != 0 {
+        event::emit(DropKind::SynDroppedAcceptQueueFull as u32, sk, skb, 0);
+    }
+    // A drop that is neither of those: the SYN-backlog pressure rule, or
+    // another failure (memory, route, LSM), told apart by the rule itself.
+    if delta(LISTEN_DROPS) > queue_full + overflows {
+        let kind = if syn_backlog_pressure(&o, sk) {
+            DropKind::SynDroppedSynBacklogPressure
+        } else {
+            DropKind::SynDroppedOther
+        };
+        event::emit(kind as u32, sk, skb, 0);
+    }
 }
 
 /// tcp_conn_request()'s own test: cookies off and fewer than a quarter of
 /// tcp_max_syn_backlog left in the SYN queue.
 #[inline(always)]
-fn syn_backlog_pressure(sk: *const u8) -> bool {
-    let o = crate::offsets();
+fn syn_backlog_pressure(o: &KernelOffsets, sk: *const u8) -> bool {
     let Some(net) = read::ptr(sk, o.sk_net) else {
         return false;
     };
@@ -145,26 +159,6 @@ pub fn fexit_conn_request(_ctx: FExitContext) -> i32 {
     0
 }
 
-// tcp_syn_flood_action(sk, proto) -> bool: the return value follows the
-// two arguments in the fexit context.
-#[fexit(function = "tcp_syn_flood_action")]
-pub fn fexit_syn_flood_action(ctx: FExitContext) -> i32 {
-    flood_action_returned(ctx.arg(2));
-    0
-}
-
-#[fentry(function = "tcp_v4_send_synack")]
-pub fn fentry_send_synack_v4(_ctx: FEntryContext) -> i32 {
-    synack_sent();
-    0
-}
-
-#[fentry(function = "tcp_v6_send_synack")]
-pub fn fentry_send_synack_v6(_ctx: FEntryContext) -> i32 {
-    synack_sent();
-    0
-}
-
 #[kprobe]
 pub fn kprobe_conn_request(ctx: ProbeContext) -> u32 {
     if let (Some(sk), Some(skb)) = (ctx.arg::<u64>(2), ctx.arg::<u64>(3)) {
@@ -176,17 +170,5 @@ pub fn kprobe_conn_request(ctx: ProbeContext) -> u32 {
 #[kretprobe]
 pub fn kretprobe_conn_request(_ctx: RetProbeContext) -> u32 {
     exit();
-    0
-}
-
-#[kretprobe]
-pub fn kretprobe_syn_flood_action(ctx: RetProbeContext) -> u32 {
-    flood_action_returned(ctx.ret());
-    0
-}
-
-#[kprobe]
-pub fn kprobe_send_synack(_ctx: ProbeContext) -> u32 {
-    synack_sent();
     0
 }

@@ -22,11 +22,13 @@ use backlog_common::DropKind;
 
 use crate::event;
 
-/// Index of the return value in an fexit context: after the six
-/// arguments of `*_syn_recv_sock(sk, skb, req, dst, req_unhash, own_req)`.
-/// Read as a context slot rather than with bpf_get_func_ret(), which needs
-/// 5.17.
-const RET_SLOT: usize = 6;
+// The return value of an fexit program follows the arguments in its
+// context; it is read as a context slot rather than with
+// bpf_get_func_ret(), which needs 5.17. `*_syn_recv_sock()` took six
+// arguments (sk, skb, req, dst, req_unhash, own_req) until 6.12 added
+// opt_child_init. The slot must be a constant for the verifier, so there is
+// one program per prototype and the agent loads the one matching the
+// running kernel's BTF.
 
 #[inline(always)]
 fn report_if_overflow(sk: *const u8, skb: *const u8, ret: u64) {
@@ -35,24 +37,46 @@ fn report_if_overflow(sk: *const u8, skb: *const u8, ret: u64) {
     }
 }
 
-#[fexit(function = "tcp_v4_syn_recv_sock")]
-pub fn fexit_syn_recv_sock_v4(ctx: FExitContext) -> i32 {
+#[inline(always)]
+fn fexit_v4(ctx: &FExitContext, ret_slot: usize) {
     let sk: u64 = ctx.arg(0);
     let skb: u64 = ctx.arg(1);
-    let ret: u64 = ctx.arg(RET_SLOT);
+    let ret: u64 = ctx.arg(ret_slot);
     report_if_overflow(sk as *const u8, skb as *const u8, ret);
+}
+
+#[inline(always)]
+fn fexit_v6(ctx: &FExitContext, ret_slot: usize) {
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
+    if event::packet_ip_version(skb as *const u8) == Some(4) {
+        return;
+    }
+    let ret: u64 = ctx.arg(ret_slot);
+    report_if_overflow(sk as *const u8, skb as *const u8, ret);
+}
+
+#[fexit(function = "tcp_v4_syn_recv_sock")]
+pub fn fexit_syn_recv_sock_v4_6args(ctx: FExitContext) -> i32 {
+    fexit_v4(&ctx, 6);
+    0
+}
+
+#[fexit(function = "tcp_v4_syn_recv_sock")]
+pub fn fexit_syn_recv_sock_v4_7args(ctx: FExitContext) -> i32 {
+    fexit_v4(&ctx, 7);
     0
 }
 
 #[fexit(function = "tcp_v6_syn_recv_sock")]
-pub fn fexit_syn_recv_sock_v6(ctx: FExitContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    let skb: u64 = ctx.arg(1);
-    if event::packet_ip_version(skb as *const u8) == Some(4) {
-        return 0;
-    }
-    let ret: u64 = ctx.arg(RET_SLOT);
-    report_if_overflow(sk as *const u8, skb as *const u8, ret);
+pub fn fexit_syn_recv_sock_v6_6args(ctx: FExitContext) -> i32 {
+    fexit_v6(&ctx, 6);
+    0
+}
+
+#[fexit(function = "tcp_v6_syn_recv_sock")]
+pub fn fexit_syn_recv_sock_v6_7args(ctx: FExitContext) -> i32 {
+    fexit_v6(&ctx, 7);
     0
 }
 

@@ -1,0 +1,57 @@
+//! Kernel symbol addresses from /proc/kallsyms, for the one data symbol
+//! the programs need: `__per_cpu_offset[]`, to find this CPU's copy of the
+//! per-CPU SNMP counters. Data symbols are listed only with
+//! CONFIG_KALLSYMS_ALL (Debian enables it), and addresses read as 0 when
+//! kernel.kptr_restrict hides them.
+
+use std::fs;
+
+/// Address of `symbol` in kallsyms text; `Err` says why not.
+pub fn address(kallsyms: &str, symbol: &str) -> Result<u64, String> {
+    for line in kallsyms.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(addr), Some(_kind), Some(name)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if name != symbol {
+            continue;
+        }
+        let addr = u64::from_str_radix(addr, 16)
+            .map_err(|_| format!("/proc/kallsyms: bad address for {symbol}: {addr}"))?;
+        if addr == 0 {
+            return Err(format!(
+                "/proc/kallsyms hides the address of {symbol} (kernel.kptr_restrict)"
+            ));
+        }
+        return Ok(addr);
+    }
+    Err(format!(
+        "{symbol} is not in /proc/kallsyms (the kernel lacks CONFIG_KALLSYMS_ALL)"
+    ))
+}
+
+pub fn read() -> Result<String, String> {
+    fs::read_to_string("/proc/kallsyms").map_err(|e| format!("cannot read /proc/kallsyms: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_data_symbols_and_explains_misses() {
+        let text = "ffffffff81000000 T _stext\nffffffff82e1d8a0 D __per_cpu_offset\n\
+                    ffffffffc0000000 t foo\t[mod]\n";
+        assert_eq!(address(text, "__per_cpu_offset"), Ok(0xffff_ffff_82e1_d8a0));
+        assert!(address(text, "nope")
+            .unwrap_err()
+            .contains("CONFIG_KALLSYMS_ALL"));
+        let hidden = "0000000000000000 D __per_cpu_offset\n";
+        assert!(address(hidden, "__per_cpu_offset")
+            .unwrap_err()
+            .contains("kptr_restrict"));
+        assert!(address("zz D __per_cpu_offset\n", "__per_cpu_offset").is_err());
+        assert!(address("", "x").is_err());
+    }
+}
