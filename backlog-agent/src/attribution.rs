@@ -19,6 +19,8 @@ use std::{
 pub struct Process {
     pub pid: u32,
     pub comm: String,
+    /// Only with --show-cmdline: command lines can hold secrets.
+    pub cmdline: Option<String>,
 }
 
 /// What scans could not see, for the exit summary.
@@ -96,6 +98,7 @@ impl SocketOwners {
                             holders.push(Process {
                                 pid,
                                 comm: comm.clone(),
+                                cmdline: None,
                             });
                         }
                     }
@@ -175,11 +178,13 @@ mod tests {
             vec![
                 Process {
                     pid: 10,
-                    comm: "nginx".into()
+                    comm: "nginx".into(),
+                    cmdline: None,
                 },
                 Process {
                     pid: 11,
-                    comm: "nginx".into()
+                    comm: "nginx".into(),
+                    cmdline: None,
                 },
             ]
         );

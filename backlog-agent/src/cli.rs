@@ -31,6 +31,16 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
 
+    /// Also print the per-listener summary every SECS seconds (it is
+    /// always printed at exit).
+    #[arg(short, long, value_name = "SECS", value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+
+    /// Add each process's command line to events (off by default: command
+    /// lines can hold secrets).
+    #[arg(long)]
+    pub show_cmdline: bool,
+
     /// Size of the kernel-to-agent ring buffer in KiB (a power of two, at
     /// least 4). Events that do not fit are counted and reported as lost.
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]

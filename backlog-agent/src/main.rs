@@ -2,24 +2,16 @@
 //! non-zero exit code; everything the user should know about what is and
 //! is not observed goes to stderr, events to stdout.
 
-use std::{
-    io::{self, BufWriter, Stdout, Write as _},
-    path::Path,
-    process::ExitCode,
-    time::{Duration, Instant},
-};
+use std::{io, path::Path, process::ExitCode, time::Instant};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use backlog_agent::{
-    attribution::SocketOwners,
     btf::Btf,
-    cli::{Cli, OutputFormat},
-    clock::MonotonicToWall,
-    decode::{decode, DecodeError},
-    output, preflight,
+    cli::Cli,
+    preflight,
     probes::{self, Outcome},
-    summary::Summary,
+    sink::{Options, Sink},
     tracefs,
 };
 use backlog_common::DropKind;
@@ -28,14 +20,6 @@ use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
 };
-
-/// Undecodable records are counted; only the first few are described, so
-/// that a systematic problem cannot flood stderr.
-const DECODE_ERRORS_SHOWN: u64 = 5;
-
-/// A listener that nobody holds (closed, or a process we cannot see) must
-/// not turn every event into a full /proc scan.
-const MIN_RESCAN: Duration = Duration::from_millis(200);
 
 fn note(message: impl std::fmt::Display) {
     eprintln!("backlog-agent: {message}");
@@ -80,6 +64,12 @@ async fn run(cli: Cli) -> Result<()> {
         ));
     }
     report_outcomes(&probes.outcomes);
+    match &probes.listen_calls {
+        Ok(hook) => note(format_args!("listen() calls: {hook}")),
+        Err(reason) => note(format_args!(
+            "listen() calls: not observable ({reason}); requested backlogs stay unknown"
+        )),
+    }
     let attached = probes
         .outcomes
         .iter()
@@ -100,15 +90,29 @@ async fn run(cli: Cli) -> Result<()> {
         probes.outcomes.len()
     ));
 
-    let mut sink = Sink::new(cli.output);
+    let mut sink = Sink::new(Options {
+        format: cli.output,
+        show_cmdline: cli.show_cmdline,
+    });
+    let mut interval = cli.interval.map(|every| {
+        let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        timer
+    });
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             () = until(deadline) => break,
+            () = tick(&mut interval) => {
+                sink.report(&format!(
+                    "backlog-agent: summary after {:.1} s:",
+                    started.elapsed().as_secs_f64()
+                ));
+            }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer failed")?;
-                sink.drain(guard.get_inner_mut());
+                drain(guard.get_inner_mut(), &mut sink);
                 guard.clear_ready();
             }
         }
@@ -119,7 +123,7 @@ async fn run(cli: Cli) -> Result<()> {
     }
     // Detach first so that nothing new arrives, then read what is queued.
     drop(probes);
-    sink.drain(ring.get_mut());
+    drain(ring.get_mut(), &mut sink);
     note("detached");
 
     match counters.events_lost() {
@@ -144,12 +148,11 @@ async fn run(cli: Cli) -> Result<()> {
             ));
         }
     }
+    sink.report(&format!(
+        "backlog-agent: summary after {:.1} s:",
+        started.elapsed().as_secs_f64()
+    ));
     let scans = sink.owners.stats();
-    eprint!(
-        "backlog-agent: summary after {:.1} s:\n{}",
-        started.elapsed().as_secs_f64(),
-        sink.summary.render()
-    );
     if scans.vanished + scans.unreadable > 0 {
         note(format_args!(
             "attribution: {} /proc scans; {} processes exited mid-scan, {} unreadable",
@@ -157,6 +160,29 @@ async fn run(cli: Cli) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+fn drain(ring: &mut RingBuf<MapData>, sink: &mut Sink) {
+    while let Some(record) = ring.next() {
+        sink.handle(&record);
+    }
+    sink.flush();
+}
+
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(timer) => {
+            timer.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Tells, per drop kind, which hook serves it or why none can, grouping
@@ -181,73 +207,6 @@ fn report_outcomes(outcomes: &[(DropKind, Outcome)]) {
             Outcome::NotObservable { reason } => {
                 note(format_args!("{kinds}: not observable: {reason}"));
             }
-        }
-    }
-}
-
-async fn until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Turns records into output lines and summary counts.
-struct Sink {
-    format: OutputFormat,
-    out: BufWriter<Stdout>,
-    clock: MonotonicToWall,
-    owners: SocketOwners,
-    summary: Summary,
-    stdout_closed: bool,
-}
-
-impl Sink {
-    fn new(format: OutputFormat) -> Self {
-        Sink {
-            format,
-            out: BufWriter::new(io::stdout()),
-            clock: MonotonicToWall::now(),
-            owners: SocketOwners::new("/proc", MIN_RESCAN),
-            summary: Summary::default(),
-            stdout_closed: false,
-        }
-    }
-
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
-        while let Some(record) = ring.next() {
-            match decode(&record) {
-                Ok(event) => self.emit(&event),
-                Err(err) => self.skip(&err),
-            }
-        }
-        // One flush per batch: lines reach a pipe promptly without a
-        // syscall per event under a flood.
-        if !self.stdout_closed && self.out.flush().is_err() {
-            self.stdout_closed = true;
-        }
-    }
-
-    fn emit(&mut self, event: &backlog_agent::decode::Event) {
-        let processes = self.owners.lookup(event.socket_inode);
-        let time = self.clock.wall(event.timestamp_ns);
-        if !self.stdout_closed {
-            let line = match self.format {
-                OutputFormat::Text => output::text_line(event, time, processes),
-                OutputFormat::Json => output::json_line(event, time, processes),
-            };
-            if writeln!(self.out, "{line}").is_err() {
-                self.stdout_closed = true;
-            }
-        }
-        let processes = processes.to_vec();
-        self.summary.record(event, &processes);
-    }
-
-    fn skip(&mut self, err: &DecodeError) {
-        self.summary.losses.undecodable += 1;
-        if self.summary.losses.undecodable <= DECODE_ERRORS_SHOWN {
-            note(format_args!("skipped an undecodable record: {err}"));
         }
     }
 }

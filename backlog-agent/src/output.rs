@@ -7,7 +7,12 @@ use std::{fmt::Write as _, net::SocketAddr, time::SystemTime};
 
 use serde::Serialize;
 
-use crate::{attribution::Process, clock, decode::Event};
+use crate::{
+    attribution::Process,
+    clock,
+    context::Workload,
+    decode::{Event, UnixConnect},
+};
 
 #[derive(Serialize)]
 struct Endpoint {
@@ -39,6 +44,30 @@ struct SynQueue {
 struct ProcessJson<'a> {
     pid: u32,
     comm: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cmdline: Option<&'a str>,
+}
+
+fn processes_json(processes: &[Process]) -> Vec<ProcessJson<'_>> {
+    processes
+        .iter()
+        .map(|p| ProcessJson {
+            pid: p.pid,
+            comm: &p.comm,
+            cmdline: p.cmdline.as_deref(),
+        })
+        .collect()
+}
+
+/// Where the listener lives, for events and summaries.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Placement {
+    /// cgroup v2 path of the listener, e.g. /system.slice/nginx.service.
+    pub cgroup: Option<String>,
+    /// Container or service recognised in the cgroup path.
+    pub container: Option<Workload>,
+    /// Whether the listener's network namespace is the host's.
+    pub host_netns: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -55,6 +84,8 @@ struct EventJson<'a> {
     cgroup_id: u64,
     cpu: u32,
     processes: Vec<ProcessJson<'a>>,
+    #[serde(flatten)]
+    placement: &'a Placement,
     /// The dropped final ACK was answered with a RST (tcp_abort_on_overflow=1);
     /// otherwise the client believes it is connected.
     reset_sent: bool,
@@ -62,7 +93,12 @@ struct EventJson<'a> {
     partial: bool,
 }
 
-pub fn json_line(event: &Event, time: SystemTime, processes: &[Process]) -> String {
+pub fn json_line(
+    event: &Event,
+    time: SystemTime,
+    processes: &[Process],
+    placement: &Placement,
+) -> String {
     let json = EventJson {
         kind: event.kind.as_str(),
         time: clock::rfc3339(time),
@@ -80,13 +116,8 @@ pub fn json_line(event: &Event, time: SystemTime, processes: &[Process]) -> Stri
         socket_inode: event.socket_inode,
         cgroup_id: event.cgroup_id,
         cpu: event.cpu,
-        processes: processes
-            .iter()
-            .map(|p| ProcessJson {
-                pid: p.pid,
-                comm: &p.comm,
-            })
-            .collect(),
+        processes: processes_json(processes),
+        placement,
         reset_sent: event.reset_sent,
         partial: event.partial,
     };
@@ -107,6 +138,85 @@ pub fn process_list(processes: &[Process]) -> String {
         let _ = write!(out, "{}/{}", p.pid, p.comm);
     }
     out
+}
+
+#[derive(Serialize)]
+struct Path<'a> {
+    path: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Client<'a> {
+    pid: u32,
+    comm: &'a str,
+}
+
+#[derive(Serialize)]
+struct UnixJson<'a> {
+    kind: &'static str,
+    time: String,
+    listener: Path<'a>,
+    client: Client<'a>,
+    processes: Vec<ProcessJson<'a>>,
+    /// The listener's backlog as sock_diag showed it right after the
+    /// failure; null when the listener was not found.
+    accept_queue: Option<Queue>,
+    /// The client's network namespace; null when it exited first.
+    netns: Option<u32>,
+    socket_inode: Option<u64>,
+    cpu: u32,
+}
+
+/// What is known of the UNIX listener a connect() failed on.
+pub struct UnixListenerView {
+    pub netns: Option<u32>,
+    pub inode: Option<u64>,
+    pub queue: Option<(u32, u32)>,
+}
+
+pub fn unix_json_line(
+    event: &UnixConnect,
+    time: SystemTime,
+    listener: &UnixListenerView,
+    processes: &[Process],
+) -> String {
+    let json = UnixJson {
+        kind: backlog_common::DropKind::UnixConnectBacklogFull.as_str(),
+        time: clock::rfc3339(time),
+        listener: Path {
+            path: event.path.as_deref(),
+        },
+        client: Client {
+            pid: event.pid,
+            comm: &event.comm,
+        },
+        processes: processes_json(processes),
+        accept_queue: listener.queue.map(|(len, max)| Queue { len, max }),
+        netns: listener.netns,
+        socket_inode: listener.inode,
+        cpu: event.cpu,
+    };
+    serde_json::to_string(&json).unwrap_or_default()
+}
+
+pub fn unix_text_line(
+    event: &UnixConnect,
+    time: SystemTime,
+    listener: &UnixListenerView,
+    processes: &[Process],
+) -> String {
+    format!(
+        "{} {} listener=unix:{} client={}/{} accept_queue={} processes={}",
+        clock::rfc3339(time),
+        backlog_common::DropKind::UnixConnectBacklogFull.as_str(),
+        event.path.as_deref().unwrap_or("?"),
+        event.pid,
+        event.comm,
+        listener
+            .queue
+            .map_or_else(|| "?".to_owned(), |(len, max)| format!("{len}/{max}")),
+        process_list(processes),
+    )
 }
 
 pub fn text_line(event: &Event, time: SystemTime, processes: &[Process]) -> String {
@@ -167,10 +277,12 @@ mod tests {
             Process {
                 pid: 10,
                 comm: "nginx".into(),
+                cmdline: None,
             },
             Process {
                 pid: 11,
                 comm: "nginx".into(),
+                cmdline: None,
             },
         ]
     }
@@ -181,7 +293,17 @@ mod tests {
 
     #[test]
     fn json_keys_are_stable() {
-        let v: Value = serde_json::from_str(&json_line(&event(), time(), &procs())).unwrap();
+        let placement = Placement {
+            cgroup: Some("/system.slice/nginx.service".into()),
+            container: None,
+            host_netns: Some(true),
+        };
+        let v: Value =
+            serde_json::from_str(&json_line(&event(), time(), &procs(), &placement)).unwrap();
+        assert_eq!(v["cgroup"], "/system.slice/nginx.service");
+        assert_eq!(v["host_netns"], true);
+        assert!(v["container"].is_null());
+        assert!(v["processes"][0].get("cmdline").is_none());
         assert_eq!(v["kind"], "ack_dropped_accept_queue_full");
         assert_eq!(v["time"], "2026-11-22T03:00:00.000000Z");
         assert_eq!(v["listener"]["addr"], "::");
@@ -205,7 +327,8 @@ mod tests {
     fn json_unknown_peer_is_null() {
         let mut e = event();
         e.peer = None;
-        let v: Value = serde_json::from_str(&json_line(&e, time(), &[])).unwrap();
+        let v: Value =
+            serde_json::from_str(&json_line(&e, time(), &[], &Placement::default())).unwrap();
         assert!(v["peer"].is_null());
         assert_eq!(v["processes"].as_array().unwrap().len(), 0);
     }

@@ -1,6 +1,10 @@
 //! Per-listener totals for the exit summary.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+};
 
 use backlog_common::{DropKind, DropTotalKey};
 
@@ -10,12 +14,28 @@ use crate::{
     output::process_list,
 };
 
+/// Where a listener listens: a TCP address or a UNIX socket path.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ListenerAddr {
+    Inet(SocketAddr),
+    Unix(String),
+}
+
+impl std::fmt::Display for ListenerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenerAddr::Inet(addr) => write!(f, "{addr}"),
+            ListenerAddr::Unix(path) => write!(f, "unix:{path}"),
+        }
+    }
+}
+
 /// A listener is its socket; the address and netns make it readable and
 /// keep listeners apart when the socket inode is unknown (0).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ListenerKey {
     pub netns: u32,
-    pub listener: SocketAddr,
+    pub listener: ListenerAddr,
     pub socket_inode: u64,
 }
 
@@ -29,6 +49,39 @@ pub struct ListenerStats {
     pub processes: Vec<Process>,
     pub max_accept_queue_seen: u32,
     pub accept_queue_limit: u32,
+    /// Drops per peer address, for the busiest peers.
+    pub peers: BTreeMap<IpAddr, u64>,
+    pub cgroup_id: u64,
+}
+
+impl ListenerStats {
+    /// Kernel total for `kind`, or the events seen when the kernel's
+    /// totals were not read.
+    pub fn count(&self, kind: DropKind) -> u64 {
+        self.totals
+            .get(&kind)
+            .copied()
+            .unwrap_or_else(|| self.counts.get(&kind).copied().unwrap_or(0))
+    }
+
+    /// Kinds seen as events or in the kernel's totals, with their counts.
+    pub fn kind_counts(&self) -> Vec<(DropKind, u64)> {
+        let kinds: std::collections::BTreeSet<DropKind> = self
+            .counts
+            .keys()
+            .chain(self.totals.keys())
+            .copied()
+            .collect();
+        kinds.into_iter().map(|k| (k, self.count(k))).collect()
+    }
+
+    /// The `n` peers with the most drops, busiest first.
+    pub fn top_peers(&self, n: usize) -> Vec<(IpAddr, u64)> {
+        let mut peers: Vec<_> = self.peers.iter().map(|(a, c)| (*a, *c)).collect();
+        peers.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        peers.truncate(n);
+        peers
+    }
 }
 
 /// Agent-side bookkeeping of what could not be reported.
@@ -57,16 +110,52 @@ impl Summary {
         }
         let key = ListenerKey {
             netns: event.netns_inode,
-            listener: event.listener,
+            listener: ListenerAddr::Inet(event.listener),
             socket_inode: event.socket_inode,
         };
         let stats = self.listeners.entry(key).or_default();
+        if let Some(peer) = event.peer {
+            *stats.peers.entry(peer.ip()).or_default() += 1;
+        }
+        if event.cgroup_id != 0 {
+            stats.cgroup_id = event.cgroup_id;
+        }
         *stats.counts.entry(event.kind).or_default() += 1;
         if !processes.is_empty() {
             stats.processes = processes.to_vec();
         }
         stats.max_accept_queue_seen = stats.max_accept_queue_seen.max(event.accept_queue_len);
         stats.accept_queue_limit = event.accept_queue_max;
+    }
+
+    /// Records a failed UNIX connect() against its listener (found by path;
+    /// `inode` 0 and `queue` None when the listener was not found).
+    pub fn record_unix(
+        &mut self,
+        netns: u32,
+        path: &str,
+        inode: u64,
+        queue: Option<(u32, u32)>,
+        processes: &[Process],
+    ) {
+        self.events += 1;
+        let key = ListenerKey {
+            netns,
+            listener: ListenerAddr::Unix(path.to_owned()),
+            socket_inode: inode,
+        };
+        let stats = self.listeners.entry(key).or_default();
+        *stats
+            .counts
+            .entry(DropKind::UnixConnectBacklogFull)
+            .or_default() += 1;
+        if !processes.is_empty() {
+            stats.processes = processes.to_vec();
+        }
+        if let Some((len, max)) = queue {
+            stats.max_accept_queue_seen = stats.max_accept_queue_seen.max(len);
+            stats.accept_queue_limit = max;
+        }
     }
 
     /// Merges the kernel's exact per-listener totals.
@@ -80,7 +169,7 @@ impl Summary {
             };
             let key = ListenerKey {
                 netns: key.netns_inode,
-                listener: SocketAddr::new(ip, key.listener_port),
+                listener: ListenerAddr::Inet(SocketAddr::new(ip, key.listener_port)),
                 socket_inode: key.socket_inode,
             };
             self.listeners
@@ -89,16 +178,6 @@ impl Summary {
                 .totals
                 .insert(kind, *total);
         }
-    }
-
-    /// Kernel total for a listener and kind, or the events seen when the
-    /// kernel's totals were not read.
-    fn count(stats: &ListenerStats, kind: DropKind) -> u64 {
-        stats
-            .totals
-            .get(&kind)
-            .copied()
-            .unwrap_or_else(|| stats.counts.get(&kind).copied().unwrap_or(0))
     }
 
     /// The table printed to stderr at exit.
@@ -113,14 +192,7 @@ impl Summary {
                 "LISTENER", "NETNS", "ACCEPTQ", "KIND", "COUNT"
             );
             for (key, stats) in &self.listeners {
-                let kinds: std::collections::BTreeSet<DropKind> = stats
-                    .counts
-                    .keys()
-                    .chain(stats.totals.keys())
-                    .copied()
-                    .collect();
-                for kind in kinds {
-                    let count = Self::count(stats, kind);
+                for (kind, count) in stats.kind_counts() {
                     let reported = stats.counts.get(&kind).copied().unwrap_or(0);
                     // Say when the ring buffer lost some of this listener's
                     // events: the count is the kernel's, the lines fewer.
@@ -216,6 +288,7 @@ mod tests {
         let p = [Process {
             pid: 5,
             comm: "srv".into(),
+            cmdline: None,
         }];
         for _ in 0..3 {
             s.record(&event(DropKind::AckDroppedAcceptQueueFull, 80, 10), &p);

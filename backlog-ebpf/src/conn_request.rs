@@ -106,25 +106,29 @@ fn exit() {
         return;
     };
     let delta = |i: usize| now[i].wrapping_sub(state.counters[i]);
-    if delta(REQQ_FULL_DO_COOKIES) != 0 {
-        event::emit(DropKind::SynCookieSent as u32, sk, skb, 0);
-    }
+    // A SYN is dropped at most once, so one else-if chain: it keeps the
+    // verifier's paths (and the stack) to two emit() calls.
     let queue_full = delta(REQQ_FULL_DROP);
     let overflows = delta(LISTEN_OVERFLOWS);
-    if queue_full != 0 {
-        event::emit(DropKind::SynDroppedSynQueueFull as u32, sk, skb, 0);
-    }
-    if overflows != 0 {
-        event::emit(DropKind::SynDroppedAcceptQueueFull as u32, sk, skb, 0);
-    }
-    // A drop that is neither of those: the SYN-backlog pressure rule, or
-    // another failure (memory, route, LSM), told apart by the rule itself.
-    if delta(LISTEN_DROPS) > queue_full + overflows {
-        let kind = if syn_backlog_pressure(&o, sk) {
+    let dropped = if queue_full != 0 {
+        Some(DropKind::SynDroppedSynQueueFull)
+    } else if overflows != 0 {
+        Some(DropKind::SynDroppedAcceptQueueFull)
+    } else if delta(LISTEN_DROPS) != 0 {
+        // Neither queue was full: the SYN-backlog pressure rule, or
+        // another failure (memory, route, LSM), told apart by the rule.
+        Some(if syn_backlog_pressure(&o, sk) {
             DropKind::SynDroppedSynBacklogPressure
         } else {
             DropKind::SynDroppedOther
-        };
+        })
+    } else {
+        None
+    };
+    if delta(REQQ_FULL_DO_COOKIES) != 0 {
+        event::emit(DropKind::SynCookieSent as u32, sk, skb, 0);
+    }
+    if let Some(kind) = dropped {
         event::emit(kind as u32, sk, skb, 0);
     }
 }

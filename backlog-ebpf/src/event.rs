@@ -87,7 +87,10 @@ impl Reads {
 
 /// Counts and queues one event for `kind` about listener `sk`, with
 /// addresses taken from `skb` (may be NULL when the hook has no packet).
-#[inline(always)]
+///
+/// A BPF-to-BPF call rather than inlined: a hook that may emit twice
+/// would otherwise carry two event buffers on its 512-byte stack.
+#[inline(never)]
 pub fn emit(kind: u32, sk: *const u8, skb: *const u8, extra_flags: u32) {
     let o = crate::offsets();
     let mut reads = Reads { failed: false };
