@@ -59,6 +59,10 @@ pub struct Sink {
     host_netns: Option<u64>,
     own_netns: Option<u64>,
     cmdlines: HashMap<u32, Option<String>>,
+    /// Sysctls of each listener's netns, read at its first drop: the
+    /// namespace may be gone by the time the summary is written. Keyed by
+    /// listener, not netns inode: a dead namespace's number is reused.
+    netns_sysctls: HashMap<(u32, u64), NetnsSysctls>,
     unix_dumps: HashMap<u64, (Instant, Vec<UnixListenerInfo>)>,
     pub summary: Summary,
     pub stdout_closed: bool,
@@ -83,6 +87,7 @@ impl Sink {
             host_netns: context::host_netns_inode(),
             own_netns: context::netns_inode(Path::new("/proc/self/ns/net")),
             cmdlines: HashMap::new(),
+            netns_sysctls: HashMap::new(),
             unix_dumps: HashMap::new(),
             summary: Summary::default(),
             stdout_closed: false,
@@ -162,6 +167,7 @@ impl Sink {
 
     fn drop_event(&mut self, event: &Event) {
         let processes = self.processes(event.socket_inode);
+        self.remember_sysctls(event.netns_inode, event.socket_inode, &processes);
         let time = self.clock.wall(event.timestamp_ns);
         let line = match self.options.format {
             OutputFormat::Text => output::text_line(event, time, &processes),
@@ -250,31 +256,30 @@ impl Sink {
         }
     }
 
-    /// Sysctls of the namespace a listener lives in, read from there.
-    fn sysctls(
-        &self,
-        cache: &mut HashMap<u32, NetnsSysctls>,
-        netns: u32,
-        processes: &[Process],
-    ) -> NetnsSysctls {
-        *cache.entry(netns).or_insert_with(|| {
-            if self.own_netns == Some(u64::from(netns)) {
-                return context::read_sysctls_here();
-            }
+    /// Reads the sysctls of `netns` once, from inside it. A process's
+    /// threads may live in different namespaces, so the handle is the
+    /// namespace file of a task (thread) of a holder that is in `netns`.
+    fn remember_sysctls(&mut self, netns: u32, socket_inode: u64, processes: &[Process]) {
+        if netns == 0 || self.netns_sysctls.contains_key(&(netns, socket_inode)) {
+            return;
+        }
+        let sysctls = if self.own_netns == Some(u64::from(netns)) {
+            Some(context::read_sysctls_here())
+        } else {
             processes
                 .iter()
-                .find_map(|p| {
-                    context::read_sysctls_in(Path::new(&format!("/proc/{}/ns/net", p.pid))).ok()
-                })
-                .unwrap_or_default()
-        })
+                .filter_map(|p| task_in_netns(p.pid, netns))
+                .find_map(|file| context::read_sysctls_in(&file).ok())
+        };
+        if let Some(sysctls) = sysctls {
+            self.netns_sysctls.insert((netns, socket_inode), sysctls);
+        }
     }
 
     /// The per-listener summary: a table and diagnoses on stderr, and with
     /// `--output json` one `listener_summary` line per listener on stdout.
     pub fn report(&mut self, heading: &str) {
         let mut text = format!("{heading}\n{}", self.summary.render());
-        let mut cache = HashMap::new();
         let listeners: Vec<(ListenerKey, ListenerStats)> = self
             .summary
             .listeners
@@ -283,7 +288,13 @@ impl Sink {
             .collect();
         let time = clock::rfc3339(SystemTime::now());
         for (key, stats) in &listeners {
-            let sysctls = self.sysctls(&mut cache, key.netns, &stats.processes);
+            self.remember_sysctls(key.netns, key.socket_inode, &stats.processes);
+            // Unknown values stay unknown (None), never invented.
+            let sysctls = self
+                .netns_sysctls
+                .get(&(key.netns, key.socket_inode))
+                .copied()
+                .unwrap_or_default();
             let requested = self
                 .listens
                 .get(&key.socket_inode)
@@ -318,6 +329,15 @@ impl Sink {
         self.flush();
         eprint!("{text}");
     }
+}
+
+/// `/proc/PID/task/TID/ns/net` of a thread of `pid` that lives in `netns`.
+fn task_in_netns(pid: u32, netns: u32) -> Option<PathBuf> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks.flatten().find_map(|task| {
+        let file = task.path().join("ns/net");
+        (context::netns_inode(&file) == Some(u64::from(netns))).then_some(file)
+    })
 }
 
 #[derive(Serialize)]

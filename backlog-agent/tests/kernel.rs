@@ -41,8 +41,12 @@ fn final_ack_overflow_matches_kernel_counters() {
                     "--attach {family} failed for another reason:\n{}",
                     run.stderr
                 );
-                let reason = run.stderr.lines().last().unwrap_or("").replace(' ', "_");
-                matrix(family, "final_ack_overflow", "unsupported", &reason);
+                for line in run.stderr.lines() {
+                    common::figure(&format!("family={family} agent-stderr: {line}"));
+                }
+                let last = run.stderr.lines().last().unwrap_or("");
+                let reason = last.rsplit(": ").next().unwrap_or(last);
+                matrix(family, "final_ack_overflow", "unsupported", reason);
                 continue;
             }
         };
@@ -79,13 +83,14 @@ fn final_ack_overflow_matches_kernel_counters() {
         let events = run.json_events();
         let acks = events_of(&events, "ack_dropped_accept_queue_full", netns);
         let overflows = counter_delta(&before, &after, "ListenOverflows");
-        eprintln!(
-            "{family}: agent ack_dropped_accept_queue_full={} kfree_skb(TCP_LISTEN_OVERFLOW)={} \
-             ListenOverflows delta={overflows} ListenDrops delta={}",
+        common::figure(&format!(
+            "family={family} agent_ack_dropped_accept_queue_full={} \
+             kfree_skb_TCP_LISTEN_OVERFLOW={} ListenOverflows_delta={overflows} \
+             ListenDrops_delta={}",
             acks.len(),
             traced.map_or("n/a".into(), |t| t.to_string()),
             counter_delta(&before, &after, "ListenDrops"),
-        );
+        ));
         assert!(
             !acks.is_empty(),
             "no events from {family}; stderr:\n{}",

@@ -73,11 +73,26 @@ pub fn kernel_release() -> String {
 
 /// One cell of the guest matrix table (`cargo xtask vm-test` collects
 /// these lines from every kernel).
+///
+/// Written to the stdout handle directly: libtest captures `println!` of
+/// passing tests, and these lines must reach the guest console.
 pub fn matrix(family: &str, test: &str, result: &str, detail: &str) {
-    println!(
-        "BACKLOG-MATRIX kernel={} family={family} test={test} result={result} detail={detail}",
+    use std::io::Write as _;
+    let detail = detail.replace(char::is_whitespace, "_");
+    let line = format!(
+        "BACKLOG-MATRIX kernel={} family={family} test={test} result={result} detail={detail}\n",
         kernel_release()
     );
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(line.as_bytes());
+    let _ = out.flush();
+}
+
+/// A measured figure for the closing notes, uncaptured like `matrix`.
+pub fn figure(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stderr().lock();
+    let _ = writeln!(out, "BACKLOG-FIGURE kernel={} {text}", kernel_release());
 }
 
 /// A running backlog-agent.
