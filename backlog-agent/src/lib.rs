@@ -14,6 +14,7 @@ pub mod btf;
 pub mod cli;
 pub mod clock;
 pub mod context;
+pub mod counted;
 pub mod decode;
 pub mod diagnosis;
 pub mod kallsyms;

@@ -9,7 +9,7 @@ use aya::maps::{MapData, RingBuf};
 use backlog_agent::{
     btf::Btf,
     cli::Cli,
-    preflight,
+    counted, preflight,
     probes::{self, Outcome},
     sink::{Options, Sink},
     tracefs,
@@ -75,6 +75,17 @@ async fn run(cli: Cli) -> Result<()> {
         .iter()
         .filter(|(_, o)| matches!(o, Outcome::Attached { .. }))
         .count();
+    // Where SYN-stage drops cannot be traced, count them from the kernel's
+    // own counters over the run instead.
+    let untraced_syn_stage = probes.outcomes.iter().any(|(kind, outcome)| {
+        *kind != DropKind::AckDroppedAcceptQueueFull
+            && *kind != DropKind::UnixConnectBacklogFull
+            && matches!(outcome, Outcome::NotObservable { .. })
+    });
+    let counted_before = untraced_syn_stage.then(|| {
+        note("SYN-stage drops will be counted from kernel counters, not traced");
+        counted::snapshot(Path::new("/proc"))
+    });
     let ring = probes.take_events()?;
     let counters = probes.take_counters()?;
     // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged,
@@ -152,6 +163,10 @@ async fn run(cli: Cli) -> Result<()> {
         "backlog-agent: summary after {:.1} s:",
         started.elapsed().as_secs_f64()
     ));
+    if let Some(before) = counted_before {
+        let after = counted::snapshot(Path::new("/proc"));
+        sink.report_counted(&counted::deltas(&before, &after));
+    }
     let scans = sink.owners.stats();
     if scans.vanished + scans.unreadable > 0 {
         note(format_args!(

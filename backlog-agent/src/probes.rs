@@ -534,7 +534,9 @@ fn attach_program(
             fentry
                 .load(function, btf)
                 .map_err(|e| format!("load: {}", error_chain(&e)))?;
-            fentry.attach().map_err(|e| format!("attach: {e}"))?;
+            fentry
+                .attach()
+                .map_err(|e| format!("attach: {}", error_chain(&e)))?;
         }
         Attach::Fexit(function) => {
             let btf = kernel_btf.get()?;
@@ -542,7 +544,9 @@ fn attach_program(
             fexit
                 .load(function, btf)
                 .map_err(|e| format!("load: {}", error_chain(&e)))?;
-            fexit.attach().map_err(|e| format!("attach: {e}"))?;
+            fexit
+                .attach()
+                .map_err(|e| format!("attach: {}", error_chain(&e)))?;
         }
         Attach::Kprobe(function) | Attach::Kretprobe(function) => {
             let kprobe: &mut KProbe = program.try_into().map_err(|e| format!("{e}"))?;
@@ -576,6 +580,16 @@ fn explain(target: Attach, raw: &str) -> String {
             if raw.contains("No such file") || raw.contains("not found") =>
         {
             "the function is not in the kernel's BTF (inlined or absent)".into()
+        }
+        // x86 BPF trampolines took at most 6 arguments before 6.5; Debian
+        // backported a seventh to tcp_v4_syn_recv_sock into 6.1.
+        Attach::Fentry(_) | Attach::Fexit(_)
+            if raw.starts_with("attach:") && raw.contains("bpf_raw_tracepoint_open") =>
+        {
+            format!(
+                "the kernel cannot attach a BPF trampoline here (a function with more \
+                 than 6 arguments needs 6.5+): {raw}"
+            )
         }
         Attach::Kprobe(_) | Attach::Kretprobe(_)
             if raw.contains("/sys/bus/event_source/devices/kprobe") =>

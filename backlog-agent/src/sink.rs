@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use backlog_common::DropKind;
 use serde::Serialize;
 
 use crate::{
@@ -17,6 +18,7 @@ use crate::{
     cli::OutputFormat,
     clock::{self, MonotonicToWall},
     context::{self, CgroupResolver, NetnsSysctls},
+    counted::NetnsDelta,
     decode::{decode_record, DecodeError, Event, ListenCall, Record, UnixConnect},
     diagnosis::{diagnose, ListenerFacts},
     output::{self, Placement, UnixListenerView},
@@ -338,6 +340,112 @@ fn task_in_netns(pid: u32, netns: u32) -> Option<PathBuf> {
         let file = task.path().join("ns/net");
         (context::netns_inode(&file) == Some(u64::from(netns))).then_some(file)
     })
+}
+
+impl Sink {
+    /// Drops counted by the kernel during the run in namespaces where they
+    /// could not be traced: per-kind totals derived from TcpExt, and each
+    /// listener's sk_drops growth.
+    pub fn report_counted(&mut self, deltas: &[NetnsDelta]) {
+        let mut text = String::from(
+            "counted by the kernel, not traced (this kernel cannot trace SYN-stage drops):\n",
+        );
+        if deltas.is_empty() {
+            text.push_str("  no listen-queue counter moved in any network namespace\n");
+        }
+        let time = clock::rfc3339(SystemTime::now());
+        for delta in deltas {
+            let counter = |name: &str| delta.counters.get(name).copied().unwrap_or(0);
+            // ListenOverflows counts final-ACK and SYN overflows alike; the
+            // final-ACK ones were traced, so the rest were SYNs.
+            let traced_acks: u64 = self
+                .summary
+                .listeners
+                .iter()
+                .filter(|(key, _)| u64::from(key.netns) == delta.netns)
+                .map(|(_, stats)| stats.count(DropKind::AckDroppedAcceptQueueFull))
+                .sum();
+            let kinds = CountedKinds {
+                syn_dropped_syn_queue_full: counter("TCPReqQFullDrop"),
+                syn_cookie_sent: counter("TCPReqQFullDoCookies"),
+                syn_dropped_accept_queue_full: counter("ListenOverflows")
+                    .saturating_sub(traced_acks),
+            };
+            text.push_str(&format!(
+                "  netns {}: syn_dropped_syn_queue_full={} syn_cookie_sent={} \
+                 syn_dropped_accept_queue_full={} (ListenOverflows +{}, ListenDrops +{})\n",
+                delta.netns,
+                kinds.syn_dropped_syn_queue_full,
+                kinds.syn_cookie_sent,
+                kinds.syn_dropped_accept_queue_full,
+                counter("ListenOverflows"),
+                counter("ListenDrops"),
+            ));
+            for l in &delta.listeners {
+                text.push_str(&format!(
+                    "    {}:{} socket {}: sk_drops +{}\n",
+                    l.addr, l.port, l.inode, l.drops
+                ));
+            }
+            if self.options.format == OutputFormat::Json {
+                let json = CountedJson {
+                    kind: "netns_counters",
+                    time: &time,
+                    traced: false,
+                    netns: delta.netns,
+                    host_netns: self.host_netns.map(|host| host == delta.netns),
+                    counters: &delta.counters,
+                    counts: kinds,
+                    listeners: delta
+                        .listeners
+                        .iter()
+                        .map(|l| CountedListenerJson {
+                            addr: l.addr,
+                            port: l.port,
+                            socket_inode: l.inode,
+                            sk_drops: l.drops,
+                        })
+                        .collect(),
+                };
+                let line = serde_json::to_string(&json).unwrap_or_default();
+                self.write_line(&line);
+            }
+        }
+        self.flush();
+        eprint!("{text}");
+    }
+}
+
+#[derive(Serialize)]
+struct CountedKinds {
+    syn_dropped_syn_queue_full: u64,
+    syn_cookie_sent: u64,
+    syn_dropped_accept_queue_full: u64,
+}
+
+#[derive(Serialize)]
+struct CountedListenerJson {
+    addr: IpAddr,
+    port: u16,
+    socket_inode: u64,
+    /// Upper bound of the listener's drops: the kernel also counts
+    /// segments it discards there.
+    sk_drops: u64,
+}
+
+#[derive(Serialize)]
+struct CountedJson<'a> {
+    kind: &'static str,
+    time: &'a str,
+    /// Always false: counted by the kernel, not seen as events.
+    traced: bool,
+    netns: u64,
+    host_netns: Option<bool>,
+    /// The TcpExt counters' growth during the run.
+    counters: &'a BTreeMap<String, u64>,
+    /// Drops per kind derived from those counters.
+    counts: CountedKinds,
+    listeners: Vec<CountedListenerJson>,
 }
 
 #[derive(Serialize)]

@@ -99,7 +99,7 @@ impl EventFormat {
     }
 
     /// Parses lines like
-    /// `field:void * rx_sk;	offset:24;	size:8;	signed:0;`.
+    /// `field:void * rx_sk; offset:24; size:8; signed:0;` (tab-separated).
     /// Lines that do not parse are ignored: a field we need but cannot
     /// read is reported by `field()` by name.
     pub fn parse(text: &str) -> Self {

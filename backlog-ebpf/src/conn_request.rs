@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use backlog_common::{DropKind, KernelOffsets};
 
-use crate::{event, read};
+use crate::{event, read::Reader};
 
 const LISTEN_OVERFLOWS: usize = 0;
 const LISTEN_DROPS: usize = 1;
@@ -47,21 +47,24 @@ fn slot() -> Option<&'static mut SynInFlight> {
     SYN_IN_FLIGHT.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
-/// This CPU's values of the four counters in the listener's netns.
+/// This CPU's values of the four counters in the listener's netns, and
+/// whether they could all be read.
 #[inline(always)]
-fn counters(o: &KernelOffsets, sk: *const u8) -> Option<[u64; 4]> {
-    let net = read::ptr(sk, o.sk_net)?;
-    let percpu = read::ptr(net, o.net_mib_net_statistics)?;
+fn counters(o: &KernelOffsets, sk: *const u8) -> ([u64; 4], bool) {
+    let mut r = Reader::new();
+    let net = r.ptr(sk, o.sk_net);
+    let percpu = r.ptr(net, o.net_mib_net_statistics);
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let offsets = o.per_cpu_offset_addr as *const u8;
-    let cpu_offset = read::at::<u64>(offsets, cpu.wrapping_mul(8))?;
+    let cpu_offset = r.at::<u64>(offsets, cpu.wrapping_mul(8));
     let mib = (percpu as u64).wrapping_add(cpu_offset) as *const u8;
-    Some([
-        read::at::<u64>(mib, o.mib_listen_overflows.wrapping_mul(8))?,
-        read::at::<u64>(mib, o.mib_listen_drops.wrapping_mul(8))?,
-        read::at::<u64>(mib, o.mib_reqq_full_drop.wrapping_mul(8))?,
-        read::at::<u64>(mib, o.mib_reqq_full_do_cookies.wrapping_mul(8))?,
-    ])
+    let values = [
+        r.at::<u64>(mib, o.mib_listen_overflows.wrapping_mul(8)),
+        r.at::<u64>(mib, o.mib_listen_drops.wrapping_mul(8)),
+        r.at::<u64>(mib, o.mib_reqq_full_drop.wrapping_mul(8)),
+        r.at::<u64>(mib, o.mib_reqq_full_do_cookies.wrapping_mul(8)),
+    ];
+    (values, r.ok())
 }
 
 #[inline(always)]
@@ -70,20 +73,18 @@ fn enter(sk: u64, skb: u64) {
     let Some(s) = slot() else {
         return;
     };
-    match counters(&o, sk as *const u8) {
-        Some(counters) => {
-            *s = SynInFlight {
-                sk,
-                skb,
-                active: 1,
-                _pad: 0,
-                counters,
-            };
-        }
-        None => {
-            s.active = 0;
-            crate::count(backlog_common::COUNTER_READ_ERRORS);
-        }
+    let (counters, ok) = counters(&o, sk as *const u8);
+    if ok {
+        *s = SynInFlight {
+            sk,
+            skb,
+            active: 1,
+            _pad: 0,
+            counters,
+        };
+    } else {
+        s.active = 0;
+        crate::count(backlog_common::COUNTER_READ_ERRORS);
     }
 }
 
@@ -101,10 +102,11 @@ fn exit() {
     let o = crate::offsets();
     let sk = state.sk as *const u8;
     let skb = state.skb as *const u8;
-    let Some(now) = counters(&o, sk) else {
+    let (now, ok) = counters(&o, sk);
+    if !ok {
         crate::count(backlog_common::COUNTER_READ_ERRORS);
         return;
-    };
+    }
     let delta = |i: usize| now[i].wrapping_sub(state.counters[i]);
     // A SYN is dropped at most once, so one else-if chain: it keeps the
     // verifier's paths (and the stack) to two emit() calls.
@@ -137,17 +139,12 @@ fn exit() {
 /// tcp_max_syn_backlog left in the SYN queue.
 #[inline(always)]
 fn syn_backlog_pressure(o: &KernelOffsets, sk: *const u8) -> bool {
-    let Some(net) = read::ptr(sk, o.sk_net) else {
-        return false;
-    };
-    let (Some(syncookies), Some(max), Some(qlen)) = (
-        read::at::<u8>(net, o.net_syncookies),
-        read::at::<i32>(net, o.net_max_syn_backlog),
-        read::at::<i32>(sk, o.icsk_syn_queue_len),
-    ) else {
-        return false;
-    };
-    syncookies == 0 && max - qlen < (max >> 2)
+    let mut r = Reader::new();
+    let net = r.ptr(sk, o.sk_net);
+    let syncookies = r.at::<u8>(net, o.net_syncookies);
+    let max = r.at::<i32>(net, o.net_max_syn_backlog);
+    let qlen = r.at::<i32>(sk, o.icsk_syn_queue_len);
+    r.ok() && syncookies == 0 && max - qlen < (max >> 2)
 }
 
 // tcp_conn_request(rsk_ops, af_ops, sk, skb)

@@ -7,13 +7,21 @@
 //! kernels, so the agent writes it into `OFFSETS` from BTF.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use backlog_common::DropKind;
+use backlog_common::{DropKind, OFFSET_ABSENT};
 
 use crate::event;
 
 #[tracepoint]
 pub fn kfree_skb_listen_overflow(ctx: TracePointContext) -> u32 {
     let o = crate::offsets();
+    // Loaded before its layout is checked (see probes.rs): with absent
+    // offsets the verifier must see no ctx access at all.
+    if o.tp_kfree_skb_reason == OFFSET_ABSENT
+        || o.tp_kfree_skb_rx_sk == OFFSET_ABSENT
+        || o.tp_kfree_skb_skbaddr == OFFSET_ABSENT
+    {
+        return 0;
+    }
     // The tracepoint fires for every freed-with-reason packet on the
     // machine: bail out on the first comparison for all other reasons.
     let Ok(reason) = (unsafe { ctx.read_at::<u32>(o.tp_kfree_skb_reason as usize) }) else {
@@ -22,8 +30,13 @@ pub fn kfree_skb_listen_overflow(ctx: TracePointContext) -> u32 {
     if reason != o.reason_tcp_listen_overflow {
         return 0;
     }
-    let sk = unsafe { ctx.read_at::<u64>(o.tp_kfree_skb_rx_sk as usize) }.unwrap_or(0);
-    let skb = unsafe { ctx.read_at::<u64>(o.tp_kfree_skb_skbaddr as usize) }.unwrap_or(0);
+    // let-else, not unwrap_or: see read.rs on undefined payloads.
+    let Ok(sk) = (unsafe { ctx.read_at::<u64>(o.tp_kfree_skb_rx_sk as usize) }) else {
+        return 0;
+    };
+    let Ok(skb) = (unsafe { ctx.read_at::<u64>(o.tp_kfree_skb_skbaddr as usize) }) else {
+        return 0;
+    };
     event::emit(
         DropKind::AckDroppedAcceptQueueFull as u32,
         sk as *const u8,

@@ -49,7 +49,7 @@ fn fexit_v4(ctx: &FExitContext, ret_slot: usize) {
 fn fexit_v6(ctx: &FExitContext, ret_slot: usize) {
     let sk: u64 = ctx.arg(0);
     let skb: u64 = ctx.arg(1);
-    if event::packet_ip_version(skb as *const u8) == Some(4) {
+    if event::packet_ip_version(skb as *const u8) == 4 {
         return;
     }
     let ret: u64 = ctx.arg(ret_slot);
@@ -99,21 +99,21 @@ fn save_args(ctx: &ProbeContext, skip_ipv4: bool) {
     let (Some(sk), Some(skb)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
         return;
     };
-    if skip_ipv4 && event::packet_ip_version(skb as *const u8) == Some(4) {
+    if skip_ipv4 && event::packet_ip_version(skb as *const u8) == 4 {
         return;
     }
     let key = bpf_get_current_pid_tgid();
-    let _ = SYN_RECV_ARGS.insert(&key, &SavedArgs { sk, skb }, 0);
+    let _ = SYN_RECV_ARGS.insert(key, SavedArgs { sk, skb }, 0);
 }
 
 #[inline(always)]
 fn check_return(ctx: &RetProbeContext) {
     let key = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(saved) = (unsafe { SYN_RECV_ARGS.get(&key) }).copied() else {
+    let Some(saved) = (unsafe { SYN_RECV_ARGS.get(key) }).copied() else {
         return;
     };
-    let _ = SYN_RECV_ARGS.remove(&key);
+    let _ = SYN_RECV_ARGS.remove(key);
     let ret: u64 = ctx.ret();
     report_if_overflow(saved.sk as *const u8, saved.skb as *const u8, ret);
 }

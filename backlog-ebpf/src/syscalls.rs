@@ -7,8 +7,8 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
-        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_user, bpf_probe_read_user_buf,
     },
     macros::{map, tracepoint},
     maps::HashMap,
@@ -19,7 +19,7 @@ use backlog_common::{
     TASK_COMM_LEN, UNIX_PATH_MAX,
 };
 
-use crate::{count, read, EVENTS};
+use crate::{count, read::Reader, EVENTS};
 
 const EAGAIN: i64 = 11;
 /// sockaddr_un: sun_family (2 bytes), then the path.
@@ -47,9 +47,27 @@ pub struct ListenArgs {
 #[map]
 static LISTEN_ARGS: HashMap<u64, ListenArgs> = HashMap::with_max_entries(1024, 0);
 
+/// Loaded before its layout is checked (see probes.rs): with absent
+/// offsets the verifier must see no ctx access at all.
+#[inline(always)]
+fn layout_known(o: &backlog_common::KernelOffsets) -> bool {
+    [
+        o.tp_connect_addr,
+        o.tp_connect_addrlen,
+        o.tp_listen_fd,
+        o.tp_listen_backlog,
+        o.tp_sys_exit_ret,
+    ]
+    .iter()
+    .all(|&offset| offset != backlog_common::OFFSET_ABSENT)
+}
+
 #[tracepoint]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let o = crate::offsets();
+    if !layout_known(&o) {
+        return 0;
+    }
     let (Ok(addr), Ok(addrlen)) = (
         unsafe { ctx.read_at::<u64>(o.tp_connect_addr as usize) },
         unsafe { ctx.read_at::<u64>(o.tp_connect_addrlen as usize) },
@@ -81,7 +99,7 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
         args.path_len = (addrlen - SUN_PATH_OFFSET).min(UNIX_PATH_MAX) as u32;
     }
     let key = bpf_get_current_pid_tgid();
-    let _ = UNIX_CONNECT_ARGS.insert(&key, &args, 0);
+    let _ = UNIX_CONNECT_ARGS.insert(key, args, 0);
     0
 }
 
@@ -89,11 +107,14 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let key = bpf_get_current_pid_tgid();
     // SAFETY: copied out before the entry is removed.
-    let Some(args) = (unsafe { UNIX_CONNECT_ARGS.get(&key) }).copied() else {
+    let Some(args) = (unsafe { UNIX_CONNECT_ARGS.get(key) }).copied() else {
         return 0;
     };
-    let _ = UNIX_CONNECT_ARGS.remove(&key);
+    let _ = UNIX_CONNECT_ARGS.remove(key);
     let o = crate::offsets();
+    if !layout_known(&o) {
+        return 0;
+    }
     let Ok(ret) = (unsafe { ctx.read_at::<i64>(o.tp_sys_exit_ret as usize) }) else {
         return 0;
     };
@@ -106,7 +127,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         tid: key as u32,
         cpu: unsafe { bpf_get_smp_processor_id() },
         path_len: args.path_len,
-        comm: bpf_get_current_comm().unwrap_or([0; TASK_COMM_LEN]),
+        comm: current_comm(),
         path: args.path,
         _pad0: 0,
     };
@@ -121,6 +142,9 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_enter_listen(ctx: TracePointContext) -> u32 {
     let o = crate::offsets();
+    if !layout_known(&o) {
+        return 0;
+    }
     let (Ok(fd), Ok(backlog)) = (
         unsafe { ctx.read_at::<u64>(o.tp_listen_fd as usize) },
         unsafe { ctx.read_at::<u64>(o.tp_listen_backlog as usize) },
@@ -132,7 +156,7 @@ pub fn sys_enter_listen(ctx: TracePointContext) -> u32 {
         fd: fd as u32,
         backlog: backlog as i32,
     };
-    let _ = LISTEN_ARGS.insert(&key, &args, 0);
+    let _ = LISTEN_ARGS.insert(key, args, 0);
     0
 }
 
@@ -140,11 +164,14 @@ pub fn sys_enter_listen(ctx: TracePointContext) -> u32 {
 pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
     let key = bpf_get_current_pid_tgid();
     // SAFETY: copied out before the entry is removed.
-    let Some(args) = (unsafe { LISTEN_ARGS.get(&key) }).copied() else {
+    let Some(args) = (unsafe { LISTEN_ARGS.get(key) }).copied() else {
         return 0;
     };
-    let _ = LISTEN_ARGS.remove(&key);
+    let _ = LISTEN_ARGS.remove(key);
     let o = crate::offsets();
+    if !layout_known(&o) {
+        return 0;
+    }
     if unsafe { ctx.read_at::<i64>(o.tp_sys_exit_ret as usize) } != Ok(0) {
         return 0;
     }
@@ -158,21 +185,20 @@ pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
         family: 0,
         port: 0,
         fd: args.fd,
-        comm: bpf_get_current_comm().unwrap_or([0; TASK_COMM_LEN]),
+        comm: current_comm(),
     };
-    if let Some(socket) = socket_of_fd(args.fd) {
-        if o.socket_to_inode != backlog_common::OFFSET_ABSENT {
-            let inode = socket.wrapping_add(o.socket_to_inode as usize);
-            event.socket_inode = read::at::<u64>(inode, o.inode_i_ino).unwrap_or(0);
-        }
-        if let Some(sk) = read::ptr(socket, o.socket_sk) {
-            event.backlog_applied = read::at::<u32>(sk, o.sk_max_ack_backlog).unwrap_or(0);
-            event.family = read::at::<u16>(sk, o.sk_family).unwrap_or(0);
-            event.port = read::at::<u16>(sk, o.sk_num).unwrap_or(0);
-            if let Some(net) = read::ptr(sk, o.sk_net) {
-                event.netns_inode = read::at::<u32>(net, o.net_ns_inum).unwrap_or(0);
-            }
-        }
+    // Fields that cannot be read stay 0; the agent treats 0 as unknown.
+    let socket = socket_of_fd(args.fd);
+    if !socket.is_null() {
+        let mut r = Reader::new();
+        let inode = socket.wrapping_add(o.socket_to_inode as usize);
+        event.socket_inode = r.at::<u64>(inode, o.inode_i_ino);
+        let sk = r.ptr(socket, o.socket_sk);
+        event.backlog_applied = r.at::<u32>(sk, o.sk_max_ack_backlog);
+        event.family = r.at::<u16>(sk, o.sk_family);
+        event.port = r.at::<u16>(sk, o.sk_num);
+        let net = r.ptr(sk, o.sk_net);
+        event.netns_inode = r.at::<u32>(net, o.net_ns_inum);
     }
     if EVENTS.output::<ListenEvent>(&event, 0).is_ok() {
         count(COUNTER_EVENTS_SENT);
@@ -183,19 +209,36 @@ pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
 }
 
 /// current->files->fdt->fd[fd]->private_data: the struct socket behind a
-/// socket fd of the calling process.
+/// socket fd of the calling process; NULL when it cannot be read.
 #[inline(always)]
-fn socket_of_fd(fd: u32) -> Option<*const u8> {
+fn socket_of_fd(fd: u32) -> *const u8 {
     let o = crate::offsets();
+    let mut r = Reader::new();
     let task = unsafe { bpf_get_current_task() } as *const u8;
-    let files = read::ptr(task, o.task_files)?;
-    let fdt = read::ptr(files, o.files_fdt)?;
-    let max_fds = read::at::<u32>(fdt, o.fdtable_max_fds)?;
-    if fd >= max_fds {
-        return None;
+    let files = r.ptr(task, o.task_files);
+    let fdt = r.ptr(files, o.files_fdt);
+    let max_fds = r.at::<u32>(fdt, o.fdtable_max_fds);
+    let fds = r.ptr(fdt, o.fdtable_fd);
+    let file = r.ptr(fds, fd.wrapping_mul(8));
+    let socket = r.ptr(file, o.file_private_data);
+    if r.ok() && fd < max_fds {
+        socket
+    } else {
+        core::ptr::null()
     }
-    let fds = read::ptr(fdt, o.fdtable_fd)?;
-    let file = read::ptr(fds, fd.wrapping_mul(8))?;
-    let socket = read::ptr(file, o.file_private_data)?;
-    (!socket.is_null()).then_some(socket)
+}
+
+/// The calling task's comm, zeroed when unreadable (a zeroed buffer, not
+/// an `unwrap_or`, for the verifier: see read.rs).
+#[inline(always)]
+fn current_comm() -> [u8; TASK_COMM_LEN] {
+    let mut comm = [0u8; TASK_COMM_LEN];
+    // SAFETY: the helper writes at most TASK_COMM_LEN bytes into `comm`.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_get_current_comm(
+            comm.as_mut_ptr().cast(),
+            TASK_COMM_LEN as u32,
+        )
+    };
+    comm
 }

@@ -127,6 +127,12 @@ pub fn vm_test(opts: &VmTestOpts) -> Result<()> {
         let outcome = match kernel {
             Ok(kernel) => {
                 let log = logs.join(format!("{}.log", spec.label));
+                let kernel_initrd = vm_dir.join(format!("initramfs-{}.cpio", spec.label));
+                if let Err(err) = initramfs::with_modules(&initrd, &kernel.modules, &kernel_initrd)
+                {
+                    outcomes.push(GuestOutcome::not_booted(&spec.label, format!("{err:#}")));
+                    continue;
+                }
                 println!(
                     "vm-test: booting {} ({}), console in {}",
                     spec.label,
@@ -137,7 +143,7 @@ pub fn vm_test(opts: &VmTestOpts) -> Result<()> {
                     label: &spec.label,
                     package: &kernel.package,
                     vmlinuz: &kernel.vmlinuz,
-                    initrd: &initrd,
+                    initrd: &kernel_initrd,
                     log: &log,
                     timeout,
                 })

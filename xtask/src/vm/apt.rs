@@ -119,7 +119,14 @@ impl KernelSpec {
 pub struct ResolvedKernel {
     pub package: String,
     pub vmlinuz: PathBuf,
+    /// Uncompressed modules to load in the guest (see GUEST_MODULES).
+    pub modules: Vec<PathBuf>,
 }
+
+/// Modules the guest needs that Debian's cloud kernels build as modules:
+/// sock_diag for TCP and UNIX listeners (`ss` relies on them too; a real
+/// system loads them on demand, a bare initramfs cannot). In load order.
+pub const GUEST_MODULES: [&str; 3] = ["inet_diag", "tcp_diag", "unix_diag"];
 
 /// Where apt reads its lists from for one suite.
 #[derive(Clone)]
@@ -400,10 +407,17 @@ impl Apt {
     }
 
     fn cached(&self, package: &str) -> Option<ResolvedKernel> {
-        let vmlinuz = self.kernels_dir.join(package).join("vmlinuz");
-        vmlinuz.is_file().then(|| ResolvedKernel {
+        let dir = self.kernels_dir.join(package);
+        let vmlinuz = dir.join("vmlinuz");
+        // A cache entry from before modules were kept is incomplete.
+        let modules: Vec<PathBuf> = GUEST_MODULES
+            .iter()
+            .map(|m| dir.join("modules").join(format!("{m}.ko")))
+            .collect();
+        (vmlinuz.is_file() && modules.iter().all(|m| m.is_file())).then(|| ResolvedKernel {
             package: package.to_owned(),
             vmlinuz,
+            modules,
         })
     }
 
@@ -442,16 +456,14 @@ impl Apt {
                 work.display()
             );
         }
-        let (vmlinuz, deb_size) = fetched?;
+        let (_, deb_size) = fetched?;
         println!(
             "vm-test: {package}: downloaded ({} MiB) and extracted in {:.1}s",
             deb_size >> 20,
             started.elapsed().as_secs_f64()
         );
-        Ok(ResolvedKernel {
-            package: package.to_owned(),
-            vmlinuz,
-        })
+        self.cached(package)
+            .with_context(|| format!("{package}: the cache entry is incomplete after download"))
     }
 
     /// Downloads and unpacks the package in `work` and moves its vmlinuz
@@ -494,12 +506,54 @@ impl Apt {
             fs::copy(&config, dest.join("config"))
                 .with_context(|| format!("failed to copy {}", config.display()))?;
         }
+        // The diag modules, uncompressed (busybox insmod cannot read .xz).
+        let modules_dest = dest.join("modules");
+        fs::create_dir_all(&modules_dest)
+            .with_context(|| format!("failed to create {}", modules_dest.display()))?;
+        for module in GUEST_MODULES {
+            let found = find_module(&root.join("lib/modules"), module)
+                .or_else(|| find_module(&root.join("usr/lib/modules"), module))
+                .with_context(|| format!("{package} has no {module}.ko"))?;
+            let target = modules_dest.join(format!("{module}.ko"));
+            if found.extension().is_some_and(|e| e == "xz") {
+                let out = Command::new("xz")
+                    .arg("-dc")
+                    .arg(&found)
+                    .output()
+                    .with_context(|| format!("failed to run xz on {}", found.display()))?;
+                if !out.status.success() {
+                    bail!("xz -dc {} failed: {}", found.display(), out.status);
+                }
+                fs::write(&target, out.stdout)
+                    .with_context(|| format!("failed to write {}", target.display()))?;
+            } else {
+                fs::copy(&found, &target)
+                    .with_context(|| format!("failed to copy {}", found.display()))?;
+            }
+        }
         // vmlinuz goes last: its presence marks a complete cache entry.
         let dest_vmlinuz = dest.join("vmlinuz");
         fs::rename(&vmlinuz, &dest_vmlinuz)
             .with_context(|| format!("failed to move {} into the cache", vmlinuz.display()))?;
         Ok((dest_vmlinuz, deb_size))
     }
+}
+
+/// `<name>.ko` or `<name>.ko.xz` anywhere below `dir`.
+fn find_module(dir: &Path, name: &str) -> Option<PathBuf> {
+    for entry in fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if let Some(found) = find_module(&path, name) {
+                return Some(found);
+            }
+        } else if let Some(file) = path.file_name().and_then(|f| f.to_str()) {
+            if file == format!("{name}.ko") || file == format!("{name}.ko.xz") {
+                return Some(path);
+            }
+        }
+    }
+    None
 }
 
 fn state_key(state: &AptState) -> String {

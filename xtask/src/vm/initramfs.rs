@@ -92,6 +92,31 @@ pub fn build(payload: &Payload, out: &Path) -> Result<()> {
     fs::rename(&tmp, out).with_context(|| format!("failed to move {} into place", tmp.display()))
 }
 
+/// Writes `out` as the shared archive `base` followed by a second archive
+/// with `modules` under /lib/modules: the kernel unpacks concatenated
+/// archives in order, so each kernel gets its own modules without
+/// rebuilding the shared part.
+pub fn with_modules(base: &Path, modules: &[PathBuf], out: &Path) -> Result<()> {
+    let tmp = out.with_extension("cpio.partial");
+    fs::copy(base, &tmp).with_context(|| format!("failed to copy {}", base.display()))?;
+    let file = fs::OpenOptions::new()
+        .append(true)
+        .open(&tmp)
+        .with_context(|| format!("failed to open {}", tmp.display()))?;
+    let mut cpio = Cpio::new(BufWriter::new(file));
+    for module in modules {
+        let name = module
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("bad module path {}", module.display()))?;
+        cpio.file_from(&format!("lib/modules/{name}"), 0o644, module)
+            .with_context(|| format!("failed to add {} to {}", module.display(), tmp.display()))?;
+    }
+    cpio.finish()
+        .with_context(|| format!("failed to write {}", tmp.display()))?;
+    fs::rename(&tmp, out).with_context(|| format!("failed to move {} into place", tmp.display()))
+}
+
 /// The shell script the kernel runs as PID 1.
 fn init_script(payload: &Payload) -> String {
     let mut script = String::from(
@@ -117,6 +142,12 @@ ip link set lo up
 # Before 5.11, BPF maps are charged to RLIMIT_MEMLOCK, whose 64 KiB default
 # fails map creation on 5.10.
 ulimit -l unlimited
+# sock_diag for TCP and UNIX listeners is modular in Debian's kernels: the
+# per-kernel archive appended to this one carries the modules (modules.rs).
+for module in inet_diag tcp_diag unix_diag; do
+    [ -f "/lib/modules/$module.ko" ] || continue
+    insmod "/lib/modules/$module.ko" || echo "BACKLOG-VM-WARN cannot load $module"
+done
 export CI=true BACKLOG_IN_GUEST=1 HOME=/root RUST_BACKTRACE=1
 "#,
     );
