@@ -40,6 +40,9 @@ enum Task {
     },
     /// Boot Debian kernels in qemu and run the privileged tests inside.
     VmTest(vm::VmTestOpts),
+    /// Set up, then run the benchmark: a flood of listen-queue drops with
+    /// and without the agent, printing figures (not part of the tests).
+    Bench,
 }
 
 fn main() {
@@ -49,6 +52,9 @@ fn main() {
         Task::Run { args } => run_agent(&args),
         Task::Test { no_vm } => test_all(no_vm),
         Task::VmTest(opts) => setup::ensure_all().and_then(|()| vm::vm_test(&opts)),
+        Task::Bench => setup::ensure_all().and_then(|()| {
+            run(cargo().args(["bench", "--package", "backlog-agent", "--bench", "flood"]))
+        }),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
