@@ -19,7 +19,6 @@ mod common;
 use std::{
     io::Write,
     net::{SocketAddr, TcpStream},
-    os::fd::AsRawFd,
     thread,
     time::{Duration, Instant},
 };
@@ -50,17 +49,7 @@ fn raise_fd_limit() {
 fn flood() -> Flood {
     in_new_netns(|| {
         let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-        let secs: libc::c_int = 60;
-        // SAFETY: setsockopt with a valid fd and a c_int.
-        unsafe {
-            libc::setsockopt(
-                listener.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_DEFER_ACCEPT,
-                (&secs as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        common::scenarios::set_defer_accept(&listener, 60);
         listener
             .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
             .expect("bind");

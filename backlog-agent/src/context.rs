@@ -11,14 +11,10 @@
 use std::{
     collections::HashMap,
     ffi::OsString,
-    fs::{self, File},
-    io,
-    os::{
-        fd::AsRawFd,
-        unix::{
-            ffi::OsStringExt,
-            fs::{DirEntryExt, MetadataExt},
-        },
+    fs, io,
+    os::unix::{
+        ffi::OsStringExt,
+        fs::{DirEntryExt, MetadataExt},
     },
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -26,6 +22,8 @@ use std::{
 
 use serde::Serialize;
 use thiserror::Error;
+
+use crate::sockdiag::SockDiagError;
 
 /// Where systemd (pure v2) mounts the cgroup2 hierarchy.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -57,8 +55,6 @@ pub enum ContextError {
     EnterNetns { path: PathBuf, source: io::Error },
     #[error("cannot start a thread to read the sysctls of network namespace {path}: {source}")]
     SpawnThread { path: PathBuf, source: io::Error },
-    #[error("the thread reading the sysctls of network namespace {path} panicked")]
-    ThreadPanicked { path: PathBuf },
 }
 
 /// What the last walks could not see, for the exit summary.
@@ -400,40 +396,24 @@ pub fn read_sysctls_here() -> NetnsSysctls {
 /// namespace switch dies with the thread and no other thread of the agent
 /// (tokio workers included) ever leaves the host namespace.
 pub fn read_sysctls_in(netns_file: &Path) -> Result<NetnsSysctls, ContextError> {
-    // Opened here, not on the thread, so the caller's view of /proc (and
-    // its permissions) decides what the path means.
-    let ns = File::open(netns_file).map_err(|source| ContextError::OpenNetns {
-        path: netns_file.to_owned(),
-        source,
-    })?;
-    std::thread::scope(|scope| {
-        let reader = std::thread::Builder::new()
-            .name("netns-sysctls".to_owned())
-            .spawn_scoped(scope, || {
-                // SAFETY: setns only reads the fd, which `ns` keeps open
-                // until the scope ends; it changes this thread's netns
-                // alone, and this thread ends right after the reads.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(read_sysctls_here())
-            })
-            .map_err(|source| ContextError::SpawnThread {
-                path: netns_file.to_owned(),
-                source,
-            })?;
-        match reader.join() {
-            Ok(Ok(sysctls)) => Ok(sysctls),
-            // EINVAL when the file is not a network namespace, EPERM
-            // without CAP_SYS_ADMIN.
-            Ok(Err(source)) => Err(ContextError::EnterNetns {
-                path: netns_file.to_owned(),
-                source,
-            }),
-            Err(_) => Err(ContextError::ThreadPanicked {
-                path: netns_file.to_owned(),
-            }),
-        }
+    // One mechanism for entering a namespace: sockdiag's, which opens the
+    // file on the calling thread (so the caller's view of /proc decides
+    // what the path means) and setns()es a scoped thread.
+    crate::sockdiag::in_netns(netns_file, read_sysctls_here).map_err(|err| match err {
+        SockDiagError::OpenNetns { path, error } => ContextError::OpenNetns {
+            path,
+            source: error,
+        },
+        // EINVAL when the file is not a network namespace, EPERM without
+        // CAP_SYS_ADMIN.
+        SockDiagError::SetNs { path, error } => ContextError::EnterNetns {
+            path,
+            source: error,
+        },
+        other => ContextError::SpawnThread {
+            path: netns_file.to_owned(),
+            source: io::Error::other(other.to_string()),
+        },
     })
 }
 

@@ -5,7 +5,6 @@
 
 use std::{
     collections::HashMap,
-    ffi::CString,
     fs, io,
     path::{Path, PathBuf},
 };
@@ -44,9 +43,9 @@ pub fn ensure_mounted() -> Result<PathBuf, TracefsError> {
             return Ok(PathBuf::from(dir));
         }
     }
-    let target = CString::new(TRACEFS).expect("no NUL in a constant");
-    let fstype = CString::new("tracefs").expect("no NUL in a constant");
-    let source = CString::new("nodev").expect("no NUL in a constant");
+    let target = c"/sys/kernel/tracing";
+    let fstype = c"tracefs";
+    let source = c"nodev";
     // SAFETY: all pointers are valid NUL-terminated strings that outlive
     // the call; data may be NULL for tracefs.
     let rc = unsafe {

@@ -20,32 +20,12 @@ use common::{in_new_netns, netns_inode, privileged, serial, set_sysctl, Agent};
 use serde_json::Value;
 use socket2::{Domain, Socket, Type};
 
-fn set_defer_accept(socket: &Socket) {
-    let secs: libc::c_int = 30;
-    // SAFETY: setsockopt with a valid fd and a c_int of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&secs as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "TCP_DEFER_ACCEPT: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
 fn listener(backlog: i32, reuseport: bool, addr: &str) -> Socket {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
     if reuseport {
         socket.set_reuse_port(true).expect("SO_REUSEPORT");
     }
-    set_defer_accept(&socket);
+    common::scenarios::set_defer_accept(&socket, 30);
     socket
         .bind(&addr.parse::<SocketAddr>().unwrap().into())
         .expect("bind");

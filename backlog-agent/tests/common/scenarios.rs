@@ -16,7 +16,7 @@ pub struct Listener {
     pub backlog: i32,
 }
 
-fn set_defer_accept(socket: &Socket, secs: libc::c_int) {
+pub fn set_defer_accept(socket: &Socket, secs: libc::c_int) {
     // SAFETY: setsockopt with a valid fd and a c_int of the right size.
     let rc = unsafe {
         libc::setsockopt(
