@@ -179,7 +179,7 @@ fn attributes_workers_reuseport_groups_netns_limits_and_unix_sockets() {
     });
     ready_rx.recv().expect("forked server ready");
 
-    let agent = Agent::expect_ready(&["--output", "json"]);
+    let agent = Agent::expect_ready(&["--output", "json", "--show-cmdline", "--interval", "2"]);
     go_tx.send(()).unwrap();
     let (forked_netns, forked_port, forked_inode, worker_pids) = forked.join().unwrap();
 
@@ -260,7 +260,26 @@ fn attributes_workers_reuseport_groups_netns_limits_and_unix_sockets() {
         assert_eq!(e["netns"], forked_netns, "{e}");
         assert_eq!(pids(e), expected, "all holders of the shared socket: {e}");
         assert_eq!(e["host_netns"], false, "{e}");
+        // --show-cmdline: the workers are `sleep 60`.
+        let workers_cmdline = e["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["comm"] == "sleep")
+            .all(|p| p["cmdline"] == "sleep 60");
+        assert!(workers_cmdline, "{e}");
     }
+    // --interval 2: the forked server's drops (in the first second) are
+    // summarised at least once before the final summary.
+    let forked_summaries = events
+        .iter()
+        .filter(|e| e["kind"] == "listener_summary" && e["socket_inode"] == forked_inode)
+        .count();
+    assert!(
+        forked_summaries >= 2,
+        "{forked_summaries} summaries:\n{}",
+        run.stdout
+    );
 
     // (b)
     let group_events: Vec<(&Value, u64)> = events
@@ -282,8 +301,10 @@ fn attributes_workers_reuseport_groups_netns_limits_and_unix_sockets() {
     }
 
     // (c) The summary line explains the cut.
+    // The final summary: the last one for the listener.
     let summary = events
         .iter()
+        .rev()
         .find(|e| {
             e["kind"] == "listener_summary"
                 && e["netns"] == cut_netns
@@ -327,6 +348,7 @@ fn attributes_workers_reuseport_groups_netns_limits_and_unix_sockets() {
     }
     let unix_summary = events
         .iter()
+        .rev()
         .find(|e| {
             e["kind"] == "listener_summary" && e["listener"]["path"] == path.to_str().unwrap()
         })
