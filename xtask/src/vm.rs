@@ -57,6 +57,11 @@ pub struct VmTestOpts {
     #[arg(long, value_name = "PATH")]
     pub test_bin: Vec<PathBuf>,
 
+    /// Run the flood benchmark (benches/flood.rs) in the guests instead of
+    /// the tests: figures on kernels where every drop kind is traced.
+    #[arg(long, conflicts_with = "test_bin")]
+    pub bench: bool,
+
     /// Seconds each guest may run before it is killed and counted as failed
     /// [default: 600].
     #[arg(long, value_name = "SECS")]
@@ -89,7 +94,9 @@ pub fn vm_test(opts: &VmTestOpts) -> Result<()> {
         "install qemu-system-x86 (cargo xtask setup)",
     )?;
 
-    let payload = if opts.test_bin.is_empty() {
+    let payload = if opts.bench {
+        payload::build_bench()?
+    } else if opts.test_bin.is_empty() {
         payload::build_default()?
     } else {
         payload::from_test_bins(&opts.test_bin)?

@@ -70,6 +70,45 @@ pub fn build_default() -> Result<Payload> {
     Ok(Payload { files, runs })
 }
 
+/// The flood benchmark (`benches/flood.rs`) and a release agent, for
+/// `vm-test --bench`: figures from a kernel where every kind is traced.
+pub fn build_bench() -> Result<Payload> {
+    let agent_artifacts = cargo_artifacts(&["build", "--release", "--package", "backlog-agent"])?;
+    let agent = agent_artifacts
+        .iter()
+        .find(|a| a.name == "backlog-agent" && a.kinds.iter().any(|k| k == "bin"))
+        .context("cargo build --release reported no backlog-agent executable")?;
+    let bench_artifacts = cargo_artifacts(&[
+        "bench",
+        "--package",
+        "backlog-agent",
+        "--bench",
+        "flood",
+        "--no-run",
+    ])?;
+    let bench = bench_artifacts
+        .iter()
+        .find(|a| a.name == "flood" && a.kinds.iter().any(|k| k == "bench"))
+        .context("cargo bench --no-run reported no flood benchmark")?;
+    Ok(Payload {
+        files: vec![
+            PayloadFile {
+                host: agent.executable.clone(),
+                guest: AGENT_GUEST_PATH.to_owned(),
+            },
+            PayloadFile {
+                host: bench.executable.clone(),
+                guest: "/tests/flood".to_owned(),
+            },
+        ],
+        runs: vec![TestRun {
+            name: "flood".to_owned(),
+            guest: "/tests/flood".to_owned(),
+            args: vec!["--bench".to_owned()],
+        }],
+    })
+}
+
 /// `--test-bin` payloads run with no arguments: they need not be libtest
 /// harnesses.
 pub fn from_test_bins(paths: &[PathBuf]) -> Result<Payload> {
