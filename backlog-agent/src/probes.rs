@@ -583,13 +583,13 @@ fn explain(target: Attach, raw: &str) -> String {
         }
         // x86 BPF trampolines took at most 6 arguments before 6.5; Debian
         // backported a seventh to tcp_v4_syn_recv_sock into 6.1.
+        // 524 is the kernel's internal ENOTSUPP, which libc cannot name.
         Attach::Fentry(_) | Attach::Fexit(_)
-            if raw.starts_with("attach:") && raw.contains("bpf_raw_tracepoint_open") =>
+            if raw.starts_with("attach:") && raw.contains("os error 524") =>
         {
-            format!(
-                "the kernel cannot attach a BPF trampoline here (a function with more \
-                 than 6 arguments needs 6.5+): {raw}"
-            )
+            "the kernel's BPF trampoline cannot attach to this function (ENOTSUPP: \
+             functions with more than 6 arguments need 6.5+)"
+                .into()
         }
         Attach::Kprobe(_) | Attach::Kretprobe(_)
             if raw.contains("/sys/bus/event_source/devices/kprobe") =>
