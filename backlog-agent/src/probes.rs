@@ -36,14 +36,8 @@ pub enum ProbeError {
     Offsets(#[from] OffsetError),
     #[error("loading the eBPF object failed: {0}")]
     Load(#[from] EbpfError),
-    #[error("{kind}: --attach {family} is not possible on this kernel: {reason}")]
-    Forced {
-        kind: &'static str,
-        family: &'static str,
-        reason: String,
-    },
-    #[error("no drop kind can be observed on this kernel:\n{0}")]
-    NothingObservable(String),
+    #[error("no drop kind can be observed on this kernel with --attach {mode}: {reasons}")]
+    NothingObservable { mode: &'static str, reasons: String },
     #[error("eBPF map {name}: {reason}")]
     Map { name: &'static str, reason: String },
 }
@@ -406,19 +400,13 @@ pub fn start(
                 reason: "this version of backlog has no hook for it yet".into(),
             },
             None if failures.is_empty() => Outcome::NotObservable {
-                reason: format!("no {} hook exists for it", mode_name(mode)),
+                reason: format!("no {} hook exists for {}", mode_name(mode), kind.as_str()),
             },
-            None => {
-                let reason = failures.join("; ");
-                if mode != AttachMode::Auto {
-                    return Err(ProbeError::Forced {
-                        kind: kind.as_str(),
-                        family: mode_name(mode),
-                        reason,
-                    });
-                }
-                Outcome::NotObservable { reason }
-            }
+            // A forced family that cannot serve this kind still runs for
+            // the kinds it can serve; this one is reported with the reason.
+            None => Outcome::NotObservable {
+                reason: failures.join("; "),
+            },
         };
         outcomes.push((kind, outcome));
     }
@@ -426,14 +414,19 @@ pub fn start(
         .iter()
         .any(|(_, o)| matches!(o, Outcome::Attached { .. }))
     {
-        let why: Vec<String> = outcomes
-            .iter()
-            .map(|(kind, outcome)| match outcome {
-                Outcome::NotObservable { reason } => format!("  {}: {reason}", kind.as_str()),
-                Outcome::Attached { .. } => String::new(),
-            })
-            .collect();
-        return Err(ProbeError::NothingObservable(why.join("\n")));
+        // One line: the distinct reasons, most kinds share one.
+        let mut why: Vec<&str> = Vec::new();
+        for (_, outcome) in &outcomes {
+            if let Outcome::NotObservable { reason } = outcome {
+                if !why.contains(&reason.as_str()) {
+                    why.push(reason);
+                }
+            }
+        }
+        return Err(ProbeError::NothingObservable {
+            mode: mode_name(mode),
+            reasons: why.join("; "),
+        });
     }
     let listen_calls = preconditions
         .of(&LISTEN_CALLS)

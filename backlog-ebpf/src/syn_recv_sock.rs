@@ -13,9 +13,8 @@
 //! that one drop is one event.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
     macros::{fexit, kprobe, kretprobe, map},
-    maps::HashMap,
+    maps::PerCpuArray,
     programs::{FExitContext, ProbeContext, RetProbeContext},
 };
 use backlog_common::DropKind;
@@ -87,35 +86,44 @@ pub fn fexit_syn_recv_sock_v6_7args(ctx: FExitContext) -> i32 {
 pub struct SavedArgs {
     sk: u64,
     skb: u64,
+    active: u64,
 }
 
-/// Keyed by pid_tgid: the handshake runs in softirq or in the context of
-/// the task releasing the listener lock, one call at a time per task.
+/// One slot per CPU, not per task: the handshake runs in softirq, which
+/// does not nest on a CPU, and softirqs that interrupt the idle task all
+/// have pid_tgid 0, so a per-task key would mix CPUs up.
 #[map]
-static SYN_RECV_ARGS: HashMap<u64, SavedArgs> = HashMap::with_max_entries(4096, 0);
+static SYN_RECV_ARGS: PerCpuArray<SavedArgs> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn save_args(ctx: &ProbeContext, skip_ipv4: bool) {
     let (Some(sk), Some(skb)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
         return;
     };
+    // The v4-mapped call chain: the v6 function hands IPv4 packets to the
+    // v4 one, whose probes report them.
     if skip_ipv4 && event::packet_ip_version(skb as *const u8) == 4 {
         return;
     }
-    let key = bpf_get_current_pid_tgid();
-    let _ = SYN_RECV_ARGS.insert(key, SavedArgs { sk, skb }, 0);
+    if let Some(slot) = SYN_RECV_ARGS.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot (see SYN_RECV_ARGS).
+        unsafe { *slot = SavedArgs { sk, skb, active: 1 } };
+    }
 }
 
 #[inline(always)]
 fn check_return(ctx: &RetProbeContext) {
-    let key = bpf_get_current_pid_tgid();
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(saved) = (unsafe { SYN_RECV_ARGS.get(key) }).copied() else {
+    let Some(slot) = SYN_RECV_ARGS.get_ptr_mut(0) else {
         return;
     };
-    let _ = SYN_RECV_ARGS.remove(key);
+    // SAFETY: this CPU's slot (see SYN_RECV_ARGS).
+    let slot = unsafe { &mut *slot };
+    if slot.active == 0 {
+        return;
+    }
+    slot.active = 0;
     let ret: u64 = ctx.ret();
-    report_if_overflow(saved.sk as *const u8, saved.skb as *const u8, ret);
+    report_if_overflow(slot.sk as *const u8, slot.skb as *const u8, ret);
 }
 
 #[kprobe]

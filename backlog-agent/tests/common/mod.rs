@@ -100,7 +100,7 @@ pub struct Agent {
     child: Child,
     stderr_lines: mpsc::Receiver<String>,
     stderr_seen: Vec<String>,
-    stdout: thread::JoinHandle<String>,
+    stdout: Option<thread::JoinHandle<String>>,
 }
 
 /// What the agent printed, after it exited.
@@ -158,7 +158,7 @@ impl Agent {
             child,
             stderr_lines,
             stderr_seen: Vec::new(),
-            stdout,
+            stdout: Some(stdout),
         };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -201,12 +201,33 @@ impl Agent {
 
     fn wait(mut self) -> AgentRun {
         let status = self.child.wait().expect("wait for the agent");
-        let mut stderr = self.stderr_seen;
-        stderr.extend(self.stderr_lines.iter());
+        let mut stderr = std::mem::take(&mut self.stderr_seen);
+        stderr.extend(self.stderr_lines.try_iter());
+        // stderr closes when the agent exits: drain what is still in flight.
+        while let Ok(line) = self.stderr_lines.recv_timeout(Duration::from_secs(5)) {
+            stderr.push(line);
+        }
+        let stdout = self.stdout.take().map(|t| t.join().unwrap_or_default());
         AgentRun {
             status,
-            stdout: self.stdout.join().unwrap_or_default(),
+            stdout: stdout.unwrap_or_default(),
             stderr: stderr.join("\n"),
+        }
+    }
+
+    /// What the agent printed on stderr up to its `ready` line.
+    pub fn startup(&self) -> String {
+        self.stderr_seen.join("\n")
+    }
+}
+
+/// A test that panics must not leave an agent attached: later tests would
+/// count its events, and the process would outlive the test run.
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
