@@ -215,6 +215,10 @@ impl Agent {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What the agent printed on stderr up to its `ready` line.
     pub fn startup(&self) -> String {
         self.stderr_seen.join("\n")
