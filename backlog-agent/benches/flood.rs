@@ -82,15 +82,20 @@ fn flood() -> Flood {
             let _ = Socket::from(c).set_linger(Some(Duration::ZERO));
         }
         thread::sleep(Duration::from_millis(300));
-        let elapsed = started.elapsed();
-        let after = tcp_ext();
-        Flood {
-            elapsed,
-            overflows: counter_delta(&before, &after, "ListenOverflows"),
-            drops: counter_delta(&before, &after, "ListenDrops"),
-            netns: common::netns_inode(),
-        }
+        measured(&before, started)
     })
+}
+
+/// What the kernel counted in this namespace since `before`/`started`.
+fn measured(before: &std::collections::HashMap<String, u64>, started: Instant) -> Flood {
+    let elapsed = started.elapsed();
+    let after = tcp_ext();
+    Flood {
+        elapsed,
+        overflows: counter_delta(before, &after, "ListenOverflows"),
+        drops: counter_delta(before, &after, "ListenDrops"),
+        netns: common::netns_inode(),
+    }
 }
 
 fn syn_flood() -> Flood {
@@ -104,14 +109,7 @@ fn syn_flood() -> Flood {
         drop(clients);
         thread::sleep(Duration::from_millis(300));
         drop(listener);
-        let elapsed = started.elapsed();
-        let after = tcp_ext();
-        Flood {
-            elapsed,
-            overflows: counter_delta(&before, &after, "ListenOverflows"),
-            drops: counter_delta(&before, &after, "ListenDrops"),
-            netns: common::netns_inode(),
-        }
+        measured(&before, started)
     })
 }
 

@@ -410,33 +410,29 @@ mod tests {
         assert_eq!(l.backlog_requested, -1);
     }
 
+    /// Deterministic pseudo-random bytes (xorshift64).
+    fn noise(state: &mut u64, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                *state ^= *state << 13;
+                *state ^= *state >> 7;
+                *state ^= *state << 17;
+                *state as u8
+            })
+            .collect()
+    }
+
     #[test]
     fn garbage_never_panics() {
         // A cheap deterministic fuzz: every byte pattern of a full-length
         // record either decodes or is an error value.
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..10_000 {
-            let record: Vec<u8> = (0..DROP_EVENT_SIZE)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    state as u8
-                })
-                .collect();
-            let _ = decode(&record);
+            let _ = decode(&noise(&mut state, DROP_EVENT_SIZE));
         }
         for len in [UNIX_CONNECT_EVENT_SIZE, LISTEN_EVENT_SIZE] {
             for _ in 0..2_000 {
-                let record: Vec<u8> = (0..len)
-                    .map(|_| {
-                        state ^= state << 13;
-                        state ^= state >> 7;
-                        state ^= state << 17;
-                        state as u8
-                    })
-                    .collect();
-                let _ = decode_record(&record);
+                let _ = decode_record(&noise(&mut state, len));
             }
         }
     }

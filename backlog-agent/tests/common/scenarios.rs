@@ -54,48 +54,7 @@ fn reset(stream: TcpStream) {
 /// `hold` has passed. No SYN is dropped: the SYNs all arrive while the
 /// queue has room, so every ListenOverflows increment is a final-ACK drop.
 pub fn final_ack_overflow(addr: SocketAddr, backlog: i32, hold: Duration) -> Listener {
-    let domain = if addr.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let listener = Socket::new(domain, Type::STREAM, None).expect("listener socket");
-    set_defer_accept(&listener, 30);
-    listener.bind(&addr.into()).expect("bind");
-    listener.listen(backlog).expect("listen");
-    let local = listener
-        .local_addr()
-        .expect("local addr")
-        .as_socket()
-        .expect("inet addr");
-
-    let mut clients = Vec::new();
-    for _ in 0..backlog {
-        let mut c = TcpStream::connect(local).expect("connect (first wave)");
-        c.write_all(b"x").expect("send (first wave)");
-        clients.push(c);
-    }
-    // Let the first wave's data complete their handshakes into the queue.
-    thread::sleep(Duration::from_millis(100));
-    let mut parked = Vec::new();
-    for _ in 0..backlog {
-        parked.push(TcpStream::connect(local).expect("connect (second wave)"));
-    }
-    thread::sleep(Duration::from_millis(100));
-    for c in &mut parked {
-        c.write_all(b"y").expect("send (second wave)");
-    }
-    thread::sleep(hold);
-    for c in parked.into_iter().chain(clients) {
-        reset(c);
-    }
-    drop(listener);
-    // Let the RSTs and the listener's close settle before counting.
-    thread::sleep(Duration::from_millis(300));
-    Listener {
-        port: local.port(),
-        backlog,
-    }
+    final_ack_overflow_via(addr, addr.ip(), backlog, hold)
 }
 
 /// A SYN queue held full (`syn_dropped_syn_queue_full`, or cookies):
