@@ -95,16 +95,17 @@ async fn run(cli: Cli) -> Result<()> {
         .context("cannot poll the ring buffer")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    // Before `ready`: setting up the sink may have things to say.
+    let mut sink = Sink::new(Options {
+        format: cli.output,
+        show_cmdline: cli.show_cmdline,
+    });
     let deadline = cli.duration.map(|d| tokio::time::Instant::now() + d);
     note(format_args!(
         "ready: watching {attached} of {} drop kinds; Ctrl-C to stop",
         probes.outcomes.len()
     ));
 
-    let mut sink = Sink::new(Options {
-        format: cli.output,
-        show_cmdline: cli.show_cmdline,
-    });
     let mut interval = cli.interval.map(|every| {
         let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
