@@ -9,12 +9,11 @@ use aya_ebpf::{
     maps::{PerCpuArray, PerCpuHashMap},
 };
 use backlog_common::{
-    DropEvent, DropKind, DropTotalKey, KernelOffsets, AF_INET, AF_INET6, COUNTER_EVENTS_LOST,
-    COUNTER_EVENTS_SENT, COUNTER_READ_ERRORS, COUNTER_TOTALS_FULL, EVENT_FLAG_NO_PACKET,
-    EVENT_FLAG_PARTIAL, EVENT_FLAG_RESET_SENT,
+    DropEvent, DropKind, DropTotalKey, KernelOffsets, AF_INET, AF_INET6, COUNTER_READ_ERRORS,
+    COUNTER_TOTALS_FULL, EVENT_FLAG_NO_PACKET, EVENT_FLAG_PARTIAL, EVENT_FLAG_RESET_SENT,
 };
 
-use crate::{count, read::Reader, EVENTS};
+use crate::{count, read::Reader};
 
 /// Where an event is assembled: off the 512-byte stack.
 #[map]
@@ -94,14 +93,10 @@ pub fn emit(kind: u32, sk: *const u8, skb: *const u8, extra_flags: u32) {
         event.flags |= EVENT_FLAG_PARTIAL;
         count(COUNTER_READ_ERRORS);
     }
+    // Counted before it is queued: if the ring buffer is full, the totals
+    // stay exact and the loss is counted.
     add_to_totals(event);
-    if EVENTS.output::<DropEvent>(event, 0).is_ok() {
-        count(COUNTER_EVENTS_SENT);
-    } else {
-        // Ring buffer full: the agent reports the loss, and the totals
-        // above stay exact.
-        count(COUNTER_EVENTS_LOST);
-    }
+    crate::submit(event);
 }
 
 /// tcp_check_req() answers an overflowed final ACK with a RST only when

@@ -14,7 +14,7 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use backlog_common::{KernelOffsets, COUNTER_COUNT};
+use backlog_common::{KernelOffsets, COUNTER_COUNT, COUNTER_EVENTS_LOST, COUNTER_EVENTS_SENT};
 
 /// Drop events for the agent. The size is a default; the agent sets the
 /// real one (`--ring-buffer-kib`) before load.
@@ -43,6 +43,17 @@ fn count(counter: u32) {
         // Per-CPU slot: no other CPU writes it, and BPF programs are not
         // preempted by themselves on one CPU for these program types.
         unsafe { *slot += 1 };
+    }
+}
+
+/// Queues one record for the agent and counts it as sent, or as lost when
+/// the ring buffer is full (the agent reports that count).
+#[inline(always)]
+fn submit<T: 'static>(record: &T) {
+    if EVENTS.output::<T>(record, 0).is_ok() {
+        count(COUNTER_EVENTS_SENT);
+    } else {
+        count(COUNTER_EVENTS_LOST);
     }
 }
 

@@ -14,12 +14,9 @@ use aya_ebpf::{
     maps::HashMap,
     programs::TracePointContext,
 };
-use backlog_common::{
-    ListenEvent, UnixConnectEvent, AF_UNIX, COUNTER_EVENTS_LOST, COUNTER_EVENTS_SENT,
-    TASK_COMM_LEN, UNIX_PATH_MAX,
-};
+use backlog_common::{ListenEvent, UnixConnectEvent, AF_UNIX, TASK_COMM_LEN, UNIX_PATH_MAX};
 
-use crate::{count, read::Reader, EVENTS};
+use crate::read::Reader;
 
 const EAGAIN: i64 = 11;
 /// sockaddr_un: sun_family (2 bytes), then the path.
@@ -60,6 +57,15 @@ fn layout_known(o: &backlog_common::KernelOffsets) -> bool {
     ]
     .iter()
     .all(|&offset| offset != backlog_common::OFFSET_ABSENT)
+}
+
+/// Copies out and removes what a syscall's entry saved for its exit.
+#[inline(always)]
+fn take<V: Copy>(map: &HashMap<u64, V>, key: u64) -> Option<V> {
+    // SAFETY: the value is copied out before the entry is removed.
+    let value = unsafe { map.get(key) }.copied()?;
+    let _ = map.remove(key);
+    Some(value)
 }
 
 #[tracepoint]
@@ -106,11 +112,9 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let key = bpf_get_current_pid_tgid();
-    // SAFETY: copied out before the entry is removed.
-    let Some(args) = (unsafe { UNIX_CONNECT_ARGS.get(key) }).copied() else {
+    let Some(args) = take(&UNIX_CONNECT_ARGS, key) else {
         return 0;
     };
-    let _ = UNIX_CONNECT_ARGS.remove(key);
     let o = crate::offsets();
     if !layout_known(&o) {
         return 0;
@@ -131,11 +135,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         path: args.path,
         _pad0: 0,
     };
-    if EVENTS.output::<UnixConnectEvent>(&event, 0).is_ok() {
-        count(COUNTER_EVENTS_SENT);
-    } else {
-        count(COUNTER_EVENTS_LOST);
-    }
+    crate::submit(&event);
     0
 }
 
@@ -163,11 +163,9 @@ pub fn sys_enter_listen(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
     let key = bpf_get_current_pid_tgid();
-    // SAFETY: copied out before the entry is removed.
-    let Some(args) = (unsafe { LISTEN_ARGS.get(key) }).copied() else {
+    let Some(args) = take(&LISTEN_ARGS, key) else {
         return 0;
     };
-    let _ = LISTEN_ARGS.remove(key);
     let o = crate::offsets();
     if !layout_known(&o) {
         return 0;
@@ -200,11 +198,7 @@ pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
         let net = r.ptr(sk, o.sk_net);
         event.netns_inode = r.at::<u32>(net, o.net_ns_inum);
     }
-    if EVENTS.output::<ListenEvent>(&event, 0).is_ok() {
-        count(COUNTER_EVENTS_SENT);
-    } else {
-        count(COUNTER_EVENTS_LOST);
-    }
+    crate::submit(&event);
     0
 }
 
