@@ -89,6 +89,22 @@ struct Hook {
     /// What the user is told, e.g. "fexit tcp_v4_syn_recv_sock, tcp_v6_syn_recv_sock".
     label: &'static str,
     programs: &'static [(&'static str, Attach)],
+    /// What must hold on this kernel for the programs to report truly.
+    needs: Needs,
+}
+
+/// Facts a hook depends on, checked before its result is trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Needs {
+    Nothing,
+    /// skb:kfree_skb with rx_sk and the TCP_LISTEN_OVERFLOW reason.
+    KfreeSkbLayout,
+    /// The syscalls:* record layouts.
+    SyscallLayout,
+    /// A tcp_v4_syn_recv_sock prototype the fexit programs know.
+    SynRecvSockPrototype,
+    /// This CPU's SNMP counters (BTF indexes and __per_cpu_offset).
+    SnmpCounters,
 }
 
 impl Hook {
@@ -100,6 +116,7 @@ impl Hook {
 const KFREE_SKB: Hook = Hook {
     family: HookFamily::Tracepoint,
     label: "tracepoint skb:kfree_skb (reason TCP_LISTEN_OVERFLOW)",
+    needs: Needs::KfreeSkbLayout,
     programs: &[(
         "kfree_skb_listen_overflow",
         Attach::Tracepoint {
@@ -112,6 +129,7 @@ const KFREE_SKB: Hook = Hook {
 const UNIX_CONNECT: Hook = Hook {
     family: HookFamily::Tracepoint,
     label: "tracepoint syscalls:sys_enter_connect, sys_exit_connect (EAGAIN on AF_UNIX)",
+    needs: Needs::SyscallLayout,
     programs: &[
         (
             "sys_exit_connect",
@@ -135,6 +153,7 @@ const UNIX_CONNECT: Hook = Hook {
 const LISTEN_CALLS: Hook = Hook {
     family: HookFamily::Tracepoint,
     label: "tracepoint syscalls:sys_enter_listen, sys_exit_listen",
+    needs: Needs::SyscallLayout,
     programs: &[
         (
             "sys_exit_listen",
@@ -158,6 +177,7 @@ const LISTEN_CALLS: Hook = Hook {
 const SYN_RECV_SOCK_FEXIT_6: Hook = Hook {
     family: HookFamily::Fentry,
     label: "fexit tcp_v4_syn_recv_sock, tcp_v6_syn_recv_sock",
+    needs: Needs::SynRecvSockPrototype,
     programs: &[
         (
             "fexit_syn_recv_sock_v4_6args",
@@ -187,6 +207,7 @@ const SYN_RECV_SOCK_FEXIT_7: Hook = Hook {
 const SYN_RECV_SOCK_KPROBE: Hook = Hook {
     family: HookFamily::Kprobe,
     label: "kprobe+kretprobe tcp_v4_syn_recv_sock, tcp_v6_syn_recv_sock",
+    needs: Needs::Nothing,
     programs: &[
         (
             "kprobe_syn_recv_sock_v4",
@@ -211,6 +232,7 @@ const SYN_RECV_SOCK_KPROBE: Hook = Hook {
 const CONN_REQUEST_FENTRY: Hook = Hook {
     family: HookFamily::Fentry,
     label: "fentry/fexit tcp_conn_request",
+    needs: Needs::SnmpCounters,
     programs: &[
         ("fexit_conn_request", Attach::Fexit("tcp_conn_request")),
         ("fentry_conn_request", Attach::Fentry("tcp_conn_request")),
@@ -220,6 +242,7 @@ const CONN_REQUEST_FENTRY: Hook = Hook {
 const CONN_REQUEST_KPROBE: Hook = Hook {
     family: HookFamily::Kprobe,
     label: "kprobe/kretprobe tcp_conn_request",
+    needs: Needs::SnmpCounters,
     programs: &[
         (
             "kretprobe_conn_request",
@@ -282,17 +305,12 @@ struct Preconditions {
 
 impl Preconditions {
     fn of(&self, hook: &Hook) -> Result<(), String> {
-        if hook.label == KFREE_SKB.label {
-            self.kfree_skb.clone()
-        } else if hook.label == UNIX_CONNECT.label || hook.label == LISTEN_CALLS.label {
-            self.syscalls.clone()
-        } else if hook.label == SYN_RECV_SOCK_FEXIT_6.label {
-            self.syn_recv_sock_fexit.clone()
-        } else if hook.label == CONN_REQUEST_FENTRY.label || hook.label == CONN_REQUEST_KPROBE.label
-        {
-            self.snmp_counters.clone()
-        } else {
-            Ok(())
+        match hook.needs {
+            Needs::Nothing => Ok(()),
+            Needs::KfreeSkbLayout => self.kfree_skb.clone(),
+            Needs::SyscallLayout => self.syscalls.clone(),
+            Needs::SynRecvSockPrototype => self.syn_recv_sock_fexit.clone(),
+            Needs::SnmpCounters => self.snmp_counters.clone(),
         }
     }
 }
