@@ -45,7 +45,7 @@ fn inode_of(fd: RawFd) -> u64 {
 
 /// A child process (a worker) that inherits `fd` and just holds it.
 fn worker_holding(fd: RawFd) -> Child {
-    let mut cmd = Command::new("sleep");
+    let mut cmd = Command::new(common::outside("sleep"));
     cmd.arg("60");
     // SAFETY: only async-signal-safe fcntl between fork and exec.
     unsafe {

@@ -14,6 +14,52 @@ use serde_json::Value;
 /// Hook families the agent knows, most preferred first.
 const FAMILIES: [&str; 3] = ["fentry", "kprobe", "tracepoint"];
 
+const ACK: &str = "ack_dropped_accept_queue_full";
+
+/// What the agent says at start-up, per `--attach` value and drop kind,
+/// must be what xtask/support-matrix.tsv expects on this kernel series:
+/// a kind a family stops tracing fails, and so does one it starts to
+/// trace without the table saying so. Every cell also goes to the guest
+/// console for `cargo xtask vm-test`'s matrix.
+#[test]
+fn startup_matches_support_matrix() {
+    if !privileged("startup_matches_support_matrix") {
+        return;
+    }
+    let _serial = serial();
+    let mut differences = Vec::new();
+    for family in common::support::FAMILIES {
+        let expected = common::expected_support(family);
+        let stderr = match Agent::start(&["--attach", family, "--duration", "600"]) {
+            Started::Ready(agent) => {
+                let startup = agent.startup();
+                let run = agent.stop();
+                assert!(run.status.success(), "--attach {family}: {}", run.stderr);
+                startup
+            }
+            Started::Exited(run) => run.stderr,
+        };
+        let observed = common::support::observed(&stderr);
+        assert!(
+            !observed.is_empty(),
+            "--attach {family}: no start-up line names a drop kind:\n{stderr}"
+        );
+        for kind in common::support::KINDS {
+            common::support_line(family, kind, observed.get(kind));
+        }
+        for difference in common::support::differences(&expected, &observed) {
+            differences.push(format!("--attach {family}: {difference}"));
+        }
+    }
+    assert!(
+        differences.is_empty(),
+        "kernel {} differs from {}:\n{}",
+        common::kernel_release(),
+        common::support::TABLE_PATH,
+        differences.join("\n")
+    );
+}
+
 fn events_of<'a>(events: &'a [Value], kind: &str, netns: u64) -> Vec<&'a Value> {
     events
         .iter()
@@ -32,39 +78,53 @@ fn final_ack_overflow_matches_kernel_counters() {
     let _serial = serial();
     let mut attached_any = false;
     for family in FAMILIES {
+        // What this family may do here is the support table's to say, not
+        // the agent's: an unsupported family must be one the table expects.
+        let expected = common::expected_support(family);
+        let traced = expected[ACK].is_traced();
         let agent = match Agent::start(&["--output", "json", "--attach", family]) {
             Started::Ready(agent) => agent,
             Started::Exited(run) => {
+                for line in run.stderr.lines() {
+                    common::figure(&format!("family={family} agent-stderr: {line}"));
+                }
+                assert!(
+                    expected.values().all(|s| !s.is_traced()),
+                    "--attach {family} exited, but {} expects it to trace some kind here:\n{}",
+                    common::support::TABLE_PATH,
+                    run.stderr
+                );
                 assert!(
                     run.stderr.contains("no drop kind can be observed"),
                     "--attach {family} failed for another reason:\n{}",
                     run.stderr
                 );
-                for line in run.stderr.lines() {
-                    common::figure(&format!("family={family} agent-stderr: {line}"));
-                }
-                let reason = run
-                    .stderr
-                    .lines()
-                    .find_map(|l| l.split_once(": not observable: ").map(|(_, why)| why))
-                    .unwrap_or_else(|| run.stderr.lines().last().unwrap_or(""));
-                matrix(family, "final_ack_overflow", "unsupported", reason);
+                matrix(
+                    family,
+                    "final_ack_overflow",
+                    "unsupported",
+                    "no kind observable",
+                );
                 continue;
             }
         };
-        // A forced family may serve other kinds but not this one.
-        if let Some(line) = agent
-            .startup()
-            .lines()
-            .find(|l| l.contains("ack_dropped_accept_queue_full") && l.contains("not observable"))
-        {
-            let reason = line
-                .rsplit("not observable: ")
-                .next()
-                .unwrap_or(line)
-                .to_owned();
+        let observed = common::support::observed(&agent.startup());
+        let says_traced = observed.get(ACK).is_some_and(|s| s.is_traced());
+        assert_eq!(
+            says_traced,
+            traced,
+            "--attach {family}: {ACK} traced per the agent: {says_traced}, per {}: {traced}:\n{}",
+            common::support::TABLE_PATH,
+            agent.startup()
+        );
+        if !traced {
             drop(agent);
-            matrix(family, "final_ack_overflow", "unsupported", &reason);
+            matrix(
+                family,
+                "final_ack_overflow",
+                "unsupported",
+                &common::support::describe(&expected[ACK]),
+            );
             continue;
         }
         attached_any = true;
@@ -166,8 +226,21 @@ fn unprivileged_run_fails_with_one_clear_line() {
     if !privileged("unprivileged_run_fails_with_one_clear_line") {
         return;
     }
-    use std::os::unix::process::CommandExt;
-    let out = Command::new(common::agent_bin())
+    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+    // nobody must reach the binary wherever the clone lives (a clone in
+    // /root, mode 0700, is out of its reach): a copy in a directory of
+    // its own that everyone may enter.
+    // /tmp, not $TMPDIR: a TMPDIR under /root would be out of reach too.
+    let dir = tempfile::Builder::new()
+        .tempdir_in("/tmp")
+        .expect("temporary directory in /tmp");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod 0755 the temporary directory");
+    let agent = dir.path().join("backlog-agent");
+    std::fs::copy(common::agent_bin(), &agent).expect("copy the agent");
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod 0755 the agent copy");
+    let out = Command::new(&agent)
         .arg("--duration=1")
         .uid(65534)
         .gid(65534)
@@ -217,8 +290,17 @@ fn untraceable_syn_drops_are_counted_per_namespace() {
     let queue_full = counter_delta(&before, &after, "TCPReqQFullDrop");
     assert!(queue_full > 0, "the scenario dropped no SYN");
     let events = run.json_events();
-    // With tracing hooks (the guests) the SYN drops are events instead.
-    if !run.stderr.contains("counted from kernel counters") {
+    // Where the support table says the SYN stage is traced (the guests),
+    // the SYN drops are events instead; the agent must say which it does.
+    let traced_here = common::expected_traced("auto", &["syn_dropped_syn_queue_full"]);
+    assert_eq!(
+        !run.stderr.contains("counted from kernel counters"),
+        traced_here,
+        "SYN-stage drops traced per {}: {traced_here}; agent:\n{}",
+        common::support::TABLE_PATH,
+        run.stderr
+    );
+    if traced_here {
         let traced = events_of(&events, "syn_dropped_syn_queue_full", netns).len() as u64;
         assert_eq!(
             traced, queue_full,

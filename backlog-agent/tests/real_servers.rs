@@ -22,15 +22,6 @@ use std::{
 
 use common::{privileged, serial, Agent};
 
-fn must_have(binary: &str) -> String {
-    let path = format!("/usr/sbin/{binary}");
-    assert!(
-        Path::new(&path).exists(),
-        "{path} missing: `cargo xtask setup` installs nginx and php8.2-fpm"
-    );
-    path
-}
-
 fn start(cmd: &mut Command, what: &str) -> Child {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -74,8 +65,8 @@ fn nginx_to_php_fpm_eagain_is_reported() {
         return;
     }
     let _serial = serial();
-    let nginx = must_have("nginx");
-    let php_fpm = must_have("php-fpm8.2");
+    let nginx = common::outside("nginx");
+    let php_fpm = common::outside("php-fpm8.2");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let sock = d.join("www.sock");

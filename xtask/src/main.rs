@@ -4,7 +4,13 @@
 //! xtask test`); both start with `setup`, which installs only what is
 //! missing, so they are safe to repeat.
 
+// Both are shared with the integration tests (`#[path]`), which use the
+// parts xtask does not.
+#[allow(dead_code)]
+mod outside;
 mod setup;
+#[allow(dead_code)]
+mod support;
 mod vm;
 
 use std::process::Command;
@@ -21,10 +27,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing need and is missing: Debian
-    /// packages (LLVM 22, qemu, busybox, ...), nightly's rust-src and
-    /// bpf-linker. Idempotent.
-    Setup,
+    /// Install what run, test, bench and vm-test need and is missing, as
+    /// xtask/outside-programs.tsv lists it (Debian packages, nightly's
+    /// rust-src, bpf-linker). Idempotent.
+    Setup {
+        /// List what is missing and install nothing; exit 1 when something
+        /// is missing.
+        #[arg(long)]
+        check: bool,
+    },
     /// Set up, build the agent and run it with the given arguments.
     Run {
         /// Arguments passed to backlog-agent (after `--`).
@@ -48,11 +59,12 @@ enum Task {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.task {
-        Task::Setup => setup::ensure_all(),
+        Task::Setup { check: true } => setup::check(),
+        Task::Setup { check: false } => setup::ensure(None),
         Task::Run { args } => run_agent(&args),
         Task::Test { no_vm } => test_all(no_vm),
-        Task::VmTest(opts) => setup::ensure_all().and_then(|()| vm::vm_test(&opts)),
-        Task::Bench => setup::ensure_all().and_then(|()| {
+        Task::VmTest(opts) => setup::ensure(Some("vm-test")).and_then(|()| vm::vm_test(&opts)),
+        Task::Bench => setup::ensure(Some("bench")).and_then(|()| {
             run(cargo().args(["bench", "--package", "backlog-agent", "--bench", "flood"]))
         }),
     };
@@ -78,7 +90,7 @@ fn cargo() -> Command {
 }
 
 fn run_agent(args: &[String]) -> Result<()> {
-    setup::ensure_all()?;
+    setup::ensure(Some("run"))?;
     run(cargo().args(["build", "--release", "--package", "backlog-agent"]))?;
     let agent = workspace_root().join("target/release/backlog-agent");
     // exec-like: hand over the agent's exit status so Ctrl-C behaves as if
@@ -91,7 +103,7 @@ fn run_agent(args: &[String]) -> Result<()> {
 }
 
 fn test_all(no_vm: bool) -> Result<()> {
-    setup::ensure_all()?;
+    setup::ensure(Some("test"))?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     // The eBPF crate only builds for the BPF target (its panic handler
     // clashes with std on the host), so it is linted there, with nightly.

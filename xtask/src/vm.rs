@@ -26,7 +26,6 @@ mod matrix;
 mod payload;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
@@ -36,18 +35,19 @@ use self::guest::{GuestOutcome, GuestRun};
 
 /// Kernel series booted when no `--kernel` is given: the oldest kernel we
 /// support (bullseye's 5.10, first with BTF in Debian), bookworm's 6.1 and
-/// bookworm's 6.12.
-const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12"];
+/// 6.12, and the newest Debian ships (7.3, trixie-backports), where all
+/// three hook families exist.
+const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "7.3"];
 
 /// Software emulation (TCG) boots in seconds but runs the tests slowly.
 const DEFAULT_TIMEOUT_SECS: u64 = 600;
 
 #[derive(clap::Args, Default, Debug)]
 pub struct VmTestOpts {
-    /// Kernel to boot: a series (5.10, 6.1, 6.12; the newest Debian cloud
-    /// kernel of it is used) or a full package name such as
-    /// linux-image-6.1.0-50-cloud-amd64. Repeatable. Default: 5.10, 6.1 and
-    /// 6.12.
+    /// Kernel to boot: a series (5.10, 6.1, 6.12, 7.3; the newest Debian
+    /// cloud kernel of it is used) or a full package name such as
+    /// linux-image-6.1.0-50-cloud-amd64. Repeatable. Default: 5.10, 6.1,
+    /// 6.12 and 7.3.
     #[arg(long, value_name = "NAME")]
     pub kernel: Vec<String>,
 
@@ -89,10 +89,7 @@ pub fn vm_test(opts: &VmTestOpts) -> Result<()> {
         }
     }
 
-    check_tool(
-        "qemu-system-x86_64",
-        "install qemu-system-x86 (cargo xtask setup)",
-    )?;
+    crate::outside::locate("qemu-system-x86_64").map_err(anyhow::Error::msg)?;
 
     let payload = if opts.bench {
         payload::build_bench()?
@@ -153,6 +150,7 @@ pub fn vm_test(opts: &VmTestOpts) -> Result<()> {
                     initrd: &kernel_initrd,
                     log: &log,
                     timeout,
+                    check_support: !opts.bench && opts.test_bin.is_empty(),
                 })
             }
             Err(err) => GuestOutcome::not_booted(&spec.label, format!("{err:#}")),
@@ -162,6 +160,8 @@ pub fn vm_test(opts: &VmTestOpts) -> Result<()> {
 
     println!();
     print!("{}", matrix::render_table(&outcomes));
+    println!();
+    print!("{}", matrix::render_support(&outcomes));
     println!();
     print!("{}", matrix::render_summary(&outcomes));
 
@@ -178,15 +178,6 @@ pub fn vm_test(opts: &VmTestOpts) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Fails with an install hint when `tool` cannot be started.
-fn check_tool(tool: &str, hint: &str) -> Result<()> {
-    match Command::new(tool).arg("--version").output() {
-        Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => bail!("`{tool} --version` failed ({}): {hint}", out.status),
-        Err(err) => bail!("{tool} not found ({err}): {hint}"),
-    }
 }
 
 /// Paths relative to the workspace root read better in progress lines.

@@ -9,14 +9,21 @@
 
 pub mod scenarios;
 
+/// The table of outside programs, shared with xtask (one file, one parser).
+#[path = "../../../xtask/src/outside.rs"]
+pub mod outside_table;
+/// The expected-support matrix, shared with xtask.
+#[path = "../../../xtask/src/support.rs"]
+pub mod support;
+
 use std::{
     collections::HashMap,
     fs,
-    io::{BufRead, BufReader, Read},
+    io::{BufRead, BufReader},
     os::unix::fs::MetadataExt,
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{mpsc, Mutex, MutexGuard},
+    sync::{mpsc, Arc, Mutex, MutexGuard},
     thread,
     time::{Duration, Instant},
 };
@@ -36,8 +43,19 @@ fn must_not_skip() -> bool {
         || std::env::var_os("BACKLOG_IN_GUEST").is_some()
 }
 
+/// The one place a test decides to skip: says so loudly and returns, or
+/// panics under CI=true and in the guests, where a green run must mean the
+/// test really ran.
+pub fn skip(test: &str, why: &str) {
+    let message = format!("{test}: {why}");
+    if must_not_skip() {
+        panic!("{message}; a test may not skip under CI");
+    }
+    eprintln!("SKIPPED {message}");
+}
+
 /// True when this test can drive the kernel (root, BTF); otherwise skips
-/// loudly, or panics under CI.
+/// (see [`skip`]).
 pub fn privileged(test: &str) -> bool {
     let mut missing = Vec::new();
     // SAFETY: geteuid has no preconditions.
@@ -50,12 +68,60 @@ pub fn privileged(test: &str) -> bool {
     if missing.is_empty() {
         return true;
     }
-    let message = format!("{test}: needs {}", missing.join(" and "));
-    if must_not_skip() {
-        panic!("{message}; a privileged test may not skip under CI");
-    }
-    eprintln!("SKIPPED {message}");
+    skip(test, &format!("needs {}", missing.join(" and ")));
     false
+}
+
+/// The path of an outside program, found through xtask/outside-programs.tsv:
+/// tests start outside programs only through this, so the table stays the
+/// one list of what the machine must have (an xtask unit test checks it).
+/// A missing program fails the test: `cargo xtask setup` installs it.
+pub fn outside(program: &str) -> PathBuf {
+    outside_table::locate(program).unwrap_or_else(|err| panic!("{err}"))
+}
+
+/// What xtask/support-matrix.tsv expects of `family` (`fentry`, `kprobe`,
+/// `tracepoint` or `auto`) on the running kernel, per drop kind. Panics
+/// when the kernel's series is not in the table: a new kernel is added
+/// explicitly.
+pub fn expected_support(family: &str) -> std::collections::BTreeMap<String, support::Support> {
+    let table = support::table();
+    support::expected(&table, &kernel_release(), family)
+        .unwrap_or_else(|err| panic!("{err}"))
+        .clone()
+}
+
+/// True when the table says `family` traces every one of `kinds` here;
+/// false when it says one of them is not observable.
+pub fn expected_traced(family: &str, kinds: &[&str]) -> bool {
+    let expected = expected_support(family);
+    assert!(!kinds.is_empty(), "no kinds asked about");
+    kinds.iter().all(|kind| {
+        expected
+            .get(*kind)
+            .unwrap_or_else(|| panic!("{kind} is not a drop kind of the support table"))
+            .is_traced()
+    })
+}
+
+/// One cell of the support matrix as the agent reported it, for `cargo
+/// xtask vm-test` (which compares it with the table itself, so a guest
+/// whose test did not report a cell fails too).
+pub fn support_line(family: &str, kind: &str, got: Option<&support::Support>) {
+    use std::io::Write as _;
+    let (cell, detail) = match got {
+        Some(support::Support::Traced(f)) => (f.as_str(), String::new()),
+        Some(support::Support::NotObservable(why)) => ("-", why.clone()),
+        None => ("unreported", String::new()),
+    };
+    let line = format!(
+        "BACKLOG-SUPPORT kernel={} family={family} kind={kind} agent={cell} detail={}\n",
+        kernel_release(),
+        detail.replace(char::is_whitespace, "_")
+    );
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(line.as_bytes());
+    let _ = out.flush();
 }
 
 pub fn agent_bin() -> PathBuf {
@@ -100,7 +166,9 @@ pub struct Agent {
     child: Child,
     stderr_lines: mpsc::Receiver<String>,
     stderr_seen: Vec<String>,
-    stdout: Option<thread::JoinHandle<String>>,
+    /// stdout lines as they arrive, for tests that wait for an event.
+    stdout_lines: Arc<Mutex<Vec<String>>>,
+    stdout: Option<thread::JoinHandle<()>>,
 }
 
 /// What the agent printed, after it exited.
@@ -148,16 +216,22 @@ impl Agent {
                 }
             }
         });
-        let mut stdout_pipe = child.stdout.take().expect("piped stdout");
+        let stdout_pipe = child.stdout.take().expect("piped stdout");
+        let stdout_lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&stdout_lines);
         let stdout = thread::spawn(move || {
-            let mut out = String::new();
-            let _ = stdout_pipe.read_to_string(&mut out);
-            out
+            for line in BufReader::new(stdout_pipe).lines() {
+                let Ok(line) = line else { break };
+                sink.lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push(line);
+            }
         });
         let mut agent = Agent {
             child,
             stderr_lines,
             stderr_seen: Vec::new(),
+            stdout_lines,
             stdout: Some(stdout),
         };
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -207,11 +281,55 @@ impl Agent {
         while let Ok(line) = self.stderr_lines.recv_timeout(Duration::from_secs(5)) {
             stderr.push(line);
         }
-        let stdout = self.stdout.take().map(|t| t.join().unwrap_or_default());
+        if let Some(reader) = self.stdout.take() {
+            let _ = reader.join();
+        }
+        let mut stdout = self
+            .stdout_lines
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .join("\n");
+        if !stdout.is_empty() {
+            stdout.push('\n');
+        }
         AgentRun {
             status,
-            stdout: stdout.unwrap_or_default(),
+            stdout,
             stderr: stderr.join("\n"),
+        }
+    }
+
+    /// Waits until the agent has printed `n` JSON events that `matches`
+    /// accepts (polling, with a deadline), so a test stops the agent once
+    /// what it waits for is there rather than after a guessed time. Panics
+    /// with what was seen when the deadline passes.
+    pub fn wait_for_events(
+        &self,
+        n: usize,
+        timeout: Duration,
+        matches: impl Fn(&serde_json::Value) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = {
+                let lines = self
+                    .stdout_lines
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                lines
+                    .iter()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .filter(|e| matches(e))
+                    .count()
+            };
+            if seen >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{seen} of {n} awaited events after {timeout:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -320,7 +438,7 @@ pub fn tracefs() -> PathBuf {
             return dir.into();
         }
     }
-    let status = Command::new("mount")
+    let status = Command::new(outside("mount"))
         .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
         .status()
         .expect("run mount");

@@ -49,6 +49,17 @@ const SERIES: &[Series] = &[
         prefix: "linux-image-6.12.",
         suffix: "+deb12-cloud-amd64",
     },
+    // The newest series Debian ships (checked 2026-11-30: trixie-backports
+    // carries 7.3, sid 7.2): the first where fentry, kprobe and the
+    // skb:kfree_skb TCP_LISTEN_OVERFLOW tracepoint all exist. Backports
+    // keeps only its newest kernel, so when 7.4 replaces it this row and
+    // the support table's 7.3 rows move on together.
+    Series {
+        name: "7.3",
+        suite: "trixie-backports",
+        prefix: "linux-image-7.3.",
+        suffix: "+deb13-cloud-amd64",
+    },
 ];
 
 /// Suites searched, in this order, for a kernel given by full package name
@@ -344,10 +355,13 @@ impl Apt {
              deb [signed-by={ARCHIVE_KEYRING}] {} {suite} main\n",
             mirrors.archive
         );
+        // A release (bullseye) has a security suite; backports has none.
+        let release = !suite.contains('-');
         match &mirrors.security {
-            Some(security) => sources.push_str(&format!(
+            Some(security) if release => sources.push_str(&format!(
                 "deb [signed-by={ARCHIVE_KEYRING}] {security} {suite}-security main\n"
             )),
+            Some(_) => {}
             None => eprintln!(
                 "vm-test: warning: no Debian security archive in this machine's apt sources; \
                  {suite}'s newest kernels (published there) will be missed"
@@ -475,34 +489,77 @@ impl Apt {
         state: &AptState,
         work: &Path,
     ) -> Result<(PathBuf, u64)> {
+        // From 6.16 Debian's linux-image-* is an empty package depending
+        // on linux-binary-* (vmlinuz), linux-modules-* and linux-base-*
+        // (config): fetch those too.
+        let mut packages = vec![package.to_owned()];
+        packages.extend(split_parts(&capture(
+            Command::new("apt-cache").args(state.options()).args([
+                "show",
+                "--no-all-versions",
+                package,
+            ]),
+            &format!("apt-cache show {package}"),
+        )?));
         capture(
             Command::new("apt-get")
                 .args(state.options())
                 // apt's unprivileged `_apt` download user cannot write into
                 // the workspace; without this apt warns and falls back anyway.
                 .args(["-o", "APT::Sandbox::User=root"])
-                .args(["-q", "download", package])
+                .args(["-q", "download"])
+                .args(&packages)
                 .current_dir(work),
-            &format!("apt-get download {package} ({})", state.describe()),
+            &format!(
+                "apt-get download {} ({})",
+                packages.join(" "),
+                state.describe()
+            ),
         )?;
-        let deb = find_file(work, |name| name.ends_with(".deb"))
-            .with_context(|| format!("apt-get download {package} left no .deb"))?;
-        let deb_size = fs::metadata(&deb).map_or(0, |m| m.len());
         let root = work.join("root");
-        capture(
-            Command::new("dpkg").arg("-x").arg(&deb).arg(&root),
-            &format!("dpkg -x {}", deb.display()),
-        )?;
-        let boot = root.join("boot");
-        let vmlinuz = find_file(&boot, |name| name.starts_with("vmlinuz-"))
-            .with_context(|| format!("{package} has no boot/vmlinuz-*"))?;
+        let mut deb_size = 0;
+        for entry in fs::read_dir(work)
+            .with_context(|| format!("failed to read {}", work.display()))?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".deb"))
+        {
+            let deb = entry.path();
+            deb_size += fs::metadata(&deb).map_or(0, |m| m.len());
+            capture(
+                Command::new("dpkg").arg("-x").arg(&deb).arg(&root),
+                &format!("dpkg -x {}", deb.display()),
+            )?;
+        }
+        if deb_size == 0 {
+            bail!("apt-get download {package} left no .deb");
+        }
+        // boot/vmlinuz-<version> up to 6.12; usr/lib/modules/<version>/
+        // vmlinuz (and config) in the split packages.
+        let boot = find_file(&root.join("boot"), |name| name.starts_with("vmlinuz-"))
+            .map(|_| root.join("boot"))
+            .or_else(|| {
+                fs::read_dir(root.join("usr/lib/modules"))
+                    .ok()?
+                    .flatten()
+                    .map(|e| e.path())
+                    .find(|dir| dir.join("vmlinuz").is_file())
+            })
+            .with_context(|| {
+                format!("{package} has no boot/vmlinuz-* nor usr/lib/modules/*/vmlinuz")
+            })?;
+        let vmlinuz = find_file(&boot, |name| {
+            name == "vmlinuz" || name.starts_with("vmlinuz-")
+        })
+        .with_context(|| format!("{package} has no vmlinuz"))?;
 
         let dest = self.kernels_dir.join(package);
         fs::create_dir_all(&dest)
             .with_context(|| format!("failed to create {}", dest.display()))?;
         // The config answers "is CONFIG_X set in this guest?" without
         // booting it.
-        if let Some(config) = find_file(&boot, |name| name.starts_with("config-")) {
+        if let Some(config) = find_file(&boot, |name| {
+            name == "config" || name.starts_with("config-")
+        }) {
             fs::copy(&config, dest.join("config"))
                 .with_context(|| format!("failed to copy {}", config.display()))?;
         }
@@ -537,6 +594,24 @@ impl Apt {
             .with_context(|| format!("failed to move {} into the cache", vmlinuz.display()))?;
         Ok((dest_vmlinuz, deb_size))
     }
+}
+
+/// The linux-binary-*, linux-modules-* and linux-base-* packages an
+/// `apt-cache show` record of a split linux-image-* depends on.
+fn split_parts(record: &str) -> Vec<String> {
+    let Some(depends) = record.lines().find_map(|l| l.strip_prefix("Depends: ")) else {
+        return Vec::new();
+    };
+    depends
+        .split([',', '|'])
+        .filter_map(|dep| dep.split_whitespace().next())
+        .filter(|name| {
+            ["linux-binary-", "linux-modules-", "linux-base-"]
+                .iter()
+                .any(|p| name.starts_with(p))
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 /// `<name>.ko` or `<name>.ko.xz` anywhere below `dir`.
@@ -745,6 +820,27 @@ mod tests {
         assert!(!series_matches(
             s510,
             "linux-image-5.10.0-46-cloud-amd64-unsigned"
+        ));
+    }
+
+    #[test]
+    fn split_kernel_packages_are_fetched_whole() {
+        let record = "Package: linux-image-7.3.4+deb13-cloud-amd64\n\
+Depends: dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool, linux-base-7.3.4+deb13-cloud-amd64 (= 7.3.4-1~bpo13+1), linux-binary-7.3.4+deb13-cloud-amd64 (= 7.3.4-1~bpo13+1), linux-modules-7.3.4+deb13-cloud-amd64 (= 7.3.4-1~bpo13+1)\n";
+        assert_eq!(
+            split_parts(record),
+            [
+                "linux-base-7.3.4+deb13-cloud-amd64",
+                "linux-binary-7.3.4+deb13-cloud-amd64",
+                "linux-modules-7.3.4+deb13-cloud-amd64"
+            ]
+        );
+        assert!(split_parts("Depends: kmod, linux-base (>= 4.3~)\n").is_empty());
+        let s73 = SERIES.iter().find(|s| s.name == "7.3").expect("7.3 series");
+        assert!(series_matches(s73, "linux-image-7.3.4+deb13-cloud-amd64"));
+        assert!(!series_matches(
+            s73,
+            "linux-image-7.3.4+deb13-cloud-amd64-dbg"
         ));
     }
 

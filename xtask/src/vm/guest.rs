@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::initramfs::{MARK_KERNEL, MARK_RESULT, MARK_TEST};
-use super::matrix::MatrixLine;
+use super::matrix::{self, MatrixLine, SupportLine};
 
 /// How long qemu may take to power off after the result marker before it
 /// is killed (the verdict is already known by then).
@@ -23,6 +23,9 @@ pub struct GuestRun<'a> {
     pub initrd: &'a Path,
     pub log: &'a Path,
     pub timeout: Duration,
+    /// Whether the payload reports the agent's start-up per family (the
+    /// default tests do; `--test-bin` and `--bench` do not).
+    pub check_support: bool,
 }
 
 pub struct GuestOutcome {
@@ -35,6 +38,12 @@ pub struct GuestOutcome {
     /// Tests whose exit code was not 0, with that code.
     pub failed_tests: Vec<(String, String)>,
     pub matrix: Vec<MatrixLine>,
+    /// The agent's start-up per family and kind, as the guest reported it.
+    pub support: Vec<SupportLine>,
+    /// Whether `support` is compared with xtask/support-matrix.tsv.
+    pub check_support: bool,
+    /// Where `support` differs from the table (filled after the run).
+    pub support_differences: Vec<String>,
     /// Why the guest counts as failed even if `rc` says otherwise (panic,
     /// timeout, missing marker, qemu error, kernel not fetched).
     pub problem: Option<String>,
@@ -52,6 +61,9 @@ impl GuestOutcome {
             rc: None,
             failed_tests: Vec::new(),
             matrix: Vec::new(),
+            support: Vec::new(),
+            check_support: false,
+            support_differences: Vec::new(),
             problem: None,
             boot_to_marker: None,
             wall: None,
@@ -95,6 +107,12 @@ impl GuestOutcome {
         if !failed.is_empty() {
             return Some(format!("matrix reports fail for {}", failed.join(", ")));
         }
+        if !self.support_differences.is_empty() {
+            return Some(format!(
+                "{} differences from xtask/support-matrix.tsv",
+                self.support_differences.len()
+            ));
+        }
         None
     }
 
@@ -127,8 +145,14 @@ pub fn run(guest: &GuestRun) -> GuestOutcome {
     let mut outcome = GuestOutcome::new(guest.label);
     outcome.package = Some(guest.package.to_owned());
     outcome.log = Some(super::display_rel(guest.log));
+    outcome.check_support = guest.check_support;
     if let Err(problem) = boot(guest, &mut outcome) {
         outcome.problem = Some(problem);
+    }
+    if guest.check_support {
+        if let Some(release) = &outcome.uname {
+            outcome.support_differences = matrix::support_differences(release, &outcome.support);
+        }
     }
     outcome
 }
@@ -218,6 +242,8 @@ fn boot(guest: &GuestRun, outcome: &mut GuestOutcome) -> Result<(), String> {
             deadline = deadline.min(Instant::now() + POWEROFF_GRACE);
         } else if let Some(matrix) = MatrixLine::parse(&line) {
             outcome.matrix.push(matrix);
+        } else if let Some(support) = SupportLine::parse(&line) {
+            outcome.support.push(support);
         }
     }
     let status = child.wait();

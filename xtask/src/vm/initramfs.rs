@@ -25,8 +25,7 @@ pub const MARK_TEST: &str = "BACKLOG-VM-TEST";
 pub const MARK_RESULT: &str = "BACKLOG-VM-RESULT rc=";
 
 pub fn build(payload: &Payload, out: &Path) -> Result<()> {
-    let busybox = find_in_path("busybox")
-        .context("busybox not found in PATH: install busybox-static (cargo xtask setup)")?;
+    let busybox = crate::outside::locate("busybox").map_err(anyhow::Error::msg)?;
 
     if let Some(dir) = out.parent() {
         fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
@@ -186,12 +185,6 @@ run() {{
 
 fn shell_quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', r"'\''"))
-}
-
-fn find_in_path(tool: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(tool))
-        .find(|path| path.is_file())
 }
 
 /// Applet paths (`bin/sh`, `sbin/poweroff`, ...) to link to busybox.

@@ -1,9 +1,162 @@
 //! The kernel x attach family x result table built from the guests'
 //! `BACKLOG-MATRIX` lines.
 
+use std::collections::BTreeMap;
+
 use super::guest::GuestOutcome;
+use crate::support::{self, Support};
 
 const MARK_MATRIX: &str = "BACKLOG-MATRIX ";
+const MARK_SUPPORT: &str = "BACKLOG-SUPPORT ";
+
+/// `BACKLOG-SUPPORT kernel=<uname -r> family=<f> kind=<k>
+/// agent=<family|-|unreported> detail=<why, for ->`: what the agent said
+/// at start-up about one kind (tests/kernel.rs,
+/// startup_matches_support_matrix).
+#[derive(Debug, PartialEq)]
+pub struct SupportLine {
+    pub family: String,
+    pub kind: String,
+    pub agent: Option<Support>,
+}
+
+impl SupportLine {
+    pub fn parse(line: &str) -> Option<Self> {
+        let rest = &line[line.find(MARK_SUPPORT)? + MARK_SUPPORT.len()..];
+        let (words, detail) = match rest.find("detail=") {
+            Some(at) => (&rest[..at], rest[at + "detail=".len()..].trim()),
+            None => (rest, ""),
+        };
+        let get = |key: &str| {
+            words
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        };
+        let agent = match get("agent")? {
+            "unreported" => None,
+            "-" => Some(Support::NotObservable(detail.replace('_', " "))),
+            family => Some(Support::Traced(family.to_owned())),
+        };
+        Some(Self {
+            family: get("family")?.to_owned(),
+            kind: get("kind")?.to_owned(),
+            agent,
+        })
+    }
+}
+
+/// The differences between what a guest's agent reported and
+/// xtask/support-matrix.tsv, per family; a family that reported nothing is
+/// one too (the test that reports did not run).
+pub fn support_differences(release: &str, lines: &[SupportLine]) -> Vec<String> {
+    let table = support::table();
+    let mut out = Vec::new();
+    for family in support::FAMILIES {
+        let expected = match support::expected(&table, release, family) {
+            Ok(expected) => expected,
+            Err(err) => return vec![err],
+        };
+        let reported: Vec<&SupportLine> = lines.iter().filter(|l| l.family == family).collect();
+        if reported.is_empty() {
+            out.push(format!(
+                "--attach {family}: no start-up report (startup_matches_support_matrix did not run)"
+            ));
+            continue;
+        }
+        let observed: BTreeMap<String, Support> = reported
+            .iter()
+            .filter_map(|l| Some((l.kind.clone(), l.agent.clone()?)))
+            .collect();
+        for difference in support::differences(expected, &observed) {
+            out.push(format!("--attach {family}: {difference}"));
+        }
+    }
+    out
+}
+
+/// Kernel x family rows, one column per drop kind: the family that traced
+/// it or `-`, with `!` and the table's value where they differ.
+pub fn render_support(outcomes: &[GuestOutcome]) -> String {
+    let table = support::table();
+    let short = |kind: &str| -> String {
+        kind.split('_')
+            .map(|w| w.chars().next().unwrap_or('?'))
+            .collect()
+    };
+    let mut rows: Vec<Vec<String>> = vec![["kernel", "family"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain(support::KINDS.iter().map(|k| short(k)))
+        .collect()];
+    for outcome in outcomes.iter().filter(|o| o.check_support) {
+        let release = outcome.uname.clone().unwrap_or_default();
+        for family in support::FAMILIES {
+            let expected = support::expected(&table, &release, family).ok();
+            let mut row = vec![
+                outcome
+                    .uname
+                    .clone()
+                    .unwrap_or_else(|| format!("{} (not run)", outcome.label)),
+                family.to_owned(),
+            ];
+            for kind in support::KINDS {
+                let got = outcome
+                    .support
+                    .iter()
+                    .find(|l| l.family == family && l.kind == kind)
+                    .and_then(|l| l.agent.as_ref());
+                let want = expected.and_then(|e| e.get(kind));
+                let cell = got.map_or("?", Support::cell);
+                row.push(match want {
+                    Some(want) if got.is_some_and(|g| g.same(want)) => cell.to_owned(),
+                    Some(want) => format!("{cell}!(table {})", want.cell()),
+                    None => format!("{cell}!(not in table)"),
+                });
+            }
+            rows.push(row);
+        }
+    }
+    let mut out = String::from(
+        "support matrix (agent's start-up per kernel and --attach; ! = differs from \
+         xtask/support-matrix.tsv):\n",
+    );
+    out.push_str(&align(&rows));
+    let legend: Vec<String> = support::KINDS
+        .iter()
+        .map(|k| format!("{} {k}", short(k)))
+        .collect();
+    out.push_str(&format!("  columns: {}\n", legend.join(", ")));
+    for outcome in outcomes.iter().filter(|o| o.check_support) {
+        for difference in &outcome.support_differences {
+            out.push_str(&format!("  {}: {difference}\n", outcome.label));
+        }
+    }
+    out
+}
+
+fn align(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(text, width)| format!("{text:<width$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
 
 /// Families in the order the agent falls back through them; others a test
 /// reports are appended as they appear.
@@ -161,6 +314,81 @@ fn cell(outcome: &GuestOutcome, family: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_support_lines() {
+        let line = SupportLine::parse(
+            "[ 3.1] BACKLOG-SUPPORT kernel=6.1.0-57-cloud-amd64 family=fentry \
+             kind=ack_dropped_accept_queue_full agent=- detail=ENOTSUPP:_7_args",
+        )
+        .expect("parses");
+        assert_eq!(line.family, "fentry");
+        assert_eq!(
+            line.agent,
+            Some(Support::NotObservable("ENOTSUPP: 7 args".into()))
+        );
+        let traced = SupportLine::parse(
+            "BACKLOG-SUPPORT kernel=k family=auto kind=syn_cookie_sent agent=kprobe detail=",
+        )
+        .expect("parses");
+        assert_eq!(traced.agent, Some(Support::Traced("kprobe".into())));
+    }
+
+    /// A guest that matches the table passes; one family that stops (or
+    /// starts) tracing a kind, an unreported family or an unknown kernel
+    /// series each fail.
+    #[test]
+    fn support_differences_catch_both_directions() {
+        let table = support::table();
+        let lines = |series: &str| -> Vec<SupportLine> {
+            let mut lines = Vec::new();
+            for family in support::FAMILIES {
+                for (kind, want) in &table[series][family] {
+                    lines.push(SupportLine {
+                        family: family.to_owned(),
+                        kind: kind.clone(),
+                        agent: Some(want.clone()),
+                    });
+                }
+            }
+            lines
+        };
+        let good = lines("6.12");
+        assert!(!good.is_empty());
+        assert_eq!(
+            support_differences("6.12.100+deb12-cloud-amd64", &good),
+            Vec::<String>::new()
+        );
+
+        let mut regressed = lines("6.12");
+        let cell = regressed
+            .iter_mut()
+            .find(|l| l.family == "kprobe" && l.kind == "syn_cookie_sent")
+            .expect("a kprobe cell");
+        cell.agent = Some(Support::NotObservable("attach failed".into()));
+        assert_eq!(support_differences("6.12.1", &regressed).len(), 1);
+
+        let mut gained = lines("6.12");
+        let cell = gained
+            .iter_mut()
+            .find(|l| l.family == "tracepoint" && l.kind == "syn_cookie_sent")
+            .expect("a tracepoint cell");
+        cell.agent = Some(Support::Traced("tracepoint".into()));
+        assert_eq!(support_differences("6.12.1", &gained).len(), 1);
+
+        let missing: Vec<SupportLine> = lines("6.12")
+            .into_iter()
+            .filter(|l| l.family != "auto")
+            .collect();
+        assert_eq!(support_differences("6.12.1", &missing).len(), 1);
+
+        let unknown = support_differences("9.9.0-1-cloud-amd64", &good);
+        assert_eq!(unknown.len(), 1);
+        assert!(
+            unknown[0].contains("add its rows explicitly"),
+            "{unknown:?}"
+        );
+    }
 
     #[test]
     fn parses_matrix_lines_with_and_without_detail() {
