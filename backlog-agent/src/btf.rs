@@ -1550,9 +1550,9 @@ mod tests {
     fn real_vmlinux() {
         let path = Path::new("/sys/kernel/btf/vmlinux");
         if !path.exists() {
-            println!(
-                "skipping: {} does not exist on this machine",
-                path.display()
+            crate::testing::skip(
+                "real_vmlinux",
+                &format!("{} does not exist on this machine", path.display()),
             );
             return;
         }

@@ -71,15 +71,18 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// The largest ring buffer in KiB: the map size is a u32 of bytes.
+const MAX_RING_KIB: u32 = 2 * 1024 * 1024;
+
 fn parse_ring_kib(text: &str) -> Result<u32, String> {
     let kib: u32 = text
         .parse()
         .map_err(|_| format!("`{text}` is not a whole number of KiB"))?;
-    // The kernel wants a power-of-two multiple of the page size; 4 GiB is
-    // its upper bound for a ring buffer.
-    if kib < 4 || !kib.is_power_of_two() || kib > 4 * 1024 * 1024 {
+    // The kernel wants a power-of-two multiple of the page size in a u32
+    // byte count: 2 GiB (2097152 KiB) is the largest it accepts.
+    if kib < 4 || !kib.is_power_of_two() || kib > MAX_RING_KIB {
         return Err(format!(
-            "{kib} KiB: expected a power of two from 4 to 4194304"
+            "{kib} KiB: expected a power of two from 4 to {MAX_RING_KIB} (2 GiB)"
         ));
     }
     Ok(kib)
@@ -108,11 +111,17 @@ mod tests {
             vec!["backlog-agent", "-d", "-1"],
             vec!["backlog-agent", "-d", "soon"],
             vec!["backlog-agent", "--ring-buffer-kib", "3000"],
+            // 4 GiB in bytes wraps a u32 to 0.
+            vec!["backlog-agent", "--ring-buffer-kib", "4194304"],
             vec!["backlog-agent", "--ring-buffer-kib", "2"],
             vec!["backlog-agent", "--attach", "uprobe"],
             vec!["backlog-agent", "--output", "xml"],
         ] {
             assert!(Cli::try_parse_from(&bad).is_err(), "{bad:?}");
         }
+        let largest =
+            Cli::try_parse_from(["backlog-agent", "--ring-buffer-kib", "2097152"]).unwrap();
+        // 2 GiB: the largest power of two a u32 byte count holds.
+        assert_eq!(u64::from(largest.ring_buffer_kib) * 1024, 1 << 31);
     }
 }

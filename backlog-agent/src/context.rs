@@ -772,10 +772,7 @@ mod tests {
         );
     }
 
-    fn is_root() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() == 0 }
-    }
+    use crate::testing::{is_root, skip};
 
     /// The kernel's own cgroup id for `dir`: cgroup2's file handle is the
     /// 8-byte kernfs id (FILEID_KERNFS), the number bpf and systemd use.
@@ -810,7 +807,10 @@ mod tests {
     #[test]
     fn live_own_cgroup_resolves_through_its_id() {
         let Ok(mut resolver) = CgroupResolver::system() else {
-            eprintln!("SKIP: no cgroup2 mount on this machine");
+            skip(
+                "live_own_cgroup_resolves_through_its_id",
+                "no cgroup2 mount",
+            );
             return;
         };
         let own = fs::read_to_string("/proc/self/cgroup").unwrap();
@@ -834,12 +834,18 @@ mod tests {
 
         // A child cgroup of our own, to check a non-root id too.
         if !is_root() {
-            eprintln!("SKIP: child cgroup check needs root");
+            skip(
+                "live_own_cgroup_resolves_through_its_id",
+                "the child cgroup needs root",
+            );
             return;
         }
         let child = dir.join(format!("backlog-test-{}", std::process::id()));
         if let Err(err) = fs::create_dir(child.join("nginx.service").parent().unwrap()) {
-            eprintln!("SKIP: cannot create a child cgroup: {err}");
+            skip(
+                "live_own_cgroup_resolves_through_its_id",
+                &format!("cannot create a child cgroup: {err}"),
+            );
             return;
         }
         struct Remove<'a>(&'a Path);
@@ -942,7 +948,10 @@ mod tests {
     #[test]
     fn live_sysctls_are_read_from_the_target_namespace() {
         if !is_root() {
-            eprintln!("SKIP: needs root to unshare a network namespace");
+            skip(
+                "live_sysctls_are_read_from_the_target_namespace",
+                "needs root to unshare a network namespace",
+            );
             return;
         }
         let host = read_sysctls_here();
@@ -972,7 +981,10 @@ mod tests {
             Err(err) => {
                 drop(done_tx);
                 holder.join().unwrap();
-                eprintln!("SKIP: cannot unshare a network namespace: {err}");
+                skip(
+                    "live_sysctls_are_read_from_the_target_namespace",
+                    &format!("cannot unshare a network namespace: {err}"),
+                );
                 return;
             }
         };

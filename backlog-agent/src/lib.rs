@@ -25,4 +25,6 @@ pub mod probes;
 pub mod sink;
 pub mod sockdiag;
 pub mod summary;
+#[cfg(test)]
+mod testing;
 pub mod tracefs;

@@ -34,8 +34,10 @@ pub enum ProbeError {
     NoObject,
     #[error(transparent)]
     Offsets(#[from] OffsetError),
-    #[error("loading the eBPF object failed: {0}")]
-    Load(#[from] EbpfError),
+    // The chain is in the message, once: as a source too it would be
+    // printed again by `{:#}` (aya's errors repeat their causes already).
+    #[error("loading the eBPF object failed: {}", error_chain(.0))]
+    Load(EbpfError),
     #[error("no drop kind can be observed on this kernel with --attach {mode}: {reasons}")]
     NothingObservable { mode: &'static str, reasons: String },
     #[error("eBPF map {name}: {reason}")]
@@ -358,10 +360,19 @@ pub fn start(
         snmp_counters,
     };
 
+    // The CLI caps the size (2 GiB, the largest power of two a u32 holds);
+    // checked all the same, so no caller can wrap it to 0.
+    let ring_buffer_bytes = ring_buffer_kib
+        .checked_mul(1024)
+        .ok_or_else(|| ProbeError::Map {
+            name: "EVENTS",
+            reason: format!("{ring_buffer_kib} KiB does not fit the kernel's u32 map size"),
+        })?;
     let mut ebpf = EbpfLoader::new()
         .override_global("OFFSETS", &kernel_offsets, true)
-        .map_max_entries("EVENTS", ring_buffer_kib * 1024)
-        .load(OBJECT)?;
+        .map_max_entries("EVENTS", ring_buffer_bytes)
+        .load(OBJECT)
+        .map_err(ProbeError::Load)?;
 
     let mut kernel_btf = KernelBtf::default();
     // One hook may serve several kinds (tcp_conn_request serves five):
@@ -617,8 +628,13 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        // Many errors print their cause in their own message too: say
+        // each thing once.
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text

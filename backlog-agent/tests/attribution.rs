@@ -73,18 +73,42 @@ fn overflow(port: u16, wave: i32) {
             first.push(c);
         }
     }
-    thread::sleep(Duration::from_millis(100));
+    assert!(!first.is_empty(), "no client of the first wave connected");
+    wait_for_queue(port, first.len() as u32);
     let mut parked: Vec<TcpStream> = (0..wave).filter_map(|_| connect()).collect();
+    // Scenario timing (see scenarios::final_ack_overflow_via).
     thread::sleep(Duration::from_millis(100));
     for c in &mut parked {
         c.write_all(b"y").expect("send");
     }
+    // Scenario timing: retransmissions of the parked data are more drops.
     thread::sleep(Duration::from_millis(700));
     for c in parked.into_iter().chain(first) {
         let s = Socket::from(c);
         let _ = s.set_linger(Some(Duration::ZERO));
     }
-    thread::sleep(Duration::from_millis(200));
+    common::scenarios::settle();
+}
+
+/// Polls sock_diag until the listener on `port` (in the calling thread's
+/// namespace) holds `n` connections in its accept queue.
+fn wait_for_queue(port: u16, n: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let listeners = backlog_agent::sockdiag::tcp_listeners().expect("sock_diag");
+        let len = listeners
+            .iter()
+            .find(|l| l.port == port)
+            .map(|l| l.accept_queue_len);
+        if len.is_some_and(|len| len >= n) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "listener on port {port}: accept queue {len:?}, not {n}"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// The same recipe on an SO_REUSEPORT group, whose members get clients by
@@ -109,7 +133,13 @@ fn overflow_group(port: u16, backlog: u32, group: &[(u64, u64)]) {
         let mut c = TcpStream::connect_timeout(&addr, Duration::from_millis(300)).expect("connect");
         c.write_all(b"x").expect("send");
         first.push(c);
-        thread::sleep(Duration::from_millis(20));
+        // Until sock_diag shows this client queued (or dropped: the
+        // length is what the loop reads next).
+        let queued = first.len() as u32;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while queue_lens().iter().sum::<u32>() < queued && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
     }
     assert!(
         queue_lens().contains(&backlog),
@@ -118,15 +148,17 @@ fn overflow_group(port: u16, backlog: u32, group: &[(u64, u64)]) {
     let mut parked: Vec<TcpStream> = (0..4 * backlog)
         .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok())
         .collect();
+    // Scenario timing (see scenarios::final_ack_overflow_via).
     thread::sleep(Duration::from_millis(100));
     for c in &mut parked {
         let _ = c.write_all(b"y");
     }
+    // Scenario timing: retransmissions of the parked data are more drops.
     thread::sleep(Duration::from_millis(700));
     for c in parked.into_iter().chain(first) {
         let _ = Socket::from(c).set_linger(Some(Duration::ZERO));
     }
-    thread::sleep(Duration::from_millis(200));
+    common::scenarios::settle();
 }
 
 fn pids(event: &Value) -> Vec<u64> {
@@ -233,8 +265,12 @@ fn attributes_workers_reuseport_groups_netns_limits_and_unix_sockets() {
             Err(e) => panic!("unix connect: {e}"),
         }
     }
-    // Let the agent's sock_diag lookup see the listener while it is full.
-    thread::sleep(Duration::from_millis(500));
+    // The agent looks the listener up with sock_diag while it is full and
+    // prints the event after: wait for those events, not for a time.
+    let unix_path = path.to_str().unwrap().to_owned();
+    agent.wait_for_events(eagains, Duration::from_secs(20), |e| {
+        e["kind"] == "unix_connect_backlog_full" && e["listener"]["path"] == unix_path.as_str()
+    });
     let run = agent.stop();
     drop(clients);
     drop(unix_listener);
@@ -260,14 +296,21 @@ fn attributes_workers_reuseport_groups_netns_limits_and_unix_sockets() {
         assert_eq!(e["netns"], forked_netns, "{e}");
         assert_eq!(pids(e), expected, "all holders of the shared socket: {e}");
         assert_eq!(e["host_netns"], false, "{e}");
-        // --show-cmdline: the workers are `sleep 60`.
-        let workers_cmdline = e["processes"]
+        // --show-cmdline: the workers are `sleep 60` (by the path
+        // common::outside found).
+        let workers: Vec<&Value> = e["processes"]
             .as_array()
             .unwrap()
             .iter()
             .filter(|p| p["comm"] == "sleep")
-            .all(|p| p["cmdline"] == "sleep 60");
-        assert!(workers_cmdline, "{e}");
+            .collect();
+        assert_eq!(workers.len(), worker_pids.len(), "{e}");
+        let sleep = common::outside("sleep");
+        let cmdline = format!("{} 60", sleep.display());
+        assert!(
+            workers.iter().all(|p| p["cmdline"] == cmdline.as_str()),
+            "{e}"
+        );
     }
     // --interval 2: the forked server's drops (in the first second) are
     // summarised at least once before the final summary.

@@ -275,7 +275,7 @@ fn untraceable_syn_drops_are_counted_per_namespace() {
             // Closing the clients stops their SYN retransmits; the counts
             // are then final and the agent's exit snapshot must match them.
             drop(clients);
-            std::thread::sleep(std::time::Duration::from_millis(200));
+            scenarios::settle();
             let after = tcp_ext();
             result_tx.send((netns_inode(), before, after)).unwrap();
             done_rx.recv().unwrap();

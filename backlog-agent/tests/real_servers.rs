@@ -144,13 +144,8 @@ fn nginx_to_php_fpm_eagain_is_reported() {
         .filter_map(|t| t.join().ok().flatten())
         .collect();
     let bad_gateway = replies.iter().filter(|r| r.contains(" 502 ")).count();
-    thread::sleep(Duration::from_millis(500));
-    let fpm_pid = u64::from(fpm.id());
-    let run = agent.stop();
-    stop(web);
-    stop(fpm);
-    assert!(run.status.success(), "{}", run.stderr);
-
+    // nginx logs each failed connect() before it answers 502: every reply
+    // is in, so the log is complete.
     let log = fs::read_to_string(d.join("error.log")).unwrap_or_default();
     let eagain_logged = log
         .lines()
@@ -161,6 +156,16 @@ fn nginx_to_php_fpm_eagain_is_reported() {
         "nginx logged no EAGAIN ({} replies, {bad_gateway} x 502):\n{log}",
         replies.len()
     );
+    // Wait for the agent to have reported them (polling), not a guess.
+    let sock_text = sock.to_str().unwrap().to_owned();
+    agent.wait_for_events(eagain_logged, Duration::from_secs(20), |e| {
+        e["kind"] == "unix_connect_backlog_full" && e["listener"]["path"] == sock_text.as_str()
+    });
+    let fpm_pid = u64::from(fpm.id());
+    let run = agent.stop();
+    stop(web);
+    stop(fpm);
+    assert!(run.status.success(), "{}", run.stderr);
 
     let events = run.json_events();
     let sock_path = sock.to_str().unwrap();
@@ -191,10 +196,10 @@ fn nginx_to_php_fpm_eagain_is_reported() {
             holders.contains(&fpm_pid),
             "php-fpm master holds the socket: {e}"
         );
+        let processes = e["processes"].as_array().expect("processes");
+        assert!(!processes.is_empty(), "{e}");
         assert!(
-            e["processes"]
-                .as_array()
-                .unwrap()
+            processes
                 .iter()
                 .all(|p| p["comm"].as_str().is_some_and(|c| c.starts_with("php-fpm"))),
             "{e}"

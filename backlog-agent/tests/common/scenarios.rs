@@ -5,10 +5,71 @@ use std::{
     net::{SocketAddr, TcpStream},
     os::fd::AsRawFd,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use socket2::{Domain, Socket, Type};
+
+/// How long the kernel may take to do what a scenario waits for.
+const KERNEL_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The accept-queue length of a listening socket: for a listener,
+/// TCP_INFO's tcpi_unacked is sk_ack_backlog.
+pub fn accept_queue_len(listener: &impl AsRawFd) -> u32 {
+    // SAFETY: an all-zero tcp_info is valid; getsockopt fills at most len
+    // bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: valid fd, a buffer of `len` bytes and its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_unacked
+}
+
+/// Polls until the listener's accept queue holds at least `n`: loopback
+/// delivers in softirq, possibly after send() returned.
+pub fn wait_for_accept_queue(listener: &impl AsRawFd, n: u32) {
+    let deadline = Instant::now() + KERNEL_DEADLINE;
+    loop {
+        let len = accept_queue_len(listener);
+        if len >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "accept queue at {len}, not {n}, after {KERNEL_DEADLINE:?}"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until the calling thread's namespace's TcpExt counters stop
+/// moving (the resets and closes a scenario ends with are processed), so
+/// the counts the test reads next are final.
+pub fn settle() {
+    let deadline = Instant::now() + KERNEL_DEADLINE;
+    let mut last = super::tcp_ext();
+    loop {
+        thread::sleep(Duration::from_millis(50));
+        let now = super::tcp_ext();
+        if now == last {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "TcpExt counters still moving after {KERNEL_DEADLINE:?}"
+        );
+        last = now;
+    }
+}
 
 /// What a scenario set up, for the assertions.
 pub struct Listener {
@@ -78,7 +139,9 @@ pub fn syn_queue_held_full(backlog: i32, clients: usize) -> (Socket, Vec<Socket>
         let _ = client.connect(&addr);
         held.push(client);
     }
-    // SYN retransmits (1 s) would add drops: count the first round only.
+    // Scenario timing, not a wait for the kernel: the held clients' SYN
+    // retransmits (after 1 s) would add drops; the caller counts the
+    // first round only, within this window.
     thread::sleep(Duration::from_millis(300));
     (listener, held)
 }
@@ -149,13 +212,15 @@ pub fn connect_burst(
     let (listener, port) = listener_on(listen, backlog, defer_accept);
     let to = SocketAddr::new(connect, port);
     let burst: Vec<Socket> = (0..clients).map(|_| connect_nonblocking(to)).collect();
+    // Scenario timing: the queues stay full for `hold`, below the 1 s SYN
+    // retransmit (see above).
     thread::sleep(hold);
     for client in burst {
         let _ = client.set_linger(Some(Duration::ZERO));
         drop(client);
     }
     drop(listener);
-    thread::sleep(Duration::from_millis(200));
+    settle();
     Listener { port, backlog }
 }
 
@@ -177,22 +242,27 @@ pub fn final_ack_overflow_via(
         c.write_all(b"x").expect("send (first wave)");
         clients.push(c);
     }
-    thread::sleep(Duration::from_millis(100));
+    wait_for_accept_queue(&listener, backlog as u32);
     let mut parked = Vec::new();
     for _ in 0..backlog {
         parked.push(TcpStream::connect(to).expect("connect (second wave)"));
     }
+    // Scenario timing: the parked clients' bare ACKs arrive (and their
+    // requests stay deferred) before their data, as a real client's
+    // would. No kernel state shows a deferred request to poll for.
     thread::sleep(Duration::from_millis(100));
     for c in &mut parked {
         // With tcp_abort_on_overflow=1 the first drop answers with a RST,
         // which a later write may report: that is the point, not an error.
         let _ = c.write_all(b"y");
     }
+    // Scenario timing: each retransmission of the parked data during
+    // `hold` is one more final-ACK drop.
     thread::sleep(hold);
     for c in parked.into_iter().chain(clients) {
         reset(c);
     }
     drop(listener);
-    thread::sleep(Duration::from_millis(300));
+    settle();
     Listener { port, backlog }
 }
