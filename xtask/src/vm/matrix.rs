@@ -243,18 +243,32 @@ pub fn render_table(outcomes: &[GuestOutcome]) -> String {
         out.push('\n');
     }
 
-    // What is not a pass deserves its name and reason.
+    // What is not a pass deserves its name and reason: failures one by
+    // one, the expected "unsupported" grouped by reason.
     for outcome in outcomes {
+        let mut groups: Vec<(&MatrixLine, Vec<&str>)> = Vec::new();
         for line in outcome.matrix.iter().filter(|m| m.result != "pass") {
+            let same = |(first, _): &&mut (&MatrixLine, Vec<&str>)| {
+                line.result != "fail"
+                    && first.result == line.result
+                    && first.family == line.family
+                    && first.detail == line.detail
+            };
+            match groups.iter_mut().find(same) {
+                Some((_, tests)) => tests.push(&line.test),
+                None => groups.push((line, vec![&line.test])),
+            }
+        }
+        for (line, tests) in groups {
             out.push_str(&format!(
                 "  {} {} {}: {}{}\n",
                 line.kernel,
                 line.family,
-                line.test,
+                tests.join(", "),
                 line.result,
                 line.detail
                     .as_deref()
-                    .map_or(String::new(), |d| format!(" ({d})"))
+                    .map_or(String::new(), |d| format!(" ({})", d.replace('_', " ")))
             ));
         }
     }
