@@ -117,7 +117,7 @@ pub fn support_line(family: &str, kind: &str, got: Option<&support::Support>) {
     let line = format!(
         "BACKLOG-SUPPORT kernel={} family={family} kind={kind} agent={cell} detail={}\n",
         kernel_release(),
-        detail.replace(char::is_whitespace, "_")
+        detail.replace(['\n', '\r'], " ")
     );
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(line.as_bytes());
@@ -144,7 +144,9 @@ pub fn kernel_release() -> String {
 /// passing tests, and these lines must reach the guest console.
 pub fn matrix(family: &str, test: &str, result: &str, detail: &str) {
     use std::io::Write as _;
-    let detail = detail.replace(char::is_whitespace, "_");
+    // detail= runs to the end of the line (vm/matrix.rs): only line
+    // breaks need replacing.
+    let detail = detail.replace(['\n', '\r'], " ");
     let line = format!(
         "BACKLOG-MATRIX kernel={} family={family} test={test} result={result} detail={detail}\n",
         kernel_release()
