@@ -19,6 +19,8 @@ pub enum Source {
     Deb,
     /// `COMPONENT@TOOLCHAIN` (rustup component add).
     Rustup,
+    /// `TARGET@TOOLCHAIN` (rustup target add).
+    RustupTarget,
     /// `CRATE@VERSION` (cargo install).
     Cargo,
 }
@@ -60,10 +62,11 @@ pub fn parse(text: &str) -> Result<Vec<Row>, String> {
         let source = match source {
             "deb" => Source::Deb,
             "rustup" => Source::Rustup,
+            "rustup-target" => Source::RustupTarget,
             "cargo" => Source::Cargo,
             other => {
                 return Err(format!(
-                    "{TABLE_PATH}:{}: unknown source `{other}` (deb, rustup, cargo)",
+                    "{TABLE_PATH}:{}: unknown source `{other}` (deb, rustup, rustup-target, cargo)",
                     n + 1
                 ))
             }
@@ -119,7 +122,7 @@ pub fn install_hint(row: &Row) -> String {
             "Debian package {} (`cargo xtask setup` installs it)",
             row.name
         ),
-        Source::Rustup | Source::Cargo => {
+        Source::Rustup | Source::RustupTarget | Source::Cargo => {
             format!("{} (`cargo xtask setup` installs it)", row.name)
         }
     }

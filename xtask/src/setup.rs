@@ -63,6 +63,7 @@ pub fn check() -> Result<()> {
             match row.source {
                 Source::Deb => "Debian package",
                 Source::Rustup => "rustup component",
+                Source::RustupTarget => "rustup target",
                 Source::Cargo => "cargo install",
             },
             row.name,
@@ -113,7 +114,11 @@ fn installed(row: &Row) -> Result<bool> {
         }
         Source::Rustup => {
             let (component, toolchain) = split_at(&row.name)?;
-            rustup_component_installed(component, toolchain)?
+            rustup_installed("component", component, toolchain)?
+        }
+        Source::RustupTarget => {
+            let (target, toolchain) = split_at(&row.name)?;
+            rustup_installed("target", target, toolchain)?
         }
         Source::Cargo => {
             let (krate, version) = split_at(&row.name)?;
@@ -140,9 +145,11 @@ fn deb_installed(package: &str) -> bool {
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
 }
 
-fn rustup_component_installed(component: &str, toolchain: &str) -> Result<bool> {
+/// Whether `rustup <what> list --installed` names `name` (`what` is
+/// component or target).
+fn rustup_installed(what: &str, name: &str, toolchain: &str) -> Result<bool> {
     let out = Command::new("rustup")
-        .args(["component", "list", "--toolchain", toolchain, "--installed"])
+        .args([what, "list", "--toolchain", toolchain, "--installed"])
         .output()
         .context("rustup not found: install rustup with a stable and a nightly toolchain")?;
     if !out.status.success() {
@@ -151,9 +158,11 @@ fn rustup_component_installed(component: &str, toolchain: &str) -> Result<bool> 
              nightly for -Z build-std; install it with `rustup toolchain install {toolchain}`"
         );
     }
+    // Components are listed with their host suffix (rust-src is not, but
+    // rustc-x86_64-unknown-linux-gnu is); targets by their name.
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
-        .any(|l| l.starts_with(component)))
+        .any(|l| l.trim() == name || l.starts_with(&format!("{name}-"))))
 }
 
 fn install_rust(row: &Row) -> Result<()> {
@@ -162,6 +171,9 @@ fn install_rust(row: &Row) -> Result<()> {
         Source::Deb => unreachable!("Debian packages are installed with apt-get"),
         Source::Rustup => {
             run(Command::new("rustup").args(["component", "add", name, "--toolchain", version]))
+        }
+        Source::RustupTarget => {
+            run(Command::new("rustup").args(["target", "add", name, "--toolchain", version]))
         }
         // bpf-linker is the only crate installed; it must link Debian's
         // LLVM 22 rather than download one.
@@ -186,6 +198,10 @@ pub fn readme_section() -> String {
             Source::Rustup => {
                 let (component, toolchain) = row.name.split_once('@').unwrap_or((&row.name, "?"));
                 format!("rustup component `{component}` ({toolchain})")
+            }
+            Source::RustupTarget => {
+                let (target, toolchain) = row.name.split_once('@').unwrap_or((&row.name, "?"));
+                format!("rustup target `{target}` ({toolchain})")
             }
             Source::Cargo => {
                 let (krate, version) = row.name.split_once('@').unwrap_or((&row.name, "?"));
@@ -242,6 +258,9 @@ mod tests {
                 }
             }
         }
+        let target = outside::parse("rustup-target\tx86_64-unknown-linux-musl@stable\t-\trun\twhy")
+            .expect("a rustup target row parses");
+        assert_eq!(target[0].source, Source::RustupTarget);
         assert!(outside::parse("deb\tx\t-\tdeploy\twhy").is_err());
         assert!(outside::parse("deb\tx\t-\ttest").is_err());
     }
