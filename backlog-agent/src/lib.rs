@@ -17,6 +17,7 @@ pub mod context;
 pub mod counted;
 pub mod decode;
 pub mod diagnosis;
+pub mod flood;
 pub mod kallsyms;
 pub mod offsets;
 pub mod output;

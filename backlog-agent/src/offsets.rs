@@ -150,6 +150,10 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetError> {
     o.fdtable_fd = optional.offset("fdtable.fd", 8)?;
     o.file_private_data = optional.offset("file.private_data", 8)?;
     o.socket_sk = optional.offset("socket.sk", 8)?;
+    // current->nsproxy->net_ns: the netns a UNIX connect()'s client looked
+    // its path up in (the client may be gone by the time the agent reads).
+    o.task_nsproxy = optional.offset("task_struct.nsproxy", 8)?;
+    o.nsproxy_net_ns = optional.offset("nsproxy.net_ns", 8)?;
     o.cgroup_kn = optional.offset("cgroup.kn", 8)?;
     o.kernfs_node_id = optional.offset("kernfs_node.id", 8)?;
     Ok(Resolved {

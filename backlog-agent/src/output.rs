@@ -12,6 +12,7 @@ use crate::{
     clock,
     context::Workload,
     decode::{Event, UnixConnect},
+    flood::{Aggregate, FloodListener},
 };
 
 #[derive(Serialize)]
@@ -219,6 +220,108 @@ pub fn unix_text_line(
     )
 }
 
+#[derive(Serialize)]
+struct PeerCount {
+    addr: String,
+    count: u64,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum AggregateListener<'a> {
+    Inet { addr: String, port: u16 },
+    Unix { path: &'a str },
+}
+
+/// One aggregate record: the drops of one listener and kind that were over
+/// the rate limit during one interval. Same `kind` as the events, told
+/// apart by `aggregated: true` and `count`, so a log pipeline can sum
+/// `count` (1 for an event) to get the kernel's total.
+#[derive(Serialize)]
+struct AggregateJson<'a> {
+    kind: &'static str,
+    aggregated: bool,
+    count: u64,
+    start: String,
+    end: String,
+    listener: AggregateListener<'a>,
+    netns: u32,
+    socket_inode: Option<u64>,
+    processes: Vec<ProcessJson<'a>>,
+    /// Sources of the aggregated drops, busiest first (approximate).
+    top_peers: Vec<PeerCount>,
+    /// The limit that engaged flood mode: full events per second.
+    max_events_per_sec: u32,
+}
+
+pub fn aggregate_json_line(
+    aggregate: &Aggregate,
+    socket_inode: Option<u64>,
+    processes: &[Process],
+    max_events_per_sec: u32,
+) -> String {
+    let (listener, netns) = match &aggregate.listener {
+        FloodListener::Inet { addr, netns, .. } => (
+            AggregateListener::Inet {
+                addr: addr.ip().to_string(),
+                port: addr.port(),
+            },
+            *netns,
+        ),
+        FloodListener::Unix { path, netns } => (AggregateListener::Unix { path }, *netns),
+    };
+    let json = AggregateJson {
+        kind: aggregate.kind.as_str(),
+        aggregated: true,
+        count: aggregate.count,
+        start: clock::rfc3339(aggregate.start),
+        end: clock::rfc3339(aggregate.end),
+        listener,
+        netns,
+        socket_inode,
+        processes: processes_json(processes),
+        top_peers: aggregate
+            .top_peers
+            .iter()
+            .map(|(addr, count)| PeerCount {
+                addr: addr.to_string(),
+                count: *count,
+            })
+            .collect(),
+        max_events_per_sec,
+    };
+    serde_json::to_string(&json).unwrap_or_default()
+}
+
+pub fn aggregate_text_line(aggregate: &Aggregate, processes: &[Process]) -> String {
+    let seconds = aggregate
+        .end
+        .duration_since(aggregate.start)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let mut line = format!(
+        "{} {} aggregated count={} over {seconds:.1}s listener={} netns={}",
+        clock::rfc3339(aggregate.end),
+        aggregate.kind.as_str(),
+        aggregate.count,
+        aggregate.listener,
+        match &aggregate.listener {
+            FloodListener::Inet { netns, .. } | FloodListener::Unix { netns, .. } => *netns,
+        },
+    );
+    if !aggregate.top_peers.is_empty() {
+        line.push_str(" top_peers=");
+        for (i, (addr, count)) in aggregate.top_peers.iter().enumerate() {
+            if i > 0 {
+                line.push(',');
+            }
+            let _ = write!(line, "{addr}x{count}");
+        }
+    }
+    let _ = write!(line, " processes={}", process_list(processes));
+    line
+}
+
 pub fn text_line(event: &Event, time: SystemTime, processes: &[Process]) -> String {
     let mut line = format!(
         "{} {} listener={} peer={} accept_queue={}/{} syn_queue={} netns={} processes={}",
@@ -331,6 +434,44 @@ mod tests {
             serde_json::from_str(&json_line(&e, time(), &[], &Placement::default())).unwrap();
         assert!(v["peer"].is_null());
         assert_eq!(v["processes"].as_array().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn aggregate_records_for_log_pipelines() {
+        let aggregate = Aggregate {
+            kind: DropKind::SynDroppedSynQueueFull,
+            listener: FloodListener::Inet {
+                netns: 7,
+                socket_inode: 555,
+                addr: "198.18.0.1:80".parse().unwrap(),
+            },
+            count: 41_000,
+            start: time(),
+            end: time() + Duration::from_secs(1),
+            top_peers: vec![("198.19.0.1".parse().unwrap(), 300)],
+        };
+        let v: Value =
+            serde_json::from_str(&aggregate_json_line(&aggregate, Some(555), &procs(), 100))
+                .unwrap();
+        assert_eq!(v["kind"], "syn_dropped_syn_queue_full");
+        assert_eq!(v["aggregated"], true);
+        assert_eq!(v["count"], 41_000);
+        assert_eq!(v["start"], "2026-11-22T03:00:00.000000Z");
+        assert_eq!(v["end"], "2026-11-22T03:00:01.000000Z");
+        assert_eq!(v["listener"]["addr"], "198.18.0.1");
+        assert_eq!(v["listener"]["port"], 80);
+        assert_eq!(v["netns"], 7);
+        assert_eq!(v["socket_inode"], 555);
+        assert_eq!(v["top_peers"][0]["addr"], "198.19.0.1");
+        assert_eq!(v["top_peers"][0]["count"], 300);
+        assert_eq!(v["processes"][0]["comm"], "nginx");
+        assert_eq!(v["max_events_per_sec"], 100);
+        assert_eq!(
+            aggregate_text_line(&aggregate, &procs()),
+            "2026-11-22T03:00:01.000000Z syn_dropped_syn_queue_full aggregated count=41000 \
+             over 1.0s listener=198.18.0.1:80 netns=7 top_peers=198.19.0.1x300 \
+             processes=10/nginx,11/nginx"
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! with a diagnosis at `--interval` and at exit.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     io::{self, BufWriter, Stdout, Write as _},
     net::IpAddr,
     path::{Path, PathBuf},
@@ -21,6 +21,7 @@ use crate::{
     counted::NetnsDelta,
     decode::{decode_record, DecodeError, Event, ListenCall, Record, UnixConnect},
     diagnosis::{diagnose, ListenerFacts},
+    flood::{Aggregate, FloodListener},
     output::{self, Placement, UnixListenerView},
     sockdiag::{self, UnixListenerInfo},
     summary::{ListenerAddr, ListenerKey, ListenerStats, Summary},
@@ -47,6 +48,8 @@ fn note(message: impl std::fmt::Display) {
 pub struct Options {
     pub format: OutputFormat,
     pub show_cmdline: bool,
+    /// The kernel's rate limit, named in aggregate records.
+    pub max_events_per_sec: u32,
 }
 
 pub struct Sink {
@@ -66,6 +69,11 @@ pub struct Sink {
     /// listener, not netns inode: a dead namespace's number is reused.
     netns_sysctls: HashMap<(u32, u64), NetnsSysctls>,
     unix_dumps: HashMap<u64, (Instant, Vec<UnixListenerInfo>)>,
+    /// UNIX listeners as their events found them, by (client netns, path):
+    /// what an aggregate of the same path is attributed to.
+    unix_seen: HashMap<(u32, String), (Option<u64>, Vec<Process>)>,
+    /// Listeners and kinds for which flood mode engaged (told once).
+    flooded: HashSet<(FloodListener, DropKind)>,
     pub summary: Summary,
     pub stdout_closed: bool,
 }
@@ -91,6 +99,8 @@ impl Sink {
             cmdlines: HashMap::new(),
             netns_sysctls: HashMap::new(),
             unix_dumps: HashMap::new(),
+            unix_seen: HashMap::new(),
+            flooded: HashSet::new(),
             summary: Summary::default(),
             stdout_closed: false,
         }
@@ -187,8 +197,14 @@ impl Sink {
             Some(path) => self.unix_listener(event.pid, path),
             None => (None, None),
         };
+        // The kernel's view of the client's namespace first: the client
+        // may have exited before /proc could tell.
+        let netns = match event.netns_inode {
+            0 => netns.and_then(|n| u32::try_from(n).ok()),
+            inode => Some(inode),
+        };
         let view = UnixListenerView {
-            netns: netns.and_then(|n| u32::try_from(n).ok()),
+            netns,
             inode: listener.as_ref().map(|l| l.inode),
             queue: listener.as_ref().map(|l| (l.queue_len, l.queue_max)),
         };
@@ -202,6 +218,13 @@ impl Sink {
             OutputFormat::Json => output::unix_json_line(event, time, &view, &processes),
         };
         self.write_line(&line);
+        self.unix_seen.insert(
+            (
+                view.netns.unwrap_or(0),
+                event.path.clone().unwrap_or_else(|| "?".into()),
+            ),
+            (view.inode, processes.clone()),
+        );
         self.summary.record_unix(
             view.netns.unwrap_or(0),
             event.path.as_deref().unwrap_or("?"),
@@ -249,6 +272,53 @@ impl Sink {
             .and_then(|(_, listeners)| listeners.iter().find(|l| l.path.as_deref() == Some(path)))
             .cloned();
         (netns, found)
+    }
+
+    /// Writes one aggregate record per listener and kind that went over
+    /// the rate limit in the last interval, and says on stderr when flood
+    /// mode engages for a listener.
+    pub fn aggregates(&mut self, aggregates: &[Aggregate]) {
+        for aggregate in aggregates {
+            let (socket_inode, processes) = match &aggregate.listener {
+                FloodListener::Inet { socket_inode, .. } => {
+                    (Some(*socket_inode), self.processes(*socket_inode))
+                }
+                FloodListener::Unix { netns, path } => self
+                    .unix_seen
+                    .get(&(*netns, path.clone()))
+                    .cloned()
+                    .unwrap_or_default(),
+            };
+            if self
+                .flooded
+                .insert((aggregate.listener.clone(), aggregate.kind))
+            {
+                note(format_args!(
+                    "flood mode: {} {} (netns {}): more than {} drops per second; \
+                     further drops are counted and written as one aggregate per second",
+                    aggregate.listener,
+                    aggregate.kind.as_str(),
+                    match &aggregate.listener {
+                        FloodListener::Inet { netns, .. } | FloodListener::Unix { netns, .. } =>
+                            *netns,
+                    },
+                    self.options.max_events_per_sec,
+                ));
+            }
+            let line = match self.options.format {
+                OutputFormat::Text => output::aggregate_text_line(aggregate, &processes),
+                OutputFormat::Json => output::aggregate_json_line(
+                    aggregate,
+                    socket_inode,
+                    &processes,
+                    self.options.max_events_per_sec,
+                ),
+            };
+            self.write_line(&line);
+            self.summary
+                .record_aggregate(aggregate, socket_inode.unwrap_or(0));
+        }
+        self.flush();
     }
 
     fn skip(&mut self, err: &DecodeError) {
@@ -456,6 +526,14 @@ enum ListenerJson<'a> {
 }
 
 #[derive(Serialize)]
+struct AccountingJson {
+    total: u64,
+    events: u64,
+    aggregated: u64,
+    lost: u64,
+}
+
+#[derive(Serialize)]
 struct PeerJson {
     addr: IpAddr,
     count: u64,
@@ -477,6 +555,10 @@ struct SummaryJson<'a> {
     processes: Vec<ProcessJson<'a>>,
     /// Drops by kind: the kernel's exact totals where it keeps them.
     counts: BTreeMap<&'static str, u64>,
+    /// Per kind, where the drops went: `events` (own lines), `aggregated`
+    /// (inside aggregate records), `lost` (ring buffer full); their sum is
+    /// `total`, the kernel's count.
+    accounting: BTreeMap<&'static str, AccountingJson>,
     backlog_requested: Option<i32>,
     backlog_limit: u32,
     somaxconn: Option<u32>,
@@ -523,6 +605,21 @@ fn summary_json(
             .kind_counts()
             .into_iter()
             .map(|(kind, count)| (kind.as_str(), count))
+            .collect(),
+        accounting: stats
+            .accounting
+            .iter()
+            .map(|(kind, c)| {
+                (
+                    kind.as_str(),
+                    AccountingJson {
+                        total: c.total,
+                        events: c.sent,
+                        aggregated: c.suppressed,
+                        lost: c.lost,
+                    },
+                )
+            })
             .collect(),
         backlog_requested: requested,
         backlog_limit: stats.accept_queue_limit,
