@@ -32,7 +32,15 @@ fn final_ack_overflow_matches_kernel_counters() {
     let _serial = serial();
     let mut attached_any = false;
     for family in FAMILIES {
-        let agent = match Agent::start(&["--output", "json", "--attach", family]) {
+        let agent = match Agent::start(&[
+            "--output",
+            "json",
+            "--attach",
+            family,
+            // One event per drop: no rate limit (flood.rs tests it).
+            "--max-events-per-sec",
+            "0",
+        ]) {
             Started::Ready(agent) => agent,
             Started::Exited(run) => {
                 assert!(

@@ -504,7 +504,16 @@ fn syn_stage_kinds_match_kernel_counters() {
     let mut traced_syn_stage = false;
     for family in FAMILIES {
         let started = Instant::now();
-        let agent = match Agent::start(&["--output", "json", "--attach", family]) {
+        let agent = match Agent::start(&[
+            "--output",
+            "json",
+            "--attach",
+            family,
+            // One event per drop, checked field by field: no rate limit
+            // (flood.rs tests it).
+            "--max-events-per-sec",
+            "0",
+        ]) {
             Started::Ready(agent) => agent,
             Started::Exited(run) => {
                 for line in run.stderr.lines().filter(|l| l.contains("error")) {

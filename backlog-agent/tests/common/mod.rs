@@ -8,6 +8,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod scenarios;
+pub mod storm;
 
 use std::{
     collections::HashMap,
