@@ -184,6 +184,28 @@ pub fn apply_syscalls(
     o.tp_listen_fd = field(enter_listen, "fd")?;
     o.tp_listen_backlog = field(enter_listen, "backlog")?;
     o.tp_sys_exit_ret = field(exit_connect, "ret")?;
+    // The connect() hooks read these at compile-time offsets.
+    let direct = [
+        (
+            "uservaddr",
+            o.tp_connect_addr,
+            backlog_common::TP_CONNECT_ADDR,
+        ),
+        (
+            "addrlen",
+            o.tp_connect_addrlen,
+            backlog_common::TP_CONNECT_ADDRLEN,
+        ),
+        ("ret", o.tp_sys_exit_ret, backlog_common::TP_SYS_EXIT_RET),
+    ];
+    for (name, found, expected) in direct {
+        if found as usize != expected {
+            return Err(format!(
+                "syscall tracepoint field `{name}` is at offset {found}, not {expected} \
+                 as on every kernel this build knows"
+            ));
+        }
+    }
     Ok(())
 }
 

@@ -341,6 +341,17 @@ pub const COUNTER_TOTALS_FULL: u32 = 3;
 pub const COUNTER_EVENTS_SUPPRESSED: u32 = 4;
 pub const COUNTER_COUNT: u32 = 5;
 
+/// Where syscalls:sys_enter_connect keeps `uservaddr` and `addrlen`, and
+/// every syscalls:sys_exit_* keeps `ret`: the layout of syscall tracepoints
+/// on every kernel (an 8-byte header, the syscall number, then 8-byte
+/// slots). The connect() hooks run on every connect() on the machine, so
+/// they read these with plain loads at constant offsets instead of a
+/// helper call; the agent checks that tracefs agrees before it attaches
+/// them.
+pub const TP_CONNECT_ADDR: usize = 24;
+pub const TP_CONNECT_ADDRLEN: usize = 32;
+pub const TP_SYS_EXIT_RET: usize = 16;
+
 /// Marks an offset as "this kernel has no such field": the program skips
 /// the read and leaves the event field zero.
 pub const OFFSET_ABSENT: u32 = u32::MAX;

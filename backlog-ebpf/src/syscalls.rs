@@ -15,15 +15,17 @@ use aya_ebpf::{
     macros::{map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::TracePointContext,
+    EbpfContext as _,
 };
 use backlog_common::{
-    DropCounts, ListenEvent, UnixConnectEvent, UnixTotalKey, AF_UNIX, OFFSET_ABSENT, TASK_COMM_LEN,
-    UNIX_PATH_MAX,
+    DropCounts, ListenEvent, UnixConnectEvent, UnixTotalKey, AF_UNIX, TASK_COMM_LEN,
+    TP_CONNECT_ADDR, TP_CONNECT_ADDRLEN, TP_SYS_EXIT_RET, UNIX_PATH_MAX,
 };
 
 use crate::{account, read::Reader};
 
 const EAGAIN: i64 = 11;
+const EINPROGRESS: i64 = 115;
 /// sockaddr_un: sun_family (2 bytes), then the path.
 const SUN_PATH_OFFSET: usize = 2;
 
@@ -89,24 +91,24 @@ fn take<V: Copy>(map: &HashMap<u64, V>, key: u64) -> Option<V> {
     Some(value)
 }
 
-/// Runs for every connect() on the machine (TCP included): it reads two
-/// offsets, two arguments and the address family, and leaves unless the
-/// family is AF_UNIX.
+/// A syscall tracepoint field at a constant offset: a plain load, which
+/// the verifier allows for tracepoint programs at any constant offset
+/// inside the record (and the agent attaches these programs only where
+/// tracefs shows these offsets, see TP_CONNECT_ADDR).
+#[inline(always)]
+fn field<const AT: usize>(ctx: &TracePointContext) -> u64 {
+    // SAFETY: an aligned 8-byte read inside the syscall record.
+    unsafe { *(ctx.as_ptr() as *const u8).add(AT).cast::<u64>() }
+}
+
+/// Runs for every connect() on the machine (TCP included): two loads and
+/// the address family read, and it leaves unless that is AF_UNIX.
 #[tracepoint]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
-    let addr_at = crate::offset!(tp_connect_addr);
-    let addrlen_at = crate::offset!(tp_connect_addrlen);
-    // Loaded before its layout is checked (see probes.rs).
-    if addr_at == OFFSET_ABSENT || addrlen_at == OFFSET_ABSENT {
-        return 0;
-    }
-    let (Ok(addr), Ok(addrlen)) = (unsafe { ctx.read_at::<u64>(addr_at as usize) }, unsafe {
-        ctx.read_at::<u64>(addrlen_at as usize)
-    }) else {
-        return 0;
-    };
+    let addr = field::<{ TP_CONNECT_ADDR }>(&ctx);
+    let addrlen = field::<{ TP_CONNECT_ADDRLEN }>(&ctx) as u32 as u64;
     // Only UNIX sockets with a name; every other connect() leaves here.
-    if (addrlen as u32 as usize) <= SUN_PATH_OFFSET || addr == 0 {
+    if addrlen <= SUN_PATH_OFFSET as u64 || addr == 0 {
         return 0;
     }
     let Ok(family) = (unsafe { bpf_probe_read_user(addr as *const u16) }) else {
@@ -115,30 +117,29 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     if family != AF_UNIX {
         return 0;
     }
-    let args = UnixConnectArgs {
-        addr,
-        addrlen: addrlen as u32 as u64,
-    };
+    let args = UnixConnectArgs { addr, addrlen };
     let _ = UNIX_CONNECT_ARGS.insert(bpf_get_current_pid_tgid(), args, 0);
     0
 }
 
+/// Also runs for every connect(): the common non-blocking TCP answer,
+/// EINPROGRESS, leaves on the first comparison (a UNIX connect() never
+/// gives it, so no saved arguments are left behind by leaving).
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let ret = field::<{ TP_SYS_EXIT_RET }>(&ctx) as i64;
+    if ret == -EINPROGRESS {
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
+    if ret != -EAGAIN {
+        // Whatever this thread's entry saved (if anything) is done with.
+        let _ = UNIX_CONNECT_ARGS.remove(pid_tgid);
+        return 0;
+    }
     let Some(args) = take(&UNIX_CONNECT_ARGS, pid_tgid) else {
         return 0;
     };
-    let ret_at = crate::offset!(tp_sys_exit_ret);
-    if ret_at == OFFSET_ABSENT {
-        return 0;
-    }
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(ret_at as usize) }) else {
-        return 0;
-    };
-    if ret != -EAGAIN {
-        return 0;
-    }
     let Some(key) = UNIX_KEY_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
