@@ -3,7 +3,7 @@
 //! The JSON keys are a contract with log pipelines; `json_keys_are_stable`
 //! pins them.
 
-use std::{fmt::Write as _, net::SocketAddr, time::SystemTime};
+use std::{fmt::Write as _, io::Write as _, net::SocketAddr, time::SystemTime};
 
 use serde::Serialize;
 
@@ -124,6 +124,73 @@ pub fn json_line(
     };
     // Serialising plain structs of strings and integers cannot fail.
     serde_json::to_string(&json).unwrap_or_default()
+}
+
+/// What an event's JSON line says about its listener's holders and place,
+/// `"processes":[..],"cgroup":..,"container":..,"host_netns":..`: rendered
+/// once per listener and reused by [`write_json_event`] for every event.
+pub fn json_listener_fragment(processes: &[Process], placement: &Placement) -> String {
+    #[derive(Serialize)]
+    struct Fragment<'a> {
+        processes: Vec<ProcessJson<'a>>,
+        #[serde(flatten)]
+        placement: &'a Placement,
+    }
+    let object = serde_json::to_string(&Fragment {
+        processes: processes_json(processes),
+        placement,
+    })
+    .unwrap_or_default();
+    // Without the braces: it is spliced into the event's object.
+    object
+        .strip_prefix('{')
+        .and_then(|o| o.strip_suffix('}'))
+        .unwrap_or("\"processes\":[]")
+        .to_owned()
+}
+
+fn write_endpoint(out: &mut Vec<u8>, name: &str, addr: Option<SocketAddr>) {
+    let _ = match addr {
+        Some(a) => write!(
+            out,
+            ",\"{name}\":{{\"addr\":\"{}\",\"port\":{}}}",
+            a.ip(),
+            a.port()
+        ),
+        None => write!(out, ",\"{name}\":null"),
+    };
+}
+
+/// Appends the JSON line of `event` (with its newline) to `out`: the keys
+/// and values of [`json_line`], written without building a value tree or
+/// allocating, for floods. `time` is RFC 3339; `listener` comes from
+/// [`json_listener_fragment`]. Addresses, kinds and numbers need no
+/// escaping; the fragment was escaped when it was rendered.
+pub fn write_json_event(out: &mut Vec<u8>, event: &Event, time: &str, listener: &str) {
+    let _ = write!(
+        out,
+        "{{\"kind\":\"{}\",\"time\":\"{time}\",\"listener\":{{\"addr\":\"{}\",\"port\":{}}}",
+        event.kind.as_str(),
+        event.listener.ip(),
+        event.listener.port()
+    );
+    write_endpoint(out, "local", event.local);
+    write_endpoint(out, "peer", event.peer);
+    let _ = writeln!(
+        out,
+        ",\"accept_queue\":{{\"len\":{},\"max\":{}}},\"syn_queue\":{{\"len\":{}}},\
+         \"netns\":{},\"socket_inode\":{},\"cgroup_id\":{},\"cpu\":{},{listener},\
+         \"reset_sent\":{},\"partial\":{}}}",
+        event.accept_queue_len,
+        event.accept_queue_max,
+        event.syn_queue_len,
+        event.netns_inode,
+        event.socket_inode,
+        event.cgroup_id,
+        event.cpu,
+        event.reset_sent,
+        event.partial
+    );
 }
 
 /// `pid/comm` list, or `?` when no holder was found.
@@ -424,6 +491,33 @@ mod tests {
         assert_eq!(v["processes"][1]["comm"], "nginx");
         assert_eq!(v["partial"], false);
         assert_eq!(v["reset_sent"], false);
+    }
+
+    #[test]
+    fn the_fast_writer_writes_what_serde_writes() {
+        let placement = Placement {
+            cgroup: Some("/system.slice/a \"quoted\" unit.service".into()),
+            container: None,
+            host_netns: Some(false),
+        };
+        let mut cases = vec![event()];
+        let mut e = event();
+        e.peer = None;
+        e.local = None;
+        e.partial = true;
+        e.reset_sent = true;
+        e.listener = "10.1.2.3:443".parse().unwrap();
+        cases.push(e);
+        for (e, processes) in cases.iter().zip([procs(), Vec::new()]) {
+            let fragment = json_listener_fragment(&processes, &placement);
+            let mut fast = Vec::new();
+            write_json_event(&mut fast, e, &clock::rfc3339(time()), &fragment);
+            let fast = String::from_utf8(fast).unwrap();
+            assert_eq!(
+                fast,
+                format!("{}\n", json_line(e, time(), &processes, &placement))
+            );
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    io::{self, BufWriter, Stdout, Write as _},
+    io::{self, BufWriter, Write},
     net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime},
@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::{
     attribution::{Process, SocketOwners},
     cli::OutputFormat,
-    clock::{self, MonotonicToWall},
+    clock::{self, MonotonicToWall, Rfc3339Cache},
     context::{self, CgroupResolver, NetnsSysctls},
     counted::NetnsDelta,
     decode::{decode_record, DecodeError, Event, ListenCall, Record, UnixConnect},
@@ -41,6 +41,21 @@ const UNIX_DUMP_TTL: Duration = Duration::from_millis(200);
 
 const TOP_PEERS: usize = 5;
 
+const OUT_BUFFER: usize = 256 * 1024;
+
+/// How long a listener's holders are reused before they are looked up
+/// again (workers come and go); shorter while none is found.
+const FRAGMENT_TTL: Duration = Duration::from_secs(5);
+const FRAGMENT_TTL_UNATTRIBUTED: Duration = Duration::from_secs(1);
+/// Bounds the fragment cache (one entry per listener seen recently).
+const MAX_FRAGMENTS: usize = 16384;
+
+struct ListenerFragment {
+    processes: Vec<Process>,
+    json: String,
+    until: Instant,
+}
+
 fn note(message: impl std::fmt::Display) {
     eprintln!("backlog-agent: {message}");
 }
@@ -54,7 +69,7 @@ pub struct Options {
 
 pub struct Sink {
     options: Options,
-    out: BufWriter<Stdout>,
+    out: BufWriter<Box<dyn Write + Send>>,
     clock: MonotonicToWall,
     pub owners: SocketOwners,
     /// listen() calls seen, by socket inode: who created a listener (even
@@ -72,6 +87,12 @@ pub struct Sink {
     /// UNIX listeners as their events found them, by (client netns, path):
     /// what an aggregate of the same path is attributed to.
     unix_seen: HashMap<(u32, String), (Option<u64>, Vec<Process>)>,
+    /// Per listener (socket, netns, cgroup): its holders and the JSON
+    /// fragment they render to, reused by every event for a while.
+    fragments: HashMap<(u64, u32, u64), ListenerFragment>,
+    /// The JSON line being written, reused.
+    line: Vec<u8>,
+    times: Rfc3339Cache,
     /// Listeners and kinds for which flood mode engaged (told once).
     flooded: HashSet<(FloodListener, DropKind)>,
     pub summary: Summary,
@@ -80,6 +101,12 @@ pub struct Sink {
 
 impl Sink {
     pub fn new(options: Options) -> Self {
+        Sink::with_output(options, Box::new(io::stdout()))
+    }
+
+    /// A sink that writes its lines to `out` (the micro-benchmark writes
+    /// to /dev/null through exactly the production path).
+    pub fn with_output(options: Options, out: Box<dyn Write + Send>) -> Self {
         let cgroups = match CgroupResolver::system() {
             Ok(resolver) => Some(resolver),
             Err(err) => {
@@ -89,7 +116,8 @@ impl Sink {
         };
         Sink {
             options,
-            out: BufWriter::new(io::stdout()),
+            // Large enough that a flood is written in few syscalls.
+            out: BufWriter::with_capacity(OUT_BUFFER, out),
             clock: MonotonicToWall::now(),
             owners: SocketOwners::new("/proc", MIN_RESCAN),
             listens: HashMap::new(),
@@ -100,6 +128,9 @@ impl Sink {
             netns_sysctls: HashMap::new(),
             unix_dumps: HashMap::new(),
             unix_seen: HashMap::new(),
+            fragments: HashMap::new(),
+            line: Vec::with_capacity(1024),
+            times: Rfc3339Cache::default(),
             flooded: HashSet::new(),
             summary: Summary::default(),
             stdout_closed: false,
@@ -178,18 +209,52 @@ impl Sink {
     }
 
     fn drop_event(&mut self, event: &Event) {
-        let processes = self.processes(event.socket_inode);
-        self.remember_sysctls(event.netns_inode, event.socket_inode, &processes);
-        let time = self.clock.wall(event.timestamp_ns);
-        let line = match self.options.format {
-            OutputFormat::Text => output::text_line(event, time, &processes),
-            OutputFormat::Json => {
-                let placement = self.placement(event.cgroup_id, event.netns_inode);
-                output::json_line(event, time, &processes, &placement)
+        let key = (event.socket_inode, event.netns_inode, event.cgroup_id);
+        let now = Instant::now();
+        if self.fragments.get(&key).is_none_or(|f| f.until <= now) {
+            let processes = self.processes(event.socket_inode);
+            self.remember_sysctls(event.netns_inode, event.socket_inode, &processes);
+            let placement = self.placement(event.cgroup_id, event.netns_inode);
+            let ttl = if processes.is_empty() {
+                FRAGMENT_TTL_UNATTRIBUTED
+            } else {
+                FRAGMENT_TTL
+            };
+            if self.fragments.len() >= MAX_FRAGMENTS {
+                self.fragments.clear();
             }
+            self.fragments.insert(
+                key,
+                ListenerFragment {
+                    json: output::json_listener_fragment(&processes, &placement),
+                    processes,
+                    until: now + ttl,
+                },
+            );
+        }
+        let Some(fragment) = self.fragments.get(&key) else {
+            return;
         };
-        self.write_line(&line);
-        self.summary.record(event, &processes);
+        let time = self.clock.wall(event.timestamp_ns);
+        self.line.clear();
+        match self.options.format {
+            OutputFormat::Text => {
+                self.line.extend_from_slice(
+                    output::text_line(event, time, &fragment.processes).as_bytes(),
+                );
+                self.line.push(b'\n');
+            }
+            OutputFormat::Json => output::write_json_event(
+                &mut self.line,
+                event,
+                self.times.format(time),
+                &fragment.json,
+            ),
+        }
+        if !self.stdout_closed && self.out.write_all(&self.line).is_err() {
+            self.stdout_closed = true;
+        }
+        self.summary.record(event, &fragment.processes);
     }
 
     fn unix_connect(&mut self, event: &UnixConnect) {

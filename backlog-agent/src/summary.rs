@@ -145,7 +145,8 @@ impl Summary {
             stats.cgroup_id = event.cgroup_id;
         }
         *stats.counts.entry(event.kind).or_default() += 1;
-        if !processes.is_empty() {
+        // Compared before cloned: under a flood the holders rarely change.
+        if !processes.is_empty() && stats.processes != processes {
             stats.processes = processes.to_vec();
         }
         stats.max_accept_queue_seen = stats.max_accept_queue_seen.max(event.accept_queue_len);
