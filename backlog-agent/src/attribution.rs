@@ -71,6 +71,13 @@ impl SocketOwners {
         self.stats
     }
 
+    /// One walk of /proc: every socket inode and its holders. The resolver
+    /// thread publishes the result instead of keeping it here.
+    pub fn scan(&mut self) -> HashMap<u64, Vec<Process>> {
+        self.rescan();
+        std::mem::take(&mut self.owners)
+    }
+
     /// Rebuilds the whole map from /proc.
     pub fn rescan(&mut self) {
         self.last_scan = Some(Instant::now());

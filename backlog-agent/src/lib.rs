@@ -23,6 +23,7 @@ pub mod offsets;
 pub mod output;
 pub mod preflight;
 pub mod probes;
+pub mod resolver;
 pub mod sink;
 pub mod sockdiag;
 pub mod summary;

@@ -166,6 +166,7 @@ async fn run(cli: Cli) -> Result<()> {
     // and what was counted since the last aggregate.
     drop(probes);
     drain(ring.get_mut(), &mut sink);
+    sink.release_all();
     aggregate(&mut counters, &mut aggregator, &mut sink);
     note("detached");
 
@@ -202,7 +203,7 @@ async fn run(cli: Cli) -> Result<()> {
         let after = counted::snapshot(Path::new("/proc"));
         sink.report_counted(&counted::deltas(&before, &after));
     }
-    let scans = sink.owners.stats();
+    let scans = sink.resolver.stats();
     if scans.vanished + scans.unreadable > 0 {
         note(format_args!(
             "attribution: {} /proc scans; {} processes exited mid-scan, {} unreadable",
@@ -244,6 +245,7 @@ fn drain(ring: &mut RingBuf<MapData>, sink: &mut Sink) {
     while let Some(record) = ring.next() {
         sink.handle(&record);
     }
+    sink.release_waiting();
     sink.flush();
 }
 

@@ -3,7 +3,7 @@
 //! with a diagnosis at `--interval` and at exit.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     io::{self, BufWriter, Write},
     net::IpAddr,
     path::{Path, PathBuf},
@@ -14,7 +14,7 @@ use backlog_common::DropKind;
 use serde::Serialize;
 
 use crate::{
-    attribution::{Process, SocketOwners},
+    attribution::Process,
     cli::OutputFormat,
     clock::{self, MonotonicToWall, Rfc3339Cache},
     context::{self, CgroupResolver, NetnsSysctls},
@@ -23,6 +23,7 @@ use crate::{
     diagnosis::{diagnose, ListenerFacts},
     flood::{Aggregate, FloodListener},
     output::{self, Placement, UnixListenerView},
+    resolver::{Lookup, Resolver},
     sockdiag::{self, UnixListenerInfo},
     summary::{ListenerAddr, ListenerKey, ListenerStats, Summary},
 };
@@ -31,9 +32,17 @@ use crate::{
 /// that a systematic problem cannot flood stderr.
 const DECODE_ERRORS_SHOWN: u64 = 5;
 
-/// A listener that nobody holds (closed, or a process we cannot see) must
-/// not turn every event into a full /proc scan.
-const MIN_RESCAN: Duration = Duration::from_millis(200);
+/// Walks of /proc (off the drain path, see resolver.rs): at most one per
+/// URGENT_WALK while events wait for an unknown listener's holders (and
+/// never more than a quarter of a core's time), one per RELAXED_WALK to
+/// refresh a known listener's holders.
+const URGENT_WALK: Duration = Duration::from_millis(20);
+const RELAXED_WALK: Duration = Duration::from_secs(1);
+/// How long an event may wait for its listener's holders; the ring
+/// buffer keeps draining meanwhile.
+const ATTRIBUTION_WAIT: Duration = Duration::from_millis(100);
+/// Beyond this many waiting events, new ones are written unattributed.
+const MAX_WAITING: usize = 65536;
 
 /// UNIX listeners are looked up by path with a sock_diag dump; under a
 /// burst of EAGAINs one dump serves a while.
@@ -71,7 +80,13 @@ pub struct Sink {
     options: Options,
     out: BufWriter<Box<dyn Write + Send>>,
     clock: MonotonicToWall,
-    pub owners: SocketOwners,
+    pub resolver: Resolver,
+    /// Events waiting (at most ATTRIBUTION_WAIT) for their listener's
+    /// holders, in arrival order, with when they stop waiting.
+    waiting: VecDeque<(Event, Instant)>,
+    /// Socket inodes with events in `waiting`: their next events wait too,
+    /// so that a listener's lines keep their order.
+    waiting_inodes: HashMap<u64, usize>,
     /// listen() calls seen, by socket inode: who created a listener (even
     /// if it exited since) and the backlog it asked for.
     listens: HashMap<u64, ListenCall>,
@@ -119,7 +134,9 @@ impl Sink {
             // Large enough that a flood is written in few syscalls.
             out: BufWriter::with_capacity(OUT_BUFFER, out),
             clock: MonotonicToWall::now(),
-            owners: SocketOwners::new("/proc", MIN_RESCAN),
+            resolver: Resolver::start("/proc", URGENT_WALK, RELAXED_WALK),
+            waiting: VecDeque::new(),
+            waiting_inodes: HashMap::new(),
             listens: HashMap::new(),
             cgroups,
             host_netns: context::host_netns_inode(),
@@ -143,6 +160,7 @@ impl Sink {
         for record in records {
             self.handle(record);
         }
+        self.release_waiting();
         self.flush();
     }
 
@@ -171,11 +189,15 @@ impl Sink {
         }
     }
 
-    /// Holders of socket `inode`: from /proc, or, when none is left, the
-    /// process seen calling listen() on it.
+    /// Holders of socket `inode` as far as known now: from the last /proc
+    /// walk, or else the process seen calling listen() on it. Never waits.
     fn processes(&mut self, inode: u64) -> Vec<Process> {
-        let mut processes = self.owners.lookup(inode).to_vec();
-        if processes.is_empty() {
+        let listen_known = self.listens.contains_key(&inode);
+        let mut processes = match self.resolver.lookup(inode, false) {
+            Lookup::Found(found) => found.to_vec(),
+            Lookup::Pending | Lookup::NotFound => Vec::new(),
+        };
+        if processes.is_empty() && listen_known {
             if let Some(call) = self.listens.get(&inode) {
                 processes.push(Process {
                     pid: call.pid,
@@ -196,6 +218,61 @@ impl Sink {
         processes
     }
 
+    /// Whether an event for socket `inode` should wait for a walk of
+    /// /proc: its holders are unknown and a walk is coming. (A listen()
+    /// call names only the process that called it, which may have handed
+    /// the socket to workers since: it is the fallback after the wait.)
+    fn must_wait(&mut self, inode: u64) -> bool {
+        if self.waiting_inodes.contains_key(&inode) {
+            return true;
+        }
+        if inode == 0 || self.waiting.len() >= MAX_WAITING {
+            return false;
+        }
+        matches!(self.resolver.lookup(inode, true), Lookup::Pending)
+    }
+
+    /// Writes every waiting event now, with what is known (at exit).
+    pub fn release_all(&mut self) {
+        self.release(true);
+        self.flush();
+    }
+
+    /// Writes the waiting events whose holders are known by now, or whose
+    /// wait is over; the others keep waiting (and keep their order).
+    pub fn release_waiting(&mut self) {
+        self.release(false);
+    }
+
+    fn release(&mut self, all: bool) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut still = VecDeque::new();
+        let mut blocked: HashSet<u64> = HashSet::new();
+        while let Some((event, until)) = self.waiting.pop_front() {
+            let inode = event.socket_inode;
+            let ready = all
+                || !blocked.contains(&inode)
+                    && (until <= now
+                        || !matches!(self.resolver.lookup(inode, true), Lookup::Pending));
+            if ready {
+                if let Some(n) = self.waiting_inodes.get_mut(&inode) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.waiting_inodes.remove(&inode);
+                    }
+                }
+                self.write_drop(&event);
+            } else {
+                blocked.insert(inode);
+                still.push_back((event, until));
+            }
+        }
+        self.waiting = still;
+    }
+
     fn placement(&mut self, cgroup_id: u64, netns: u32) -> Placement {
         let cgroup = self
             .cgroups
@@ -209,6 +286,19 @@ impl Sink {
     }
 
     fn drop_event(&mut self, event: &Event) {
+        let key = (event.socket_inode, event.netns_inode, event.cgroup_id);
+        let now = Instant::now();
+        let fresh = self.fragments.get(&key).is_some_and(|f| f.until > now);
+        if !fresh && self.must_wait(event.socket_inode) {
+            *self.waiting_inodes.entry(event.socket_inode).or_default() += 1;
+            self.waiting
+                .push_back((event.clone(), now + ATTRIBUTION_WAIT));
+            return;
+        }
+        self.write_drop(event);
+    }
+
+    fn write_drop(&mut self, event: &Event) {
         let key = (event.socket_inode, event.netns_inode, event.cgroup_id);
         let now = Instant::now();
         if self.fragments.get(&key).is_none_or(|f| f.until <= now) {
