@@ -193,7 +193,7 @@ fn walk_on_demand(shared: &Shared, proc_root: PathBuf, urgent: Duration, relaxed
             let state = shared.lock();
             let (state, _) = shared
                 .wake
-                .wait_timeout_while(state, wait, |s| !s.stop && !(s.urgent && !was_urgent))
+                .wait_timeout_while(state, wait, |s| !s.stop && (!s.urgent || was_urgent))
                 .unwrap_or_else(|p| p.into_inner());
             let early = state.urgent && !was_urgent;
             drop(state);
