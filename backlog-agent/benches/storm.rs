@@ -144,6 +144,70 @@ fn accounted(run: &common::AgentRun, path: &str) -> (u64, u64, u64, u64) {
     (events, aggregated, lost, total)
 }
 
+/// 200 new UNIX listeners, each hit by a 20 ms storm, one after the other:
+/// the case where every listener is new to the agent's attribution.
+const NEW_LISTENERS: usize = 200;
+const SHORT_STORM: Duration = Duration::from_millis(20);
+const IDLE_PROCESSES: usize = 3000;
+
+/// The many-listeners run under a fresh agent: its CPU, and what it
+/// accounted against what the clients saw.
+struct ManyListeners {
+    eagain: u64,
+    events: u64,
+    aggregated: u64,
+    lost: u64,
+    agent_cpu: Duration,
+}
+
+fn many_listeners(dir: &Path, tag: &str) -> ManyListeners {
+    let agent = Agent::expect_ready(&["--output", "json"]);
+    let cpu0 = process_cpu(agent.pid());
+    let mut eagain = 0;
+    let mut paths = Vec::new();
+    for i in 0..NEW_LISTENERS {
+        let path = dir.join(format!("{tag}-{i}.sock"));
+        let (listener, held) = storm::full_listener(&path, 4);
+        eagain += storm::storm(&path, u64::MAX, SHORT_STORM).eagain;
+        storm::release(held);
+        drop(listener);
+        paths.push(path.to_string_lossy().into_owned());
+    }
+    thread::sleep(Duration::from_millis(1200));
+    let agent_cpu = process_cpu(agent.pid()).saturating_sub(cpu0);
+    let run = agent.stop();
+    let (mut events, mut aggregated, mut lost) = (0, 0, 0);
+    for path in &paths {
+        let (e, a, l, _) = accounted(&run, path);
+        events += e;
+        aggregated += a;
+        lost += l;
+    }
+    ManyListeners {
+        eagain,
+        events,
+        aggregated,
+        lost,
+        agent_cpu,
+    }
+}
+
+fn report_many(what: &str, m: &ManyListeners) {
+    println!(
+        "  {what}: {} EAGAINs; events {}, aggregated {}, lost {} (identity {}); agent CPU {:.3} s",
+        m.eagain,
+        m.events,
+        m.aggregated,
+        m.lost,
+        if m.events + m.aggregated + m.lost == m.eagain {
+            "holds"
+        } else {
+            "BROKEN"
+        },
+        m.agent_cpu.as_secs_f64()
+    );
+}
+
 fn main() {
     if !common::privileged("bench storm") {
         return;
@@ -284,4 +348,32 @@ fn main() {
     );
     print_costs("agent", &bpf_costs(&p3, &p4));
     drop(stats);
+
+    println!(
+        "(e) {NEW_LISTENERS} new UNIX listeners, each hit by a {} ms storm:",
+        SHORT_STORM.as_millis()
+    );
+    let quiet = many_listeners(dir.path(), "quiet");
+    report_many("on this machine as it is", &quiet);
+    let mut idle: Vec<std::process::Child> = (0..IDLE_PROCESSES)
+        .filter_map(|_| {
+            Command::new("sleep")
+                .arg("600")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()
+        })
+        .collect();
+    let busy = many_listeners(dir.path(), "busy");
+    report_many(&format!("with {} more idle processes", idle.len()), &busy);
+    println!(
+        "  agent CPU with them / without: {:.2}",
+        busy.agent_cpu.as_secs_f64() / quiet.agent_cpu.as_secs_f64().max(1e-3)
+    );
+    for child in &mut idle {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }

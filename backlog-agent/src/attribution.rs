@@ -121,6 +121,18 @@ impl SocketOwners {
     }
 }
 
+/// `pid` as a holder of socket `inode`, if it holds it: the check of one
+/// process that the resolver makes before walking all of them.
+pub fn held_by(proc_root: &Path, pid: u32, inode: u64) -> Option<Process> {
+    let dir = proc_root.join(pid.to_string());
+    let held = socket_inodes(&dir).ok()?.binary_search(&inode).is_ok();
+    held.then(|| Process {
+        pid,
+        comm: read_comm(&dir).unwrap_or_default(),
+        cmdline: None,
+    })
+}
+
 /// Socket inodes behind `/proc/PID/fd/*`, deduplicated.
 fn socket_inodes(pid_dir: &Path) -> io::Result<Vec<u64>> {
     let mut inodes = Vec::new();

@@ -4,6 +4,12 @@
 //! walks, one walk serves every inode asked for since the last one, and
 //! the drain loop reads the last published result.
 //!
+//! Before walking, the resolver asks the one process that is likely to
+//! hold the socket: the one the kernel saw calling listen() on it. If it
+//! holds it, that answers at once, whatever the number of processes; a
+//! full walk (relaxed) later adds holders it forked or handed the socket
+//! to.
+//!
 //! Walks are paced: at most one per `urgent` interval when an event is
 //! waiting for its listener's holders, one per `relaxed` interval
 //! otherwise, and never sooner than three walk-durations after the last
@@ -13,7 +19,7 @@
 //! written with what is known (the sink waits at most 100 ms).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -23,18 +29,45 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::attribution::{Process, ScanStats, SocketOwners};
+use crate::attribution::{held_by, Process, ScanStats, SocketOwners};
 
 type Owners = HashMap<u64, Vec<Process>>;
 
+/// What the resolver knows: the last full walk, and holders found since
+/// by asking the listen() caller.
+#[derive(Default)]
+struct Published {
+    walked: Arc<Owners>,
+    asked: Owners,
+    /// Full walks finished when this was published.
+    walks: u64,
+}
+
+impl Published {
+    fn get(&self, inode: u64) -> Option<&[Process]> {
+        self.asked
+            .get(&inode)
+            .or_else(|| self.walked.get(&inode))
+            .map(Vec::as_slice)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Wanted {
+    /// Someone waits for the answer.
+    urgent: bool,
+    /// The process seen calling listen() on it, asked first.
+    hint: Option<u32>,
+}
+
 #[derive(Default)]
 struct State {
-    pending: HashSet<u64>,
+    pending: HashMap<u64, Wanted>,
     /// Someone waits for an inode of `pending`.
     urgent: bool,
     /// Walks started so far; the next walk serves what is pending now.
     started: u64,
-    published: Arc<Owners>,
+    published: Arc<Published>,
     stats: ScanStats,
     stop: bool,
 }
@@ -42,8 +75,8 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     wake: Condvar,
-    /// Walks finished (and published) so far, readable without the lock.
-    finished: AtomicU64,
+    /// Bumped at every publication, readable without the lock.
+    version: AtomicU64,
 }
 
 impl Shared {
@@ -66,8 +99,8 @@ struct Request {
 
 pub struct Resolver {
     shared: Arc<Shared>,
-    local: Arc<Owners>,
-    local_generation: u64,
+    local: Arc<Published>,
+    local_version: u64,
     requested: HashMap<u64, Request>,
     thread: Option<JoinHandle<()>>,
 }
@@ -86,7 +119,7 @@ impl Resolver {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
-            finished: AtomicU64::new(0),
+            version: AtomicU64::new(0),
         });
         let worker = Arc::clone(&shared);
         let proc_root = proc_root.into();
@@ -96,39 +129,46 @@ impl Resolver {
             .ok();
         Resolver {
             shared,
-            local: Arc::new(Owners::new()),
-            local_generation: 0,
+            local: Arc::new(Published::default()),
+            local_version: 0,
             requested: HashMap::new(),
             thread,
         }
     }
 
-    /// Picks up the latest walk if one finished since the last call.
+    /// Picks up the latest answers if there are new ones.
     fn refresh(&mut self) {
-        let finished = self.shared.finished.load(Ordering::Acquire);
-        if finished != self.local_generation {
+        let version = self.shared.version.load(Ordering::Acquire);
+        if version != self.local_version {
             let state = self.shared.lock();
             self.local = Arc::clone(&state.published);
-            self.local_generation = finished;
+            self.local_version = version;
         }
     }
 
-    /// The holders of `inode` as of the last walk. On a miss a walk is
-    /// asked for (`urgent` when an event waits for the answer); a walk
-    /// that found nothing is believed for NOT_FOUND_TTL.
-    pub fn lookup(&mut self, inode: u64, urgent: bool) -> Lookup<'_> {
+    /// The holders of `inode` as known now. On a miss an answer is asked
+    /// for (`urgent` when an event waits for it; `hint`: the process seen
+    /// calling listen() on it); a walk that found nothing is believed for
+    /// NOT_FOUND_TTL.
+    pub fn lookup(&mut self, inode: u64, urgent: bool, hint: Option<u32>) -> Lookup<'_> {
         self.refresh();
-        if self.local.contains_key(&inode) {
-            return Lookup::Found(self.local.get(&inode).map(Vec::as_slice).unwrap_or(&[]));
+        if self.local.get(inode).is_some() {
+            return Lookup::Found(self.local.get(inode).unwrap_or(&[]));
         }
         if inode == 0 {
             return Lookup::NotFound;
         }
+        let walks = self.local.walks;
         if let Some(request) = self.requested.get_mut(&inode) {
-            if request.walk > self.local_generation {
+            if request.walk > walks {
                 if urgent && !request.urgent {
                     request.urgent = true;
-                    self.shared.lock().urgent = true;
+                    let mut state = self.shared.lock();
+                    if let Some(wanted) = state.pending.get_mut(&inode) {
+                        wanted.urgent = true;
+                    }
+                    state.urgent = true;
+                    drop(state);
                     self.shared.wake.notify_one();
                 }
                 return Lookup::Pending;
@@ -141,7 +181,7 @@ impl Resolver {
             self.requested.clear();
         }
         let mut state = self.shared.lock();
-        state.pending.insert(inode);
+        state.pending.insert(inode, Wanted { urgent, hint });
         state.urgent |= urgent;
         let walk = state.started + 1;
         drop(state);
@@ -173,7 +213,7 @@ impl Drop for Resolver {
 }
 
 fn walk_on_demand(shared: &Shared, proc_root: PathBuf, urgent: Duration, relaxed: Duration) {
-    let mut owners = SocketOwners::new(proc_root, Duration::ZERO);
+    let mut owners = SocketOwners::new(proc_root.clone(), Duration::ZERO);
     let mut last_walk: Option<Instant> = None;
     let mut walk_took = Duration::ZERO;
     loop {
@@ -183,6 +223,43 @@ fn walk_on_demand(shared: &Shared, proc_root: PathBuf, urgent: Duration, relaxed
         }
         if state.stop {
             return;
+        }
+        // First the cheap answers: the listen() callers that still hold
+        // their sockets. What they answer stays pending, relaxed, for the
+        // walk that adds the other holders.
+        let hinted: Vec<(u64, u32)> = state
+            .pending
+            .iter()
+            .filter_map(|(inode, w)| w.hint.map(|pid| (*inode, pid)))
+            .collect();
+        if !hinted.is_empty() {
+            drop(state);
+            let found: Vec<(u64, Process)> = hinted
+                .iter()
+                .filter_map(|&(inode, pid)| Some((inode, held_by(&proc_root, pid, inode)?)))
+                .collect();
+            state = shared.lock();
+            for (inode, _) in &hinted {
+                if let Some(wanted) = state.pending.get_mut(inode) {
+                    wanted.hint = None;
+                }
+            }
+            if !found.is_empty() {
+                let mut published = Published {
+                    walked: Arc::clone(&state.published.walked),
+                    asked: state.published.asked.clone(),
+                    walks: state.published.walks,
+                };
+                for (inode, process) in found {
+                    if let Some(wanted) = state.pending.get_mut(&inode) {
+                        wanted.urgent = false;
+                    }
+                    published.asked.insert(inode, vec![process]);
+                }
+                state.urgent = state.pending.values().any(|w| w.urgent);
+                state.published = Arc::new(published);
+                shared.version.fetch_add(1, Ordering::Release);
+            }
         }
         let was_urgent = state.urgent;
         let pace = if was_urgent { urgent } else { relaxed }.max(walk_took * 3);
@@ -216,10 +293,15 @@ fn walk_on_demand(shared: &Shared, proc_root: PathBuf, urgent: Duration, relaxed
         walk_took = began.elapsed();
         last_walk = Some(Instant::now());
         let mut state = shared.lock();
-        state.published = Arc::new(found);
+        // A full walk supersedes the answers of single processes.
+        state.published = Arc::new(Published {
+            walked: Arc::new(found),
+            asked: Owners::new(),
+            walks: walk,
+        });
         state.stats = owners.stats();
         drop(state);
-        shared.finished.store(walk, Ordering::Release);
+        shared.version.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -237,9 +319,13 @@ mod tests {
     }
 
     fn wait_for(resolver: &mut Resolver, inode: u64) -> Option<Vec<Process>> {
+        wait_hinted(resolver, inode, None)
+    }
+
+    fn wait_hinted(resolver: &mut Resolver, inode: u64, hint: Option<u32>) -> Option<Vec<Process>> {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            match resolver.lookup(inode, true) {
+            match resolver.lookup(inode, true, hint) {
                 Lookup::Found(p) => return Some(p.to_vec()),
                 Lookup::NotFound => return None,
                 Lookup::Pending => thread::sleep(Duration::from_millis(5)),
@@ -267,5 +353,26 @@ mod tests {
         let found = wait_for(&mut resolver, 600).expect("holder of 600");
         assert_eq!(found[0].pid, 11);
         assert!(resolver.stats().scans >= 3);
+    }
+
+    #[test]
+    fn the_listen_caller_answers_without_waiting_for_a_walk() {
+        let root = tempfile::tempdir().unwrap();
+        let minute = Duration::from_secs(60);
+        let mut resolver = Resolver::start(root.path(), minute, minute);
+        // The first walk runs at once; the next would wait a minute.
+        assert!(wait_for(&mut resolver, 1).is_none());
+        fake_process(root.path(), 11, "nginx", 600);
+        let started = Instant::now();
+        let found = wait_hinted(&mut resolver, 600, Some(11)).expect("asked the caller");
+        assert_eq!((found[0].pid, found[0].comm.as_str()), (11, "nginx"));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(resolver.stats().scans, 1, "no second walk");
+        // A wrong hint is not an answer: the inode keeps waiting.
+        fake_process(root.path(), 12, "php-fpm", 700);
+        assert!(matches!(
+            resolver.lookup(700, true, Some(11)),
+            Lookup::Pending
+        ));
     }
 }

@@ -37,7 +37,7 @@ const DECODE_ERRORS_SHOWN: u64 = 5;
 /// never more than a quarter of a core's time), one per RELAXED_WALK to
 /// refresh a known listener's holders.
 const URGENT_WALK: Duration = Duration::from_millis(20);
-const RELAXED_WALK: Duration = Duration::from_secs(1);
+const RELAXED_WALK: Duration = Duration::from_secs(5);
 /// How long an event may wait for its listener's holders; the ring
 /// buffer keeps draining meanwhile.
 const ATTRIBUTION_WAIT: Duration = Duration::from_millis(100);
@@ -192,8 +192,9 @@ impl Sink {
     /// Holders of socket `inode` as far as known now: from the last /proc
     /// walk, or else the process seen calling listen() on it. Never waits.
     fn processes(&mut self, inode: u64) -> Vec<Process> {
-        let listen_known = self.listens.contains_key(&inode);
-        let mut processes = match self.resolver.lookup(inode, false) {
+        let hint = self.listens.get(&inode).map(|call| call.pid);
+        let listen_known = hint.is_some();
+        let mut processes = match self.resolver.lookup(inode, false, hint) {
             Lookup::Found(found) => found.to_vec(),
             Lookup::Pending | Lookup::NotFound => Vec::new(),
         };
@@ -229,7 +230,13 @@ impl Sink {
         if inode == 0 || self.waiting.len() >= MAX_WAITING {
             return false;
         }
-        matches!(self.resolver.lookup(inode, true), Lookup::Pending)
+        let hint = self.listens.get(&inode).map(|call| call.pid);
+        matches!(self.resolver.lookup(inode, true, hint), Lookup::Pending)
+    }
+
+    fn resolved(&mut self, inode: u64) -> bool {
+        let hint = self.listens.get(&inode).map(|call| call.pid);
+        !matches!(self.resolver.lookup(inode, true, hint), Lookup::Pending)
     }
 
     /// Writes every waiting event now, with what is known (at exit).
@@ -253,10 +260,7 @@ impl Sink {
         let mut blocked: HashSet<u64> = HashSet::new();
         while let Some((event, until)) = self.waiting.pop_front() {
             let inode = event.socket_inode;
-            let ready = all
-                || !blocked.contains(&inode)
-                    && (until <= now
-                        || !matches!(self.resolver.lookup(inode, true), Lookup::Pending));
+            let ready = all || !blocked.contains(&inode) && (until <= now || self.resolved(inode));
             if ready {
                 if let Some(n) = self.waiting_inodes.get_mut(&inode) {
                     *n -= 1;
