@@ -71,6 +71,13 @@ impl SocketOwners {
         self.stats
     }
 
+    /// One walk of /proc: every socket inode and its holders. The resolver
+    /// thread publishes the result instead of keeping it here.
+    pub fn scan(&mut self) -> HashMap<u64, Vec<Process>> {
+        self.rescan();
+        std::mem::take(&mut self.owners)
+    }
+
     /// Rebuilds the whole map from /proc.
     pub fn rescan(&mut self) {
         self.last_scan = Some(Instant::now());
@@ -112,6 +119,18 @@ impl SocketOwners {
         }
         self.owners = owners;
     }
+}
+
+/// `pid` as a holder of socket `inode`, if it holds it: the check of one
+/// process that the resolver makes before walking all of them.
+pub fn held_by(proc_root: &Path, pid: u32, inode: u64) -> Option<Process> {
+    let dir = proc_root.join(pid.to_string());
+    let held = socket_inodes(&dir).ok()?.binary_search(&inode).is_ok();
+    held.then(|| Process {
+        pid,
+        comm: read_comm(&dir).unwrap_or_default(),
+        cmdline: None,
+    })
 }
 
 /// Socket inodes behind `/proc/PID/fd/*`, deduplicated.

@@ -45,6 +45,13 @@ pub struct Cli {
     /// least 4). Events that do not fit are counted and reported as lost.
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
     pub ring_buffer_kib: u32,
+
+    /// Full events per second per listener and drop kind (0: unlimited).
+    /// Beyond it (flood mode) the kernel only counts, exactly, and the agent
+    /// writes one aggregate record per listener and kind every second with
+    /// the count and the busiest peers.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub max_events_per_sec: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -106,6 +113,7 @@ mod tests {
         assert_eq!(cli.duration, Some(Duration::from_millis(2500)));
         assert_eq!(cli.attach, AttachMode::Auto);
         assert_eq!(cli.ring_buffer_kib, 4096);
+        assert_eq!(cli.max_events_per_sec, 100);
         for bad in [
             vec!["backlog-agent", "-d", "0"],
             vec!["backlog-agent", "-d", "-1"],
@@ -116,6 +124,7 @@ mod tests {
             vec!["backlog-agent", "--ring-buffer-kib", "2"],
             vec!["backlog-agent", "--attach", "uprobe"],
             vec!["backlog-agent", "--output", "xml"],
+            vec!["backlog-agent", "--max-events-per-sec", "-1"],
         ] {
             assert!(Cli::try_parse_from(&bad).is_err(), "{bad:?}");
         }

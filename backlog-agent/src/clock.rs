@@ -58,6 +58,39 @@ pub fn rfc3339(time: SystemTime) -> String {
     )
 }
 
+/// [`rfc3339`] for a stream of close timestamps: the date and time down
+/// to the second are formatted once per second, the microseconds per call,
+/// into a buffer that is reused.
+#[derive(Default)]
+pub struct Rfc3339Cache {
+    second: Option<u64>,
+    text: String,
+}
+
+impl Rfc3339Cache {
+    pub fn format(&mut self, time: SystemTime) -> &str {
+        let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = since.as_secs();
+        if self.second != Some(secs) {
+            self.text = rfc3339(time);
+            self.second = Some(secs);
+        }
+        // "…SS." is followed by exactly six digits and "Z".
+        let micros = since.subsec_micros();
+        let start = self.text.len() - 7;
+        self.text.truncate(start);
+        let mut digits = [b'0'; 6];
+        let mut rest = micros;
+        for digit in digits.iter_mut().rev() {
+            *digit = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        self.text.extend(digits.iter().map(|&d| d as char));
+        self.text.push('Z');
+        &self.text
+    }
+}
+
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian
 /// calendar (the era-based algorithm: 400-year eras of 146097 days).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
@@ -71,6 +104,23 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let year = yoe + era * 400 + i64::from(month <= 2);
     (year, month, day)
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_cache_formats_as_rfc3339_does() {
+        let mut cache = Rfc3339Cache::default();
+        let base = UNIX_EPOCH + Duration::from_secs(1_795_316_400);
+        for micros in [0u64, 1, 999_999, 123_456, 1_000_000, 86_400_000_001] {
+            let t = base + Duration::from_micros(micros);
+            assert_eq!(cache.format(t), rfc3339(t));
+        }
+    }
 }
 
 #[cfg(test)]

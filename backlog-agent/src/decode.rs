@@ -65,6 +65,8 @@ pub struct UnixConnect {
     /// Filesystem path, or `@name` for an abstract socket; `None` when the
     /// kernel could not read it.
     pub path: Option<String>,
+    /// The client's network namespace as the kernel saw it; 0 if unknown.
+    pub netns_inode: u32,
 }
 
 /// A successful listen().
@@ -106,7 +108,7 @@ fn c_string(bytes: &[u8]) -> String {
 }
 
 /// sun_path as `ss` shows it: abstract names (leading NUL) as `@name`.
-fn unix_path(raw: &[u8]) -> Option<String> {
+pub fn unix_path(raw: &[u8]) -> Option<String> {
     match raw.split_first() {
         None => None,
         Some((0, name)) => Some(format!(
@@ -129,6 +131,7 @@ fn decode_unix_connect(data: &[u8]) -> UnixConnect {
         cpu: r.u32(offset_of!(UnixConnectEvent, cpu)),
         comm: c_string(&comm),
         path: unix_path(&path[..len]),
+        netns_inode: r.u32(offset_of!(UnixConnectEvent, netns_inode)),
     }
 }
 
@@ -352,7 +355,7 @@ mod tests {
             path_len: 0,
             comm: [0; TASK_COMM_LEN],
             path: [0; UNIX_PATH_MAX],
-            _pad0: 0,
+            netns_inode: 0,
         };
         e.comm[..5].copy_from_slice(b"nginx");
         let fs_path = b"/run/php/www.sock\0";

@@ -2,15 +2,22 @@
 //! non-zero exit code; everything the user should know about what is and
 //! is not observed goes to stderr, events to stdout.
 
-use std::{io, path::Path, process::ExitCode, time::Instant};
+use std::{
+    io,
+    path::Path,
+    process::ExitCode,
+    time::{Duration, Instant, SystemTime},
+};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use backlog_agent::{
     btf::Btf,
     cli::Cli,
-    counted, preflight,
-    probes::{self, Outcome},
+    counted,
+    flood::Aggregator,
+    preflight,
+    probes::{self, KernelCounters, Outcome},
     sink::{Options, Sink},
     tracefs,
 };
@@ -56,7 +63,9 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let tracefs = tracefs::ensure_mounted()?;
     let btf = Btf::from_file(Path::new(preflight::VMLINUX_BTF))?;
-    let (mut probes, absent) = probes::start(cli.attach, cli.ring_buffer_kib, &btf, &tracefs)?;
+    let config = probes::config(cli.max_events_per_sec, cli.ring_buffer_kib);
+    let (mut probes, absent) =
+        probes::start(cli.attach, cli.ring_buffer_kib, &config, &btf, &tracefs)?;
     drop(btf);
     for field in absent {
         note(format_args!(
@@ -86,8 +95,15 @@ async fn run(cli: Cli) -> Result<()> {
         note("SYN-stage drops will be counted from kernel counters, not traced");
         counted::snapshot(Path::new("/proc"))
     });
+    match cli.max_events_per_sec {
+        0 => note("rate limit: none (--max-events-per-sec 0): one line per drop"),
+        n => note(format_args!(
+            "rate limit: {n} events per second per listener and kind; beyond it (flood mode) \
+             drops are counted exactly and written as one aggregate per listener and kind per second"
+        )),
+    }
     let ring = probes.take_events()?;
-    let counters = probes.take_counters()?;
+    let mut counters = probes.take_counters()?;
     // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged,
     // for as long as it lives, and the AsyncFd owns the ring buffer.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -99,28 +115,41 @@ async fn run(cli: Cli) -> Result<()> {
     let mut sink = Sink::new(Options {
         format: cli.output,
         show_cmdline: cli.show_cmdline,
+        max_events_per_sec: cli.max_events_per_sec,
     });
+    let mut aggregator = Aggregator::new(SystemTime::now());
     let deadline = cli.duration.map(|d| tokio::time::Instant::now() + d);
     note(format_args!(
         "ready: watching {attached} of {} drop kinds; Ctrl-C to stop",
         probes.outcomes.len()
     ));
 
-    let mut interval = cli.interval.map(|every| {
-        let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let every = |period: Duration| {
+        let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         timer
-    });
+    };
+    let mut interval = cli.interval.map(every);
+    // The kernel wakes the agent only once enough is pending; this poll
+    // bounds how long a lone event waits.
+    let mut poll = every(POLL);
+    let mut window = every(AGGREGATE_WINDOW);
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             () = until(deadline) => break,
             () = tick(&mut interval) => {
+                apply_accounting(&counters, &mut sink);
                 sink.report(&format!(
                     "backlog-agent: summary after {:.1} s:",
                     started.elapsed().as_secs_f64()
                 ));
+            }
+            _ = poll.tick() => drain(ring.get_mut(), &mut sink),
+            _ = window.tick() => {
+                drain(ring.get_mut(), &mut sink);
+                aggregate(&mut counters, &mut aggregator, &mut sink);
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer failed")?;
@@ -133,18 +162,24 @@ async fn run(cli: Cli) -> Result<()> {
             break;
         }
     }
-    // Detach first so that nothing new arrives, then read what is queued.
+    // Detach first so that nothing new arrives, then read what is queued
+    // and what was counted since the last aggregate.
     drop(probes);
     drain(ring.get_mut(), &mut sink);
+    sink.release_all();
+    aggregate(&mut counters, &mut aggregator, &mut sink);
     note("detached");
 
     match counters.events_lost() {
         Ok(lost) => sink.summary.losses.lost_in_kernel = lost,
         Err(err) => note(format_args!("cannot read the lost-event counter: {err}")),
     }
-    match counters.totals() {
-        Ok(totals) => sink.summary.apply_totals(&totals),
-        Err(err) => note(format_args!("cannot read the per-listener totals: {err}")),
+    apply_accounting(&counters, &mut sink);
+    match counters.events_suppressed() {
+        Ok(n) => sink.summary.flood.suppressed_in_kernel = n,
+        Err(err) => note(format_args!(
+            "cannot read the suppressed-event counter: {err}"
+        )),
     }
     if let Ok(full) = counters.totals_full() {
         if full > 0 {
@@ -168,7 +203,7 @@ async fn run(cli: Cli) -> Result<()> {
         let after = counted::snapshot(Path::new("/proc"));
         sink.report_counted(&counted::deltas(&before, &after));
     }
-    let scans = sink.owners.stats();
+    let scans = sink.resolver.stats();
     if scans.vanished + scans.unreadable > 0 {
         note(format_args!(
             "attribution: {} /proc scans; {} processes exited mid-scan, {} unreadable",
@@ -178,10 +213,39 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// How often the ring buffer is read when the kernel did not wake us.
+const POLL: Duration = Duration::from_millis(5);
+/// The interval of aggregate records.
+const AGGREGATE_WINDOW: Duration = Duration::from_secs(1);
+
+/// Writes the aggregates of the window that ends now.
+fn aggregate(counters: &mut KernelCounters, aggregator: &mut Aggregator, sink: &mut Sink) {
+    let (inet, unix) = match (counters.totals(), counters.unix_totals()) {
+        (Ok(inet), Ok(unix)) => (inet, unix),
+        (Err(err), _) | (_, Err(err)) => {
+            note(format_args!("cannot read the per-listener counts: {err}"));
+            return;
+        }
+    };
+    let peers = counters.take_peers();
+    let aggregates = aggregator.window(&inet, &unix, &peers, SystemTime::now());
+    sink.aggregates(&aggregates);
+}
+
+fn apply_accounting(counters: &KernelCounters, sink: &mut Sink) {
+    match (counters.totals(), counters.unix_totals()) {
+        (Ok(inet), Ok(unix)) => sink.summary.apply_accounting(&inet, &unix),
+        (Err(err), _) | (_, Err(err)) => {
+            note(format_args!("cannot read the per-listener totals: {err}"));
+        }
+    }
+}
+
 fn drain(ring: &mut RingBuf<MapData>, sink: &mut Sink) {
     while let Some(record) = ring.next() {
         sink.handle(&record);
     }
+    sink.release_waiting();
     sink.flush();
 }
 

@@ -150,6 +150,10 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetError> {
     o.fdtable_fd = optional.offset("fdtable.fd", 8)?;
     o.file_private_data = optional.offset("file.private_data", 8)?;
     o.socket_sk = optional.offset("socket.sk", 8)?;
+    // current->nsproxy->net_ns: the netns a UNIX connect()'s client looked
+    // its path up in (the client may be gone by the time the agent reads).
+    o.task_nsproxy = optional.offset("task_struct.nsproxy", 8)?;
+    o.nsproxy_net_ns = optional.offset("nsproxy.net_ns", 8)?;
     o.cgroup_kn = optional.offset("cgroup.kn", 8)?;
     o.kernfs_node_id = optional.offset("kernfs_node.id", 8)?;
     Ok(Resolved {
@@ -180,6 +184,28 @@ pub fn apply_syscalls(
     o.tp_listen_fd = field(enter_listen, "fd")?;
     o.tp_listen_backlog = field(enter_listen, "backlog")?;
     o.tp_sys_exit_ret = field(exit_connect, "ret")?;
+    // The connect() hooks read these at compile-time offsets.
+    let direct = [
+        (
+            "uservaddr",
+            o.tp_connect_addr,
+            backlog_common::TP_CONNECT_ADDR,
+        ),
+        (
+            "addrlen",
+            o.tp_connect_addrlen,
+            backlog_common::TP_CONNECT_ADDRLEN,
+        ),
+        ("ret", o.tp_sys_exit_ret, backlog_common::TP_SYS_EXIT_RET),
+    ];
+    for (name, found, expected) in direct {
+        if found as usize != expected {
+            return Err(format!(
+                "syscall tracepoint field `{name}` is at offset {found}, not {expected} \
+                 as on every kernel this build knows"
+            ));
+        }
+    }
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! The JSON keys are a contract with log pipelines; `json_keys_are_stable`
 //! pins them.
 
-use std::{fmt::Write as _, net::SocketAddr, time::SystemTime};
+use std::{fmt::Write as _, io::Write as _, net::SocketAddr, time::SystemTime};
 
 use serde::Serialize;
 
@@ -12,6 +12,7 @@ use crate::{
     clock,
     context::Workload,
     decode::{Event, UnixConnect},
+    flood::{Aggregate, FloodListener},
 };
 
 #[derive(Serialize)]
@@ -125,6 +126,73 @@ pub fn json_line(
     serde_json::to_string(&json).unwrap_or_default()
 }
 
+/// What an event's JSON line says about its listener's holders and place,
+/// `"processes":[..],"cgroup":..,"container":..,"host_netns":..`: rendered
+/// once per listener and reused by [`write_json_event`] for every event.
+pub fn json_listener_fragment(processes: &[Process], placement: &Placement) -> String {
+    #[derive(Serialize)]
+    struct Fragment<'a> {
+        processes: Vec<ProcessJson<'a>>,
+        #[serde(flatten)]
+        placement: &'a Placement,
+    }
+    let object = serde_json::to_string(&Fragment {
+        processes: processes_json(processes),
+        placement,
+    })
+    .unwrap_or_default();
+    // Without the braces: it is spliced into the event's object.
+    object
+        .strip_prefix('{')
+        .and_then(|o| o.strip_suffix('}'))
+        .unwrap_or("\"processes\":[]")
+        .to_owned()
+}
+
+fn write_endpoint(out: &mut Vec<u8>, name: &str, addr: Option<SocketAddr>) {
+    let _ = match addr {
+        Some(a) => write!(
+            out,
+            ",\"{name}\":{{\"addr\":\"{}\",\"port\":{}}}",
+            a.ip(),
+            a.port()
+        ),
+        None => write!(out, ",\"{name}\":null"),
+    };
+}
+
+/// Appends the JSON line of `event` (with its newline) to `out`: the keys
+/// and values of [`json_line`], written without building a value tree or
+/// allocating, for floods. `time` is RFC 3339; `listener` comes from
+/// [`json_listener_fragment`]. Addresses, kinds and numbers need no
+/// escaping; the fragment was escaped when it was rendered.
+pub fn write_json_event(out: &mut Vec<u8>, event: &Event, time: &str, listener: &str) {
+    let _ = write!(
+        out,
+        "{{\"kind\":\"{}\",\"time\":\"{time}\",\"listener\":{{\"addr\":\"{}\",\"port\":{}}}",
+        event.kind.as_str(),
+        event.listener.ip(),
+        event.listener.port()
+    );
+    write_endpoint(out, "local", event.local);
+    write_endpoint(out, "peer", event.peer);
+    let _ = writeln!(
+        out,
+        ",\"accept_queue\":{{\"len\":{},\"max\":{}}},\"syn_queue\":{{\"len\":{}}},\
+         \"netns\":{},\"socket_inode\":{},\"cgroup_id\":{},\"cpu\":{},{listener},\
+         \"reset_sent\":{},\"partial\":{}}}",
+        event.accept_queue_len,
+        event.accept_queue_max,
+        event.syn_queue_len,
+        event.netns_inode,
+        event.socket_inode,
+        event.cgroup_id,
+        event.cpu,
+        event.reset_sent,
+        event.partial
+    );
+}
+
 /// `pid/comm` list, or `?` when no holder was found.
 pub fn process_list(processes: &[Process]) -> String {
     if processes.is_empty() {
@@ -217,6 +285,108 @@ pub fn unix_text_line(
             .map_or_else(|| "?".to_owned(), |(len, max)| format!("{len}/{max}")),
         process_list(processes),
     )
+}
+
+#[derive(Serialize)]
+struct PeerCount {
+    addr: String,
+    count: u64,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum AggregateListener<'a> {
+    Inet { addr: String, port: u16 },
+    Unix { path: &'a str },
+}
+
+/// One aggregate record: the drops of one listener and kind that were over
+/// the rate limit during one interval. Same `kind` as the events, told
+/// apart by `aggregated: true` and `count`, so a log pipeline can sum
+/// `count` (1 for an event) to get the kernel's total.
+#[derive(Serialize)]
+struct AggregateJson<'a> {
+    kind: &'static str,
+    aggregated: bool,
+    count: u64,
+    start: String,
+    end: String,
+    listener: AggregateListener<'a>,
+    netns: u32,
+    socket_inode: Option<u64>,
+    processes: Vec<ProcessJson<'a>>,
+    /// Sources of the aggregated drops, busiest first (approximate).
+    top_peers: Vec<PeerCount>,
+    /// The limit that engaged flood mode: full events per second.
+    max_events_per_sec: u32,
+}
+
+pub fn aggregate_json_line(
+    aggregate: &Aggregate,
+    socket_inode: Option<u64>,
+    processes: &[Process],
+    max_events_per_sec: u32,
+) -> String {
+    let (listener, netns) = match &aggregate.listener {
+        FloodListener::Inet { addr, netns, .. } => (
+            AggregateListener::Inet {
+                addr: addr.ip().to_string(),
+                port: addr.port(),
+            },
+            *netns,
+        ),
+        FloodListener::Unix { path, netns } => (AggregateListener::Unix { path }, *netns),
+    };
+    let json = AggregateJson {
+        kind: aggregate.kind.as_str(),
+        aggregated: true,
+        count: aggregate.count,
+        start: clock::rfc3339(aggregate.start),
+        end: clock::rfc3339(aggregate.end),
+        listener,
+        netns,
+        socket_inode,
+        processes: processes_json(processes),
+        top_peers: aggregate
+            .top_peers
+            .iter()
+            .map(|(addr, count)| PeerCount {
+                addr: addr.to_string(),
+                count: *count,
+            })
+            .collect(),
+        max_events_per_sec,
+    };
+    serde_json::to_string(&json).unwrap_or_default()
+}
+
+pub fn aggregate_text_line(aggregate: &Aggregate, processes: &[Process]) -> String {
+    let seconds = aggregate
+        .end
+        .duration_since(aggregate.start)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let mut line = format!(
+        "{} {} aggregated count={} over {seconds:.1}s listener={} netns={}",
+        clock::rfc3339(aggregate.end),
+        aggregate.kind.as_str(),
+        aggregate.count,
+        aggregate.listener,
+        match &aggregate.listener {
+            FloodListener::Inet { netns, .. } | FloodListener::Unix { netns, .. } => *netns,
+        },
+    );
+    if !aggregate.top_peers.is_empty() {
+        line.push_str(" top_peers=");
+        for (i, (addr, count)) in aggregate.top_peers.iter().enumerate() {
+            if i > 0 {
+                line.push(',');
+            }
+            let _ = write!(line, "{addr}x{count}");
+        }
+    }
+    let _ = write!(line, " processes={}", process_list(processes));
+    line
 }
 
 pub fn text_line(event: &Event, time: SystemTime, processes: &[Process]) -> String {
@@ -324,6 +494,33 @@ mod tests {
     }
 
     #[test]
+    fn the_fast_writer_writes_what_serde_writes() {
+        let placement = Placement {
+            cgroup: Some("/system.slice/a \"quoted\" unit.service".into()),
+            container: None,
+            host_netns: Some(false),
+        };
+        let mut cases = vec![event()];
+        let mut e = event();
+        e.peer = None;
+        e.local = None;
+        e.partial = true;
+        e.reset_sent = true;
+        e.listener = "10.1.2.3:443".parse().unwrap();
+        cases.push(e);
+        for (e, processes) in cases.iter().zip([procs(), Vec::new()]) {
+            let fragment = json_listener_fragment(&processes, &placement);
+            let mut fast = Vec::new();
+            write_json_event(&mut fast, e, &clock::rfc3339(time()), &fragment);
+            let fast = String::from_utf8(fast).unwrap();
+            assert_eq!(
+                fast,
+                format!("{}\n", json_line(e, time(), &processes, &placement))
+            );
+        }
+    }
+
+    #[test]
     fn json_unknown_peer_is_null() {
         let mut e = event();
         e.peer = None;
@@ -331,6 +528,44 @@ mod tests {
             serde_json::from_str(&json_line(&e, time(), &[], &Placement::default())).unwrap();
         assert!(v["peer"].is_null());
         assert_eq!(v["processes"].as_array().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn aggregate_records_for_log_pipelines() {
+        let aggregate = Aggregate {
+            kind: DropKind::SynDroppedSynQueueFull,
+            listener: FloodListener::Inet {
+                netns: 7,
+                socket_inode: 555,
+                addr: "198.18.0.1:80".parse().unwrap(),
+            },
+            count: 41_000,
+            start: time(),
+            end: time() + Duration::from_secs(1),
+            top_peers: vec![("198.19.0.1".parse().unwrap(), 300)],
+        };
+        let v: Value =
+            serde_json::from_str(&aggregate_json_line(&aggregate, Some(555), &procs(), 100))
+                .unwrap();
+        assert_eq!(v["kind"], "syn_dropped_syn_queue_full");
+        assert_eq!(v["aggregated"], true);
+        assert_eq!(v["count"], 41_000);
+        assert_eq!(v["start"], "2026-11-22T03:00:00.000000Z");
+        assert_eq!(v["end"], "2026-11-22T03:00:01.000000Z");
+        assert_eq!(v["listener"]["addr"], "198.18.0.1");
+        assert_eq!(v["listener"]["port"], 80);
+        assert_eq!(v["netns"], 7);
+        assert_eq!(v["socket_inode"], 555);
+        assert_eq!(v["top_peers"][0]["addr"], "198.19.0.1");
+        assert_eq!(v["top_peers"][0]["count"], 300);
+        assert_eq!(v["processes"][0]["comm"], "nginx");
+        assert_eq!(v["max_events_per_sec"], 100);
+        assert_eq!(
+            aggregate_text_line(&aggregate, &procs()),
+            "2026-11-22T03:00:01.000000Z syn_dropped_syn_queue_full aggregated count=41000 \
+             over 1.0s listener=198.18.0.1:80 netns=7 top_peers=198.19.0.1x300 \
+             processes=10/nginx,11/nginx"
+        );
     }
 
     #[test]

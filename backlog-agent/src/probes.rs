@@ -6,12 +6,13 @@
 use std::path::Path;
 
 use aya::{
-    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{FEntry, FExit, KProbe, Program, TracePoint},
     Ebpf, EbpfError, EbpfLoader,
 };
 use backlog_common::{
-    DropKind, DropTotalKey, COUNTER_EVENTS_LOST, COUNTER_READ_ERRORS, COUNTER_TOTALS_FULL,
+    Config, DropCounts, DropKind, DropTotalKey, PeerKey, UnixTotalKey, COUNTER_EVENTS_LOST,
+    COUNTER_EVENTS_SUPPRESSED, COUNTER_READ_ERRORS, COUNTER_TOTALS_FULL,
 };
 use thiserror::Error;
 
@@ -317,9 +318,26 @@ impl Preconditions {
     }
 }
 
+/// The kernel side of `--max-events-per-sec` and of batched wakeups.
+pub fn config(max_events_per_sec: u32, ring_buffer_kib: u32) -> Config {
+    let event_interval_ns = match max_events_per_sec {
+        0 => 0,
+        n => (1_000_000_000 / u64::from(n)).max(1),
+    };
+    Config {
+        event_interval_ns,
+        // A second's worth of events may come at once after a quiet spell.
+        burst_ns: 1_000_000_000u64.saturating_sub(event_interval_ns),
+        // An eighth of the ring: the agent is woken well before it fills,
+        // and polls for the rest.
+        wakeup_bytes: u64::from(ring_buffer_kib) * 1024 / 8,
+    }
+}
+
 pub fn start(
     mode: AttachMode,
     ring_buffer_kib: u32,
+    config: &Config,
     btf: &Btf,
     tracefs: &Path,
 ) -> Result<(Probes, Vec<&'static str>), ProbeError> {
@@ -370,6 +388,7 @@ pub fn start(
         })?;
     let mut ebpf = EbpfLoader::new()
         .override_global("OFFSETS", &kernel_offsets, true)
+        .override_global("CONFIG", config, true)
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .load(OBJECT)
         .map_err(ProbeError::Load)?;
@@ -653,30 +672,48 @@ impl Probes {
     }
 
     pub fn take_counters(&mut self) -> Result<KernelCounters, ProbeError> {
-        let map = self.ebpf.take_map("COUNTERS").ok_or(ProbeError::Map {
-            name: "COUNTERS",
+        Ok(KernelCounters {
+            array: PerCpuArray::try_from(self.take_map("COUNTERS")?)
+                .map_err(map_error("COUNTERS"))?,
+            totals: PerCpuHashMap::try_from(self.take_map("DROP_TOTALS")?)
+                .map_err(map_error("DROP_TOTALS"))?,
+            unix_totals: PerCpuHashMap::try_from(self.take_map("UNIX_TOTALS")?)
+                .map_err(map_error("UNIX_TOTALS"))?,
+            peers: BpfHashMap::try_from(self.take_map("SUPPRESSED_PEERS")?)
+                .map_err(map_error("SUPPRESSED_PEERS"))?,
+        })
+    }
+
+    fn take_map(&mut self, name: &'static str) -> Result<aya::maps::Map, ProbeError> {
+        self.ebpf.take_map(name).ok_or(ProbeError::Map {
+            name,
             reason: "missing from the eBPF object".into(),
-        })?;
-        let array = PerCpuArray::try_from(map).map_err(|e| ProbeError::Map {
-            name: "COUNTERS",
-            reason: e.to_string(),
-        })?;
-        let map = self.ebpf.take_map("DROP_TOTALS").ok_or(ProbeError::Map {
-            name: "DROP_TOTALS",
-            reason: "missing from the eBPF object".into(),
-        })?;
-        let totals = PerCpuHashMap::try_from(map).map_err(|e| ProbeError::Map {
-            name: "DROP_TOTALS",
-            reason: e.to_string(),
-        })?;
-        Ok(KernelCounters { array, totals })
+        })
     }
 }
 
-/// The programs' per-CPU counters of what they could not report.
+fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> ProbeError {
+    move |e| ProbeError::Map {
+        name,
+        reason: e.to_string(),
+    }
+}
+
+/// The programs' per-CPU counters and per-listener accounting.
 pub struct KernelCounters {
     array: PerCpuArray<MapData, u64>,
-    totals: PerCpuHashMap<MapData, DropTotalKey, u64>,
+    totals: PerCpuHashMap<MapData, DropTotalKey, DropCounts>,
+    unix_totals: PerCpuHashMap<MapData, UnixTotalKey, DropCounts>,
+    peers: BpfHashMap<MapData, PeerKey, u64>,
+}
+
+fn sum_cpus(values: &[DropCounts]) -> DropCounts {
+    values.iter().fold(DropCounts::ZERO, |a, v| DropCounts {
+        total: a.total + v.total,
+        sent: a.sent + v.sent,
+        suppressed: a.suppressed + v.suppressed,
+        lost: a.lost + v.lost,
+    })
 }
 
 impl KernelCounters {
@@ -689,6 +726,11 @@ impl KernelCounters {
         self.sum(COUNTER_EVENTS_LOST)
     }
 
+    /// Drops over the rate limit (all listeners).
+    pub fn events_suppressed(&self) -> Result<u64, String> {
+        self.sum(COUNTER_EVENTS_SUPPRESSED)
+    }
+
     pub fn read_errors(&self) -> Result<u64, String> {
         self.sum(COUNTER_READ_ERRORS)
     }
@@ -698,14 +740,35 @@ impl KernelCounters {
         self.sum(COUNTER_TOTALS_FULL)
     }
 
-    /// Exact drops per listener and kind, summed over CPUs.
-    pub fn totals(&self) -> Result<Vec<(DropTotalKey, u64)>, String> {
+    /// What became of the drops per listener and kind, summed over CPUs.
+    pub fn totals(&self) -> Result<Vec<(DropTotalKey, DropCounts)>, String> {
         self.totals
             .iter()
             .map(|entry| {
                 let (key, values) = entry.map_err(|e| e.to_string())?;
-                Ok((key, values.iter().sum()))
+                Ok((key, sum_cpus(&values)))
             })
             .collect()
+    }
+
+    /// The same for UNIX connect() EAGAINs, per (client netns, path).
+    pub fn unix_totals(&self) -> Result<Vec<(UnixTotalKey, DropCounts)>, String> {
+        self.unix_totals
+            .iter()
+            .map(|entry| {
+                let (key, values) = entry.map_err(|e| e.to_string())?;
+                Ok((key, sum_cpus(&values)))
+            })
+            .collect()
+    }
+
+    /// The sources of suppressed drops since the last call, emptying the
+    /// map so that each interval names its own busiest peers.
+    pub fn take_peers(&mut self) -> Vec<(PeerKey, u64)> {
+        let peers: Vec<(PeerKey, u64)> = self.peers.iter().filter_map(Result::ok).collect();
+        for (key, _) in &peers {
+            let _ = self.peers.remove(key);
+        }
+        peers
     }
 }

@@ -3,8 +3,8 @@
 //! with a diagnosis at `--interval` and at exit.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    io::{self, BufWriter, Stdout, Write as _},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    io::{self, BufWriter, Write},
     net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime},
@@ -14,14 +14,16 @@ use backlog_common::DropKind;
 use serde::Serialize;
 
 use crate::{
-    attribution::{Process, SocketOwners},
+    attribution::Process,
     cli::OutputFormat,
-    clock::{self, MonotonicToWall},
+    clock::{self, MonotonicToWall, Rfc3339Cache},
     context::{self, CgroupResolver, NetnsSysctls},
     counted::NetnsDelta,
     decode::{decode_record, DecodeError, Event, ListenCall, Record, UnixConnect},
     diagnosis::{diagnose, ListenerFacts},
+    flood::{Aggregate, FloodListener},
     output::{self, Placement, UnixListenerView},
+    resolver::{Lookup, Resolver},
     sockdiag::{self, UnixListenerInfo},
     summary::{ListenerAddr, ListenerKey, ListenerStats, Summary},
 };
@@ -30,15 +32,38 @@ use crate::{
 /// that a systematic problem cannot flood stderr.
 const DECODE_ERRORS_SHOWN: u64 = 5;
 
-/// A listener that nobody holds (closed, or a process we cannot see) must
-/// not turn every event into a full /proc scan.
-const MIN_RESCAN: Duration = Duration::from_millis(200);
+/// Walks of /proc (off the drain path, see resolver.rs): at most one per
+/// URGENT_WALK while events wait for an unknown listener's holders (and
+/// never more than a quarter of a core's time), one per RELAXED_WALK to
+/// refresh a known listener's holders.
+const URGENT_WALK: Duration = Duration::from_millis(20);
+const RELAXED_WALK: Duration = Duration::from_secs(5);
+/// How long an event may wait for its listener's holders; the ring
+/// buffer keeps draining meanwhile.
+const ATTRIBUTION_WAIT: Duration = Duration::from_millis(100);
+/// Beyond this many waiting events, new ones are written unattributed.
+const MAX_WAITING: usize = 65536;
 
 /// UNIX listeners are looked up by path with a sock_diag dump; under a
 /// burst of EAGAINs one dump serves a while.
 const UNIX_DUMP_TTL: Duration = Duration::from_millis(200);
 
 const TOP_PEERS: usize = 5;
+
+const OUT_BUFFER: usize = 256 * 1024;
+
+/// How long a listener's holders are reused before they are looked up
+/// again (workers come and go); shorter while none is found.
+const FRAGMENT_TTL: Duration = Duration::from_secs(5);
+const FRAGMENT_TTL_UNATTRIBUTED: Duration = Duration::from_secs(1);
+/// Bounds the fragment cache (one entry per listener seen recently).
+const MAX_FRAGMENTS: usize = 16384;
+
+struct ListenerFragment {
+    processes: Vec<Process>,
+    json: String,
+    until: Instant,
+}
 
 fn note(message: impl std::fmt::Display) {
     eprintln!("backlog-agent: {message}");
@@ -47,13 +72,21 @@ fn note(message: impl std::fmt::Display) {
 pub struct Options {
     pub format: OutputFormat,
     pub show_cmdline: bool,
+    /// The kernel's rate limit, named in aggregate records.
+    pub max_events_per_sec: u32,
 }
 
 pub struct Sink {
     options: Options,
-    out: BufWriter<Stdout>,
+    out: BufWriter<Box<dyn Write + Send>>,
     clock: MonotonicToWall,
-    pub owners: SocketOwners,
+    pub resolver: Resolver,
+    /// Events waiting (at most ATTRIBUTION_WAIT) for their listener's
+    /// holders, in arrival order, with when they stop waiting.
+    waiting: VecDeque<(Event, Instant)>,
+    /// Socket inodes with events in `waiting`: their next events wait too,
+    /// so that a listener's lines keep their order.
+    waiting_inodes: HashMap<u64, usize>,
     /// listen() calls seen, by socket inode: who created a listener (even
     /// if it exited since) and the backlog it asked for.
     listens: HashMap<u64, ListenCall>,
@@ -66,12 +99,29 @@ pub struct Sink {
     /// listener, not netns inode: a dead namespace's number is reused.
     netns_sysctls: HashMap<(u32, u64), NetnsSysctls>,
     unix_dumps: HashMap<u64, (Instant, Vec<UnixListenerInfo>)>,
+    /// UNIX listeners as their events found them, by (client netns, path):
+    /// what an aggregate of the same path is attributed to.
+    unix_seen: HashMap<(u32, String), (Option<u64>, Vec<Process>)>,
+    /// Per listener (socket, netns, cgroup): its holders and the JSON
+    /// fragment they render to, reused by every event for a while.
+    fragments: HashMap<(u64, u32, u64), ListenerFragment>,
+    /// The JSON line being written, reused.
+    line: Vec<u8>,
+    times: Rfc3339Cache,
+    /// Listeners and kinds for which flood mode engaged (told once).
+    flooded: HashSet<(FloodListener, DropKind)>,
     pub summary: Summary,
     pub stdout_closed: bool,
 }
 
 impl Sink {
     pub fn new(options: Options) -> Self {
+        Sink::with_output(options, Box::new(io::stdout()))
+    }
+
+    /// A sink that writes its lines to `out` (the micro-benchmark writes
+    /// to /dev/null through exactly the production path).
+    pub fn with_output(options: Options, out: Box<dyn Write + Send>) -> Self {
         let cgroups = match CgroupResolver::system() {
             Ok(resolver) => Some(resolver),
             Err(err) => {
@@ -81,9 +131,12 @@ impl Sink {
         };
         Sink {
             options,
-            out: BufWriter::new(io::stdout()),
+            // Large enough that a flood is written in few syscalls.
+            out: BufWriter::with_capacity(OUT_BUFFER, out),
             clock: MonotonicToWall::now(),
-            owners: SocketOwners::new("/proc", MIN_RESCAN),
+            resolver: Resolver::start("/proc", URGENT_WALK, RELAXED_WALK),
+            waiting: VecDeque::new(),
+            waiting_inodes: HashMap::new(),
             listens: HashMap::new(),
             cgroups,
             host_netns: context::host_netns_inode(),
@@ -91,6 +144,11 @@ impl Sink {
             cmdlines: HashMap::new(),
             netns_sysctls: HashMap::new(),
             unix_dumps: HashMap::new(),
+            unix_seen: HashMap::new(),
+            fragments: HashMap::new(),
+            line: Vec::with_capacity(1024),
+            times: Rfc3339Cache::default(),
+            flooded: HashSet::new(),
             summary: Summary::default(),
             stdout_closed: false,
         }
@@ -102,6 +160,7 @@ impl Sink {
         for record in records {
             self.handle(record);
         }
+        self.release_waiting();
         self.flush();
     }
 
@@ -130,11 +189,16 @@ impl Sink {
         }
     }
 
-    /// Holders of socket `inode`: from /proc, or, when none is left, the
-    /// process seen calling listen() on it.
+    /// Holders of socket `inode` as far as known now: from the last /proc
+    /// walk, or else the process seen calling listen() on it. Never waits.
     fn processes(&mut self, inode: u64) -> Vec<Process> {
-        let mut processes = self.owners.lookup(inode).to_vec();
-        if processes.is_empty() {
+        let hint = self.listens.get(&inode).map(|call| call.pid);
+        let listen_known = hint.is_some();
+        let mut processes = match self.resolver.lookup(inode, false, hint) {
+            Lookup::Found(found) => found.to_vec(),
+            Lookup::Pending | Lookup::NotFound => Vec::new(),
+        };
+        if processes.is_empty() && listen_known {
             if let Some(call) = self.listens.get(&inode) {
                 processes.push(Process {
                     pid: call.pid,
@@ -155,6 +219,64 @@ impl Sink {
         processes
     }
 
+    /// Whether an event for socket `inode` should wait for a walk of
+    /// /proc: its holders are unknown and a walk is coming. (A listen()
+    /// call names only the process that called it, which may have handed
+    /// the socket to workers since: it is the fallback after the wait.)
+    fn must_wait(&mut self, inode: u64) -> bool {
+        if self.waiting_inodes.contains_key(&inode) {
+            return true;
+        }
+        if inode == 0 || self.waiting.len() >= MAX_WAITING {
+            return false;
+        }
+        let hint = self.listens.get(&inode).map(|call| call.pid);
+        matches!(self.resolver.lookup(inode, true, hint), Lookup::Pending)
+    }
+
+    fn resolved(&mut self, inode: u64) -> bool {
+        let hint = self.listens.get(&inode).map(|call| call.pid);
+        !matches!(self.resolver.lookup(inode, true, hint), Lookup::Pending)
+    }
+
+    /// Writes every waiting event now, with what is known (at exit).
+    pub fn release_all(&mut self) {
+        self.release(true);
+        self.flush();
+    }
+
+    /// Writes the waiting events whose holders are known by now, or whose
+    /// wait is over; the others keep waiting (and keep their order).
+    pub fn release_waiting(&mut self) {
+        self.release(false);
+    }
+
+    fn release(&mut self, all: bool) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut still = VecDeque::new();
+        let mut blocked: HashSet<u64> = HashSet::new();
+        while let Some((event, until)) = self.waiting.pop_front() {
+            let inode = event.socket_inode;
+            let ready = all || !blocked.contains(&inode) && (until <= now || self.resolved(inode));
+            if ready {
+                if let Some(n) = self.waiting_inodes.get_mut(&inode) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.waiting_inodes.remove(&inode);
+                    }
+                }
+                self.write_drop(&event);
+            } else {
+                blocked.insert(inode);
+                still.push_back((event, until));
+            }
+        }
+        self.waiting = still;
+    }
+
     fn placement(&mut self, cgroup_id: u64, netns: u32) -> Placement {
         let cgroup = self
             .cgroups
@@ -168,18 +290,65 @@ impl Sink {
     }
 
     fn drop_event(&mut self, event: &Event) {
-        let processes = self.processes(event.socket_inode);
-        self.remember_sysctls(event.netns_inode, event.socket_inode, &processes);
-        let time = self.clock.wall(event.timestamp_ns);
-        let line = match self.options.format {
-            OutputFormat::Text => output::text_line(event, time, &processes),
-            OutputFormat::Json => {
-                let placement = self.placement(event.cgroup_id, event.netns_inode);
-                output::json_line(event, time, &processes, &placement)
+        let key = (event.socket_inode, event.netns_inode, event.cgroup_id);
+        let now = Instant::now();
+        let fresh = self.fragments.get(&key).is_some_and(|f| f.until > now);
+        if !fresh && self.must_wait(event.socket_inode) {
+            *self.waiting_inodes.entry(event.socket_inode).or_default() += 1;
+            self.waiting
+                .push_back((event.clone(), now + ATTRIBUTION_WAIT));
+            return;
+        }
+        self.write_drop(event);
+    }
+
+    fn write_drop(&mut self, event: &Event) {
+        let key = (event.socket_inode, event.netns_inode, event.cgroup_id);
+        let now = Instant::now();
+        if self.fragments.get(&key).is_none_or(|f| f.until <= now) {
+            let processes = self.processes(event.socket_inode);
+            self.remember_sysctls(event.netns_inode, event.socket_inode, &processes);
+            let placement = self.placement(event.cgroup_id, event.netns_inode);
+            let ttl = if processes.is_empty() {
+                FRAGMENT_TTL_UNATTRIBUTED
+            } else {
+                FRAGMENT_TTL
+            };
+            if self.fragments.len() >= MAX_FRAGMENTS {
+                self.fragments.clear();
             }
+            self.fragments.insert(
+                key,
+                ListenerFragment {
+                    json: output::json_listener_fragment(&processes, &placement),
+                    processes,
+                    until: now + ttl,
+                },
+            );
+        }
+        let Some(fragment) = self.fragments.get(&key) else {
+            return;
         };
-        self.write_line(&line);
-        self.summary.record(event, &processes);
+        let time = self.clock.wall(event.timestamp_ns);
+        self.line.clear();
+        match self.options.format {
+            OutputFormat::Text => {
+                self.line.extend_from_slice(
+                    output::text_line(event, time, &fragment.processes).as_bytes(),
+                );
+                self.line.push(b'\n');
+            }
+            OutputFormat::Json => output::write_json_event(
+                &mut self.line,
+                event,
+                self.times.format(time),
+                &fragment.json,
+            ),
+        }
+        if !self.stdout_closed && self.out.write_all(&self.line).is_err() {
+            self.stdout_closed = true;
+        }
+        self.summary.record(event, &fragment.processes);
     }
 
     fn unix_connect(&mut self, event: &UnixConnect) {
@@ -187,8 +356,14 @@ impl Sink {
             Some(path) => self.unix_listener(event.pid, path),
             None => (None, None),
         };
+        // The kernel's view of the client's namespace first: the client
+        // may have exited before /proc could tell.
+        let netns = match event.netns_inode {
+            0 => netns.and_then(|n| u32::try_from(n).ok()),
+            inode => Some(inode),
+        };
         let view = UnixListenerView {
-            netns: netns.and_then(|n| u32::try_from(n).ok()),
+            netns,
             inode: listener.as_ref().map(|l| l.inode),
             queue: listener.as_ref().map(|l| (l.queue_len, l.queue_max)),
         };
@@ -202,6 +377,13 @@ impl Sink {
             OutputFormat::Json => output::unix_json_line(event, time, &view, &processes),
         };
         self.write_line(&line);
+        self.unix_seen.insert(
+            (
+                view.netns.unwrap_or(0),
+                event.path.clone().unwrap_or_else(|| "?".into()),
+            ),
+            (view.inode, processes.clone()),
+        );
         self.summary.record_unix(
             view.netns.unwrap_or(0),
             event.path.as_deref().unwrap_or("?"),
@@ -249,6 +431,53 @@ impl Sink {
             .and_then(|(_, listeners)| listeners.iter().find(|l| l.path.as_deref() == Some(path)))
             .cloned();
         (netns, found)
+    }
+
+    /// Writes one aggregate record per listener and kind that went over
+    /// the rate limit in the last interval, and says on stderr when flood
+    /// mode engages for a listener.
+    pub fn aggregates(&mut self, aggregates: &[Aggregate]) {
+        for aggregate in aggregates {
+            let (socket_inode, processes) = match &aggregate.listener {
+                FloodListener::Inet { socket_inode, .. } => {
+                    (Some(*socket_inode), self.processes(*socket_inode))
+                }
+                FloodListener::Unix { netns, path } => self
+                    .unix_seen
+                    .get(&(*netns, path.clone()))
+                    .cloned()
+                    .unwrap_or_default(),
+            };
+            if self
+                .flooded
+                .insert((aggregate.listener.clone(), aggregate.kind))
+            {
+                note(format_args!(
+                    "flood mode: {} {} (netns {}): more than {} drops per second; \
+                     further drops are counted and written as one aggregate per second",
+                    aggregate.listener,
+                    aggregate.kind.as_str(),
+                    match &aggregate.listener {
+                        FloodListener::Inet { netns, .. } | FloodListener::Unix { netns, .. } =>
+                            *netns,
+                    },
+                    self.options.max_events_per_sec,
+                ));
+            }
+            let line = match self.options.format {
+                OutputFormat::Text => output::aggregate_text_line(aggregate, &processes),
+                OutputFormat::Json => output::aggregate_json_line(
+                    aggregate,
+                    socket_inode,
+                    &processes,
+                    self.options.max_events_per_sec,
+                ),
+            };
+            self.write_line(&line);
+            self.summary
+                .record_aggregate(aggregate, socket_inode.unwrap_or(0));
+        }
+        self.flush();
     }
 
     fn skip(&mut self, err: &DecodeError) {
@@ -456,6 +685,14 @@ enum ListenerJson<'a> {
 }
 
 #[derive(Serialize)]
+struct AccountingJson {
+    total: u64,
+    events: u64,
+    aggregated: u64,
+    lost: u64,
+}
+
+#[derive(Serialize)]
 struct PeerJson {
     addr: IpAddr,
     count: u64,
@@ -477,6 +714,10 @@ struct SummaryJson<'a> {
     processes: Vec<ProcessJson<'a>>,
     /// Drops by kind: the kernel's exact totals where it keeps them.
     counts: BTreeMap<&'static str, u64>,
+    /// Per kind, where the drops went: `events` (own lines), `aggregated`
+    /// (inside aggregate records), `lost` (ring buffer full); their sum is
+    /// `total`, the kernel's count.
+    accounting: BTreeMap<&'static str, AccountingJson>,
     backlog_requested: Option<i32>,
     backlog_limit: u32,
     somaxconn: Option<u32>,
@@ -523,6 +764,21 @@ fn summary_json(
             .kind_counts()
             .into_iter()
             .map(|(kind, count)| (kind.as_str(), count))
+            .collect(),
+        accounting: stats
+            .accounting
+            .iter()
+            .map(|(kind, c)| {
+                (
+                    kind.as_str(),
+                    AccountingJson {
+                        total: c.total,
+                        events: c.sent,
+                        aggregated: c.suppressed,
+                        lost: c.lost,
+                    },
+                )
+            })
             .collect(),
         backlog_requested: requested,
         backlog_limit: stats.accept_queue_limit,

@@ -6,11 +6,12 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use backlog_common::{DropKind, DropTotalKey};
+use backlog_common::{DropCounts, DropKind, DropTotalKey, UnixTotalKey};
 
 use crate::{
     attribution::Process,
-    decode::{ip, Event},
+    decode::Event,
+    flood::{self, Aggregate, FloodListener},
     output::process_list,
 };
 
@@ -39,13 +40,24 @@ pub struct ListenerKey {
     pub socket_inode: u64,
 }
 
+fn add_counts(stats: &mut ListenerStats, kind: DropKind, counts: &DropCounts) {
+    let sum = stats.accounting.entry(kind).or_default();
+    sum.total += counts.total;
+    sum.sent += counts.sent;
+    sum.suppressed += counts.suppressed;
+    sum.lost += counts.lost;
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct ListenerStats {
     /// Events received per kind.
     pub counts: BTreeMap<DropKind, u64>,
-    /// Exact drops per kind as counted in the kernel (may exceed `counts`
-    /// when the ring buffer overflowed).
-    pub totals: BTreeMap<DropKind, u64>,
+    /// What the kernel counted per kind: every drop (`total`, may exceed
+    /// `counts` under a flood), and how many were sent as events,
+    /// suppressed by the rate limit, or lost with the ring buffer full.
+    pub accounting: BTreeMap<DropKind, DropCounts>,
+    /// Drops per kind that the agent wrote inside aggregate records.
+    pub aggregated: BTreeMap<DropKind, u64>,
     pub processes: Vec<Process>,
     pub max_accept_queue_seen: u32,
     pub accept_queue_limit: u32,
@@ -58,9 +70,9 @@ impl ListenerStats {
     /// Kernel total for `kind`, or the events seen when the kernel's
     /// totals were not read.
     pub fn count(&self, kind: DropKind) -> u64 {
-        self.totals
+        self.accounting
             .get(&kind)
-            .copied()
+            .map(|c| c.total)
             .unwrap_or_else(|| self.counts.get(&kind).copied().unwrap_or(0))
     }
 
@@ -69,7 +81,7 @@ impl ListenerStats {
         let kinds: std::collections::BTreeSet<DropKind> = self
             .counts
             .keys()
-            .chain(self.totals.keys())
+            .chain(self.accounting.keys())
             .copied()
             .collect();
         kinds.into_iter().map(|k| (k, self.count(k))).collect()
@@ -95,11 +107,23 @@ pub struct Losses {
     pub partial: u64,
 }
 
+/// Flood mode over the whole run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloodTotals {
+    /// The kernel's count of drops over the rate limit.
+    pub suppressed_in_kernel: u64,
+    /// Drops the agent wrote inside aggregate records.
+    pub aggregated: u64,
+    /// Aggregate records written.
+    pub records: u64,
+}
+
 #[derive(Default)]
 pub struct Summary {
     pub listeners: BTreeMap<ListenerKey, ListenerStats>,
     pub events: u64,
     pub losses: Losses,
+    pub flood: FloodTotals,
 }
 
 impl Summary {
@@ -121,7 +145,8 @@ impl Summary {
             stats.cgroup_id = event.cgroup_id;
         }
         *stats.counts.entry(event.kind).or_default() += 1;
-        if !processes.is_empty() {
+        // Compared before cloned: under a flood the holders rarely change.
+        if !processes.is_empty() && stats.processes != processes {
             stats.processes = processes.to_vec();
         }
         stats.max_accept_queue_seen = stats.max_accept_queue_seen.max(event.accept_queue_len);
@@ -158,26 +183,83 @@ impl Summary {
         }
     }
 
-    /// Merges the kernel's exact per-listener totals.
-    pub fn apply_totals(&mut self, totals: &[(DropTotalKey, u64)]) {
-        for (key, total) in totals {
-            let (Some(kind), Some(ip)) = (
-                DropKind::from_u32(key.kind),
-                ip(key.listener_family, key.listener_addr),
-            ) else {
+    /// Replaces the per-listener accounting with the kernel's (cumulative)
+    /// counts: TCP listeners by socket, UNIX ones by (client netns, path).
+    pub fn apply_accounting(
+        &mut self,
+        inet: &[(DropTotalKey, DropCounts)],
+        unix: &[(UnixTotalKey, DropCounts)],
+    ) {
+        for stats in self.listeners.values_mut() {
+            stats.accounting.clear();
+        }
+        self.apply_totals(inet);
+        self.apply_unix_totals(unix);
+    }
+
+    fn apply_totals(&mut self, totals: &[(DropTotalKey, DropCounts)]) {
+        for (key, counts) in totals {
+            let Some((kind, FloodListener::Inet { addr, .. })) = flood::inet_listener(key) else {
                 continue;
             };
             let key = ListenerKey {
                 netns: key.netns_inode,
-                listener: ListenerAddr::Inet(SocketAddr::new(ip, key.listener_port)),
+                listener: ListenerAddr::Inet(addr),
                 socket_inode: key.socket_inode,
             };
-            self.listeners
-                .entry(key)
-                .or_default()
-                .totals
-                .insert(kind, *total);
+            add_counts(self.listeners.entry(key).or_default(), kind, counts);
         }
+    }
+
+    /// The kernel's UNIX EAGAIN accounting, keyed by (client netns, path),
+    /// goes to the listener the events were attributed to.
+    fn apply_unix_totals(&mut self, totals: &[(UnixTotalKey, DropCounts)]) {
+        for (key, counts) in totals {
+            let FloodListener::Unix { netns, path } = flood::unix_listener(key) else {
+                continue;
+            };
+            let listener = ListenerAddr::Unix(path);
+            let existing = self
+                .listeners
+                .keys()
+                .find(|k| k.netns == netns && k.listener == listener)
+                .cloned();
+            let key = existing.unwrap_or(ListenerKey {
+                netns,
+                listener,
+                socket_inode: 0,
+            });
+            let stats = self.listeners.entry(key).or_default();
+            add_counts(stats, DropKind::UnixConnectBacklogFull, counts);
+        }
+    }
+
+    /// Counts an aggregate record against its listener.
+    pub fn record_aggregate(&mut self, aggregate: &Aggregate, socket_inode: u64) {
+        self.flood.aggregated += aggregate.count;
+        self.flood.records += 1;
+        let (netns, listener, socket_inode) = match &aggregate.listener {
+            FloodListener::Inet {
+                netns,
+                socket_inode,
+                addr,
+            } => (*netns, ListenerAddr::Inet(*addr), *socket_inode),
+            FloodListener::Unix { netns, path } => {
+                (*netns, ListenerAddr::Unix(path.clone()), socket_inode)
+            }
+        };
+        let key = ListenerKey {
+            netns,
+            listener,
+            socket_inode,
+        };
+        *self
+            .listeners
+            .entry(key)
+            .or_default()
+            .aggregated
+            .entry(aggregate.kind)
+            .or_default() += aggregate.count;
     }
 
     /// The table printed to stderr at exit.
@@ -194,10 +276,12 @@ impl Summary {
             for (key, stats) in &self.listeners {
                 for (kind, count) in stats.kind_counts() {
                     let reported = stats.counts.get(&kind).copied().unwrap_or(0);
-                    // Say when the ring buffer lost some of this listener's
-                    // events: the count is the kernel's, the lines fewer.
+                    // Say where the drops that are not their own line went:
+                    // the count is the kernel's, the lines fewer.
                     let unreported = if reported < count {
-                        format!(" ({} not reported as events)", count - reported)
+                        let aggregated = stats.aggregated.get(&kind).copied().unwrap_or(0);
+                        let lost = stats.accounting.get(&kind).map_or(0, |c| c.lost);
+                        format!(" ({reported} events, {aggregated} aggregated, {lost} lost)")
                     } else {
                         String::new()
                     };
@@ -223,6 +307,26 @@ impl Summary {
             "events: {} reported, {} lost in the kernel (ring buffer full), {} undecodable, {} partial",
             self.events, l.lost_in_kernel, l.undecodable, l.partial
         );
+        let f = self.flood;
+        if f.suppressed_in_kernel > 0 || f.records > 0 {
+            let engaged: Vec<String> =
+                self.listeners
+                    .iter()
+                    .flat_map(|(key, stats)| {
+                        stats.aggregated.iter().map(move |(kind, n)| {
+                            format!("{} {} ({n})", key.listener, kind.as_str())
+                        })
+                    })
+                    .collect();
+            let _ = writeln!(
+                out,
+                "flood mode: {} drops over the rate limit, {} of them in {} aggregate records; engaged for {}",
+                f.suppressed_in_kernel,
+                f.aggregated,
+                f.records,
+                if engaged.is_empty() { "none".to_owned() } else { engaged.join(", ") }
+            );
+        }
         out
     }
 }
@@ -268,14 +372,23 @@ mod tests {
             ..key
         };
         key.listener_addr[..4].copy_from_slice(&[0, 0, 0, 0]);
-        s.apply_totals(&[(key, 5), (other, 2)]);
+        let c = |total, sent| DropCounts {
+            total,
+            sent,
+            suppressed: 0,
+            lost: total - sent,
+        };
+        s.apply_accounting(&[(key, c(5, 1)), (other, c(2, 2))], &[]);
         assert_eq!(s.listeners.len(), 1, "totals merge into the same listener");
         let table = s.render();
         assert!(
             table.contains("syn_cookie_sent                         5  ?"),
             "{table}"
         );
-        assert!(table.contains("(4 not reported as events)"), "{table}");
+        assert!(
+            table.contains("(1 events, 0 aggregated, 4 lost)"),
+            "{table}"
+        );
         assert!(
             table.contains("syn_dropped_other                       2"),
             "{table}"

@@ -82,7 +82,15 @@ fn final_ack_overflow_matches_kernel_counters() {
         // the agent's: an unsupported family must be one the table expects.
         let expected = common::expected_support(family);
         let traced = expected[ACK].is_traced();
-        let agent = match Agent::start(&["--output", "json", "--attach", family]) {
+        let agent = match Agent::start(&[
+            "--output",
+            "json",
+            "--attach",
+            family,
+            // One event per drop: no rate limit (flood.rs tests it).
+            "--max-events-per-sec",
+            "0",
+        ]) {
             Started::Ready(agent) => agent,
             Started::Exited(run) => {
                 for line in run.stderr.lines() {

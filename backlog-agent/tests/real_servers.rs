@@ -107,7 +107,8 @@ fn nginx_to_php_fpm_eagain_is_reported() {
     )
     .unwrap();
 
-    let agent = Agent::expect_ready(&["--output", "json"]);
+    // One event per EAGAIN nginx logs: no rate limit (flood.rs tests it).
+    let agent = Agent::expect_ready(&["--output", "json", "--max-events-per-sec", "0"]);
     let fpm = start(
         Command::new(&php_fpm)
             .args(["--nodaemonize", "--allow-to-run-as-root", "--fpm-config"])

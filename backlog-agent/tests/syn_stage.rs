@@ -473,7 +473,16 @@ fn syn_stage_kinds_match_kernel_counters() {
         // say: a scenario is unsupported only where the table says a kind
         // it needs is not observable, never because a check failed.
         let expected = common::expected_support(family);
-        let agent = match Agent::start(&["--output", "json", "--attach", family]) {
+        let agent = match Agent::start(&[
+            "--output",
+            "json",
+            "--attach",
+            family,
+            // One event per drop, checked field by field: no rate limit
+            // (flood.rs tests it).
+            "--max-events-per-sec",
+            "0",
+        ]) {
             Started::Ready(agent) => agent,
             Started::Exited(run) => {
                 for line in run.stderr.lines().filter(|l| l.contains("error")) {

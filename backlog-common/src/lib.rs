@@ -192,10 +192,13 @@ pub struct UnixConnectEvent {
     pub tid: u32,
     pub cpu: u32,
     /// Bytes of `path` that are valid; an abstract name starts with NUL.
+    /// The bytes after them are zero.
     pub path_len: u32,
     pub comm: [u8; TASK_COMM_LEN],
     pub path: [u8; UNIX_PATH_MAX],
-    pub _pad0: u32,
+    /// The client's network namespace (where the path was looked up; an
+    /// abstract name is per namespace); 0 when unreadable.
+    pub netns_inode: u32,
 }
 
 pub const UNIX_CONNECT_EVENT_SIZE: usize = 152;
@@ -231,6 +234,99 @@ const _: () = assert!(
         && UNIX_CONNECT_EVENT_SIZE != LISTEN_EVENT_SIZE
 );
 
+/// What became of the drops of one listener and kind, per CPU (the agent
+/// sums the CPUs). Every drop the hook sees is counted in `total` first,
+/// then in exactly one of the others, so on every CPU
+/// `total == sent + suppressed + lost`: a drop is either its own event, or
+/// inside an aggregate's count, or counted lost.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropCounts {
+    pub total: u64,
+    /// Queued as a full event.
+    pub sent: u64,
+    /// Over the rate limit (flood mode): counted only, reported by the
+    /// agent as one aggregate per listener, kind and interval.
+    pub suppressed: u64,
+    /// The ring buffer was full.
+    pub lost: u64,
+}
+
+const _: () = assert!(size_of::<DropCounts>() == 32);
+
+impl DropCounts {
+    pub const ZERO: DropCounts = DropCounts {
+        total: 0,
+        sent: 0,
+        suppressed: 0,
+        lost: 0,
+    };
+}
+
+/// Key of the UNIX connect() EAGAIN totals (`UNIX_TOTALS`): the kernel
+/// does not know the listener's socket at sys_exit_connect, only the path
+/// the client asked for and the namespace it looked it up in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UnixTotalKey {
+    pub netns_inode: u32,
+    /// Valid bytes of `path`; the rest are zero so that keys compare.
+    pub path_len: u32,
+    pub path: [u8; UNIX_PATH_MAX],
+}
+
+const _: () = assert!(size_of::<UnixTotalKey>() == 116);
+
+impl UnixTotalKey {
+    pub const ZERO: UnixTotalKey = UnixTotalKey {
+        netns_inode: 0,
+        path_len: 0,
+        path: [0; UNIX_PATH_MAX],
+    };
+}
+
+/// Key of the busiest peers of suppressed drops (`SUPPRESSED_PEERS`),
+/// approximate counts: enough to name the sources of a flood.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    pub socket_inode: u64,
+    pub kind: u32,
+    pub netns_inode: u32,
+    /// AF_INET or AF_INET6 (the packet's).
+    pub family: u16,
+    pub _pad0: [u8; 6],
+    pub addr: [u8; 16],
+}
+
+const _: () = assert!(size_of::<PeerKey>() == 40);
+
+/// Settings the agent writes into the programs' read-only data before
+/// load (`CONFIG`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Token bucket per listener and kind (GCRA): nanoseconds between two
+    /// full events at the sustained rate; 0 = unlimited.
+    pub event_interval_ns: u64,
+    /// How far ahead of now the bucket may run (the burst allowance).
+    pub burst_ns: u64,
+    /// Wake the agent only when this many bytes are pending in the ring
+    /// buffer (it also polls every few milliseconds); 0 = every record.
+    pub wakeup_bytes: u64,
+}
+
+const _: () = assert!(size_of::<Config>() == 24);
+
+impl Config {
+    /// Before the agent writes it: no limit, a wakeup per record.
+    pub const DEFAULT: Config = Config {
+        event_interval_ns: 0,
+        burst_ns: 0,
+        wakeup_bytes: 0,
+    };
+}
+
 /// Indexes of the per-CPU `COUNTERS` array: things the programs could not
 /// report as events. The agent sums them over CPUs and reports them.
 pub const COUNTER_EVENTS_LOST: u32 = 0;
@@ -241,7 +337,20 @@ pub const COUNTER_READ_ERRORS: u32 = 1;
 pub const COUNTER_EVENTS_SENT: u32 = 2;
 /// A per-listener total could not be stored (`DROP_TOTALS` full).
 pub const COUNTER_TOTALS_FULL: u32 = 3;
-pub const COUNTER_COUNT: u32 = 4;
+/// Drops over the rate limit, counted only (all listeners together).
+pub const COUNTER_EVENTS_SUPPRESSED: u32 = 4;
+pub const COUNTER_COUNT: u32 = 5;
+
+/// Where syscalls:sys_enter_connect keeps `uservaddr` and `addrlen`, and
+/// every syscalls:sys_exit_* keeps `ret`: the layout of syscall tracepoints
+/// on every kernel (an 8-byte header, the syscall number, then 8-byte
+/// slots). The connect() hooks run on every connect() on the machine, so
+/// they read these with plain loads at constant offsets instead of a
+/// helper call; the agent checks that tracefs agrees before it attaches
+/// them.
+pub const TP_CONNECT_ADDR: usize = 24;
+pub const TP_CONNECT_ADDRLEN: usize = 32;
+pub const TP_SYS_EXIT_RET: usize = 16;
 
 /// Marks an offset as "this kernel has no such field": the program skips
 /// the read and leaves the event field zero.
@@ -320,13 +429,16 @@ pub struct KernelOffsets {
     pub mib_listen_drops: u32,
     pub mib_reqq_full_drop: u32,
     pub mib_reqq_full_do_cookies: u32,
+    /// current->nsproxy->net_ns, for the netns of a UNIX connect()'s client.
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
     pub _pad0: u32,
     /// Address of the kernel's `__per_cpu_offset[]` (from /proc/kallsyms);
     /// 0 when unknown.
     pub per_cpu_offset_addr: u64,
 }
 
-const _: () = assert!(size_of::<KernelOffsets>() == 44 * 4 + 8);
+const _: () = assert!(size_of::<KernelOffsets>() == 46 * 4 + 8);
 
 impl KernelOffsets {
     /// All fields absent: a program that runs with these reports nothing
@@ -375,6 +487,8 @@ impl KernelOffsets {
         mib_listen_drops: OFFSET_ABSENT,
         mib_reqq_full_drop: OFFSET_ABSENT,
         mib_reqq_full_do_cookies: OFFSET_ABSENT,
+        task_nsproxy: OFFSET_ABSENT,
+        nsproxy_net_ns: OFFSET_ABSENT,
         _pad0: 0,
         per_cpu_offset_addr: 0,
     };
@@ -382,7 +496,7 @@ impl KernelOffsets {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: both are repr(C), made only of integers and integer arrays,
+    // SAFETY: all are repr(C), made only of integers and integer arrays,
     // with explicit padding, so every bit pattern is valid and there are no
     // uninitialised bytes.
     unsafe impl aya::Pod for super::KernelOffsets {}
@@ -390,6 +504,10 @@ mod user {
     unsafe impl aya::Pod for super::DropTotalKey {}
     unsafe impl aya::Pod for super::UnixConnectEvent {}
     unsafe impl aya::Pod for super::ListenEvent {}
+    unsafe impl aya::Pod for super::DropCounts {}
+    unsafe impl aya::Pod for super::UnixTotalKey {}
+    unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::Config {}
 }
 
 #[cfg(test)]

@@ -4,26 +4,39 @@
 
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns};
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::BPF_ANY,
     macros::map,
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use backlog_common::{
-    DropEvent, DropKind, DropTotalKey, KernelOffsets, AF_INET, AF_INET6, COUNTER_READ_ERRORS,
-    COUNTER_TOTALS_FULL, EVENT_FLAG_NO_PACKET, EVENT_FLAG_PARTIAL, EVENT_FLAG_RESET_SENT,
+    DropCounts, DropEvent, DropKind, DropTotalKey, KernelOffsets, PeerKey, AF_INET, AF_INET6,
+    COUNTER_READ_ERRORS, EVENT_FLAG_NO_PACKET, EVENT_FLAG_PARTIAL, EVENT_FLAG_RESET_SENT,
 };
 
-use crate::{count, read::Reader};
+use crate::{account, count, read::Reader};
 
 /// Where an event is assembled: off the 512-byte stack.
 #[map]
 static SCRATCH: PerCpuArray<DropEvent> = PerCpuArray::with_max_entries(1, 0);
 
-/// Drops per listener and kind, counted before the event is queued, so
-/// the totals stay exact when the ring buffer overflows. Per-CPU: no
-/// atomics on the hot path; the agent sums the CPUs.
+/// What became of the drops of each listener and kind (see account.rs),
+/// counted before any event is queued, so they stay exact when events are
+/// rate-limited or the ring buffer overflows. Per-CPU: no atomics on the
+/// hot path; the agent sums the CPUs.
 #[map]
-static DROP_TOTALS: PerCpuHashMap<DropTotalKey, u64> = PerCpuHashMap::with_max_entries(16384, 0);
+static DROP_TOTALS: PerCpuHashMap<DropTotalKey, DropCounts> =
+    PerCpuHashMap::with_max_entries(16384, 0);
+
+/// The rate limit's token bucket per listener and kind.
+#[map]
+static DROP_BUCKETS: LruHashMap<DropTotalKey, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// Sources of the suppressed drops per listener and kind, for the
+/// aggregates' busiest peers. Shared and updated without atomics: the
+/// counts are approximate (a hint of who floods), unlike DROP_TOTALS.
+/// The agent empties it every interval.
+#[map]
+static SUPPRESSED_PEERS: LruHashMap<PeerKey, u64> = LruHashMap::with_max_entries(8192, 0);
 
 /// `sk_acceptq_is_full()`: more connections waiting than the limit.
 #[inline(always)]
@@ -35,53 +48,74 @@ pub fn accept_queue_full(sk: *const u8) -> bool {
     r.ok() && len > max
 }
 
+/// Who the listener is: what its drops are counted and limited by.
 #[inline(always)]
-fn add_to_totals(event: &DropEvent) {
-    let key = DropTotalKey {
-        socket_inode: event.socket_inode,
-        netns_inode: event.netns_inode,
-        kind: event.kind,
-        listener_addr: event.listener_addr,
-        listener_port: event.listener_port,
-        listener_family: event.listener_family,
+fn listener_key(kind: u32, o: &KernelOffsets, sk: *const u8, reads: &mut Reader) -> DropTotalKey {
+    let mut key = DropTotalKey {
+        socket_inode: 0,
+        netns_inode: 0,
+        kind,
+        listener_addr: [0; 16],
+        listener_port: reads.at::<u16>(sk, o.sk_num),
+        listener_family: reads.at::<u16>(sk, o.sk_family),
         _pad0: 0,
     };
-    for _ in 0..2 {
-        if let Some(total) = DROP_TOTALS.get_ptr_mut(key) {
-            // SAFETY: this CPU's value of a per-CPU map entry.
-            unsafe { *total += 1 };
-            return;
-        }
-        // Another CPU may create the key between our lookup and insert:
-        // then the insert fails with EEXIST and the second lookup finds it.
-        if DROP_TOTALS.insert(key, 1, BPF_NOEXIST as u64).is_ok() {
-            return;
-        }
+    if key.listener_family == AF_INET6 {
+        key.listener_addr = reads.at::<[u8; 16]>(sk, o.sk_v6_rcv_saddr);
+    } else {
+        let v4: [u8; 4] = reads.at::<[u8; 4]>(sk, o.sk_rcv_saddr);
+        key.listener_addr[..4].copy_from_slice(&v4);
     }
-    count(COUNTER_TOTALS_FULL);
+    let net = reads.ptr(sk, o.sk_net);
+    key.netns_inode = reads.at::<u32>(net, o.net_ns_inum);
+    // A listener being closed may have lost its struct socket already:
+    // then there is no inode (0), which the reads below just leave so.
+    let socket = reads.ptr(sk, o.sk_socket);
+    if !socket.is_null() {
+        let inode = socket.wrapping_add(o.socket_to_inode as usize);
+        key.socket_inode = reads.at::<u64>(inode, o.inode_i_ino);
+    }
+    key
 }
 
-/// Counts and queues one event for `kind` about listener `sk`, with
-/// addresses taken from `skb` (may be NULL when the hook has no packet).
+/// Counts and, within the rate limit, queues one event for `kind` about
+/// listener `sk`, with addresses taken from `skb` (may be NULL when the
+/// hook has no packet).
 ///
 /// A BPF-to-BPF call rather than inlined, and the event is built in a
 /// per-CPU scratch slot rather than on the stack: a hook may emit twice,
 /// and the stack is 512 bytes for the whole call chain.
 #[inline(never)]
 pub fn emit(kind: u32, sk: *const u8, skb: *const u8, extra_flags: u32) {
+    let o = crate::offsets();
+    let mut reads = Reader { failed: 0 };
+    let key = listener_key(kind, &o, sk, &mut reads);
+    // (A listener filter goes here, before anything is counted.)
+    let now = unsafe { bpf_ktime_get_ns() };
+    let admission = account::admit(&DROP_TOTALS, &DROP_BUCKETS, &key, now);
+    if !admission.send {
+        if !skb.is_null() {
+            count_peer(&key, &o, skb);
+        }
+        return;
+    }
     let Some(event) = SCRATCH.get_ptr_mut(0) else {
+        account::queued(&admission, false);
         return;
     };
     // SAFETY: this CPU's scratch slot; programs do not nest on a CPU
     // while one is running here.
     let event = unsafe { &mut *event };
-    let o = crate::offsets();
-    let mut reads = Reader { failed: 0 };
     *event = DropEvent::ZERO;
     event.kind = kind;
-    event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    event.timestamp_ns = now;
     event.cpu = unsafe { bpf_get_smp_processor_id() };
     event.flags = extra_flags;
+    event.socket_inode = key.socket_inode;
+    event.netns_inode = key.netns_inode;
+    event.listener_addr = key.listener_addr;
+    event.listener_port = key.listener_port;
+    event.listener_family = key.listener_family;
     fill_listener(event, &o, sk, &mut reads);
     if skb.is_null() || !fill_packet(event, &o, skb) {
         event.flags |= EVENT_FLAG_NO_PACKET;
@@ -93,10 +127,48 @@ pub fn emit(kind: u32, sk: *const u8, skb: *const u8, extra_flags: u32) {
         event.flags |= EVENT_FLAG_PARTIAL;
         count(COUNTER_READ_ERRORS);
     }
-    // Counted before it is queued: if the ring buffer is full, the totals
-    // stay exact and the loss is counted.
-    add_to_totals(event);
-    crate::submit(event);
+    let ok = crate::output(event);
+    account::queued(&admission, ok);
+}
+
+/// Adds a suppressed drop to its source's count (approximate, see
+/// SUPPRESSED_PEERS).
+#[inline(always)]
+fn count_peer(listener: &DropTotalKey, o: &KernelOffsets, skb: *const u8) {
+    let mut r = Reader::new();
+    let head = r.ptr(skb, o.skb_head);
+    let network = r.at::<u16>(skb, o.skb_network_header);
+    let ip = head.wrapping_add(network as usize);
+    let mut key = PeerKey {
+        socket_inode: listener.socket_inode,
+        kind: listener.kind,
+        netns_inode: listener.netns_inode,
+        family: 0,
+        _pad0: [0; 6],
+        addr: [0; 16],
+    };
+    match r.at::<u8>(ip, 0) >> 4 {
+        4 => {
+            let src = r.at::<[u8; 4]>(ip, 12);
+            key.addr[..4].copy_from_slice(&src);
+            key.family = AF_INET;
+        }
+        6 => {
+            key.addr = r.at::<[u8; 16]>(ip, 8);
+            key.family = AF_INET6;
+        }
+        _ => return,
+    }
+    if !r.ok() {
+        return;
+    }
+    match SUPPRESSED_PEERS.get_ptr_mut(key) {
+        // SAFETY: a shared value; a racing CPU may lose an increment.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = SUPPRESSED_PEERS.insert(key, 1, BPF_ANY as u64);
+        }
+    }
 }
 
 /// tcp_check_req() answers an overflowed final ACK with a RST only when
@@ -109,28 +181,12 @@ fn abort_on_overflow(o: &KernelOffsets, sk: *const u8) -> bool {
     r.ok() && value != 0
 }
 
+/// The event fields that are not part of the listener's key.
 #[inline(always)]
 fn fill_listener(event: &mut DropEvent, o: &KernelOffsets, sk: *const u8, reads: &mut Reader) {
-    event.listener_family = reads.at::<u16>(sk, o.sk_family);
-    event.listener_port = reads.at::<u16>(sk, o.sk_num);
-    if event.listener_family == AF_INET6 {
-        event.listener_addr = reads.at::<[u8; 16]>(sk, o.sk_v6_rcv_saddr);
-    } else {
-        let v4: [u8; 4] = reads.at::<[u8; 4]>(sk, o.sk_rcv_saddr);
-        event.listener_addr[..4].copy_from_slice(&v4);
-    }
     event.accept_queue_len = reads.at::<u32>(sk, o.sk_ack_backlog);
     event.accept_queue_max = reads.at::<u32>(sk, o.sk_max_ack_backlog);
     event.syn_queue_len = reads.at::<u32>(sk, o.icsk_syn_queue_len);
-    let net = reads.ptr(sk, o.sk_net);
-    event.netns_inode = reads.at::<u32>(net, o.net_ns_inum);
-    // A listener being closed may have lost its struct socket already:
-    // then there is no inode (0), which the reads below just leave so.
-    let socket = reads.ptr(sk, o.sk_socket);
-    if !socket.is_null() {
-        let inode = socket.wrapping_add(o.socket_to_inode as usize);
-        event.socket_inode = reads.at::<u64>(inode, o.inode_i_ino);
-    }
     // The cgroup is optional (no read failure when this kernel lacks it).
     let mut optional = Reader::new();
     let cgroup = optional.at::<u64>(sk, o.sk_cgroup_ptr);

@@ -13,28 +13,29 @@ use crate::event;
 
 #[tracepoint]
 pub fn kfree_skb_listen_overflow(ctx: TracePointContext) -> u32 {
-    let o = crate::offsets();
+    // The tracepoint fires for every freed-with-reason packet on the
+    // machine: read only the fields needed to leave (not the whole
+    // offsets struct), and leave on the first comparison for all other
+    // reasons.
+    let reason_at = crate::offset!(tp_kfree_skb_reason);
+    let rx_sk_at = crate::offset!(tp_kfree_skb_rx_sk);
+    let skbaddr_at = crate::offset!(tp_kfree_skb_skbaddr);
     // Loaded before its layout is checked (see probes.rs): with absent
     // offsets the verifier must see no ctx access at all.
-    if o.tp_kfree_skb_reason == OFFSET_ABSENT
-        || o.tp_kfree_skb_rx_sk == OFFSET_ABSENT
-        || o.tp_kfree_skb_skbaddr == OFFSET_ABSENT
-    {
+    if reason_at == OFFSET_ABSENT || rx_sk_at == OFFSET_ABSENT || skbaddr_at == OFFSET_ABSENT {
         return 0;
     }
-    // The tracepoint fires for every freed-with-reason packet on the
-    // machine: bail out on the first comparison for all other reasons.
-    let Ok(reason) = (unsafe { ctx.read_at::<u32>(o.tp_kfree_skb_reason as usize) }) else {
+    let Ok(reason) = (unsafe { ctx.read_at::<u32>(reason_at as usize) }) else {
         return 0;
     };
-    if reason != o.reason_tcp_listen_overflow {
+    if reason != crate::offset!(reason_tcp_listen_overflow) {
         return 0;
     }
     // let-else, not unwrap_or: see read.rs on undefined payloads.
-    let Ok(sk) = (unsafe { ctx.read_at::<u64>(o.tp_kfree_skb_rx_sk as usize) }) else {
+    let Ok(sk) = (unsafe { ctx.read_at::<u64>(rx_sk_at as usize) }) else {
         return 0;
     };
-    let Ok(skb) = (unsafe { ctx.read_at::<u64>(o.tp_kfree_skb_skbaddr as usize) }) else {
+    let Ok(skb) = (unsafe { ctx.read_at::<u64>(skbaddr_at as usize) }) else {
         return 0;
     };
     event::emit(

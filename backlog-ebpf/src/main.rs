@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod account;
 mod conn_request;
 mod event;
 mod kfree_skb;
@@ -11,10 +12,13 @@ mod syn_recv_sock;
 mod syscalls;
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use backlog_common::{KernelOffsets, COUNTER_COUNT, COUNTER_EVENTS_LOST, COUNTER_EVENTS_SENT};
+use backlog_common::{
+    Config, KernelOffsets, COUNTER_COUNT, COUNTER_EVENTS_LOST, COUNTER_EVENTS_SENT,
+};
 
 /// Drop events for the agent. The size is a default; the agent sets the
 /// real one (`--ring-buffer-kib`) before load.
@@ -29,6 +33,28 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT,
 /// Written by the agent before load from the running kernel's BTF.
 #[no_mangle]
 static OFFSETS: KernelOffsets = KernelOffsets::ABSENT;
+
+/// Rate limit and wakeup threshold, written by the agent before load.
+#[no_mangle]
+static CONFIG: Config = Config::DEFAULT;
+
+/// One field of `CONFIG`, read through a volatile load for the same reason
+/// as `offsets()`.
+#[macro_export]
+macro_rules! config {
+    ($field:ident) => {
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!($crate::CONFIG.$field)) }
+    };
+}
+
+/// One field of `OFFSETS`: hooks that fire on every call of a syscall read
+/// only what they need instead of copying the whole struct.
+#[macro_export]
+macro_rules! offset {
+    ($field:ident) => {
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!($crate::OFFSETS.$field)) }
+    };
+}
 
 /// Reads the offsets through a volatile load: the compiler must not fold
 /// the compile-time initialiser into the code, since the agent rewrites it.
@@ -46,11 +72,29 @@ fn count(counter: u32) {
     }
 }
 
-/// Queues one record for the agent and counts it as sent, or as lost when
-/// the ring buffer is full (the agent reports that count).
+/// Queues one record for the agent; false when the ring buffer is full.
+///
+/// The agent is woken only once `wakeup_bytes` are pending (it polls every
+/// few milliseconds for the rest): a wakeup per record costs more than
+/// the record under a flood.
+#[inline(always)]
+fn output<T: 'static>(record: &T) -> bool {
+    let threshold = config!(wakeup_bytes);
+    let flags = if threshold == 0 {
+        0
+    } else if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    };
+    EVENTS.output::<T>(record, flags).is_ok()
+}
+
+/// Queues a record that is not a drop (drops are accounted per listener,
+/// see account.rs) and counts it as sent or lost.
 #[inline(always)]
 fn submit<T: 'static>(record: &T) {
-    if EVENTS.output::<T>(record, 0).is_ok() {
+    if output(record) {
         count(COUNTER_EVENTS_SENT);
     } else {
         count(COUNTER_EVENTS_LOST);

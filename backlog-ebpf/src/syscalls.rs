@@ -5,34 +5,57 @@
 //! kernel built with CONFIG_FTRACE_SYSCALLS, so this works where kprobes
 //! and fentry do not.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_probe_read_user, generated,
     },
     macros::{map, tracepoint},
-    maps::HashMap,
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::TracePointContext,
+    EbpfContext as _,
 };
-use backlog_common::{ListenEvent, UnixConnectEvent, AF_UNIX, TASK_COMM_LEN, UNIX_PATH_MAX};
+use backlog_common::{
+    DropCounts, ListenEvent, UnixConnectEvent, UnixTotalKey, AF_UNIX, TASK_COMM_LEN,
+    TP_CONNECT_ADDR, TP_CONNECT_ADDRLEN, TP_SYS_EXIT_RET, UNIX_PATH_MAX,
+};
 
-use crate::read::Reader;
+use crate::{account, read::Reader};
 
 const EAGAIN: i64 = 11;
+const EINPROGRESS: i64 = 115;
 /// sockaddr_un: sun_family (2 bytes), then the path.
 const SUN_PATH_OFFSET: usize = 2;
 
+/// What sys_enter_connect keeps for the exit of an AF_UNIX connect(): the
+/// path is only read when the call failed with EAGAIN.
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct UnixConnectArgs {
-    path_len: u32,
-    _pad: u32,
-    path: [u8; UNIX_PATH_MAX],
+    addr: u64,
+    addrlen: u64,
 }
 
 /// connect() arguments between syscall entry and exit, per thread.
 #[map]
 static UNIX_CONNECT_ARGS: HashMap<u64, UnixConnectArgs> = HashMap::with_max_entries(8192, 0);
+
+/// EAGAINs per (client netns, path) and what became of them (account.rs).
+#[map]
+static UNIX_TOTALS: PerCpuHashMap<UnixTotalKey, DropCounts> =
+    PerCpuHashMap::with_max_entries(4096, 0);
+
+/// The rate limit's token bucket per (client netns, path).
+#[map]
+static UNIX_BUCKETS: LruHashMap<UnixTotalKey, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// The key and the event are built here, off the 512-byte stack.
+#[map]
+static UNIX_KEY_SCRATCH: PerCpuArray<UnixTotalKey> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static UNIX_EVENT_SCRATCH: PerCpuArray<UnixConnectEvent> = PerCpuArray::with_max_entries(1, 0);
 
 #[derive(Clone, Copy)]
 #[repr(C)]
@@ -68,21 +91,24 @@ fn take<V: Copy>(map: &HashMap<u64, V>, key: u64) -> Option<V> {
     Some(value)
 }
 
+/// A syscall tracepoint field at a constant offset: a plain load, which
+/// the verifier allows for tracepoint programs at any constant offset
+/// inside the record (and the agent attaches these programs only where
+/// tracefs shows these offsets, see TP_CONNECT_ADDR).
+#[inline(always)]
+fn field<const AT: usize>(ctx: &TracePointContext) -> u64 {
+    // SAFETY: an aligned 8-byte read inside the syscall record.
+    unsafe { *(ctx.as_ptr() as *const u8).add(AT).cast::<u64>() }
+}
+
+/// Runs for every connect() on the machine (TCP included): two loads and
+/// the address family read, and it leaves unless that is AF_UNIX.
 #[tracepoint]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
-    let o = crate::offsets();
-    if !layout_known(&o) {
-        return 0;
-    }
-    let (Ok(addr), Ok(addrlen)) = (
-        unsafe { ctx.read_at::<u64>(o.tp_connect_addr as usize) },
-        unsafe { ctx.read_at::<u64>(o.tp_connect_addrlen as usize) },
-    ) else {
-        return 0;
-    };
-    let addrlen = addrlen as u32 as usize;
+    let addr = field::<{ TP_CONNECT_ADDR }>(&ctx);
+    let addrlen = field::<{ TP_CONNECT_ADDRLEN }>(&ctx) as u32 as u64;
     // Only UNIX sockets with a name; every other connect() leaves here.
-    if addrlen <= SUN_PATH_OFFSET || addr == 0 {
+    if addrlen <= SUN_PATH_OFFSET as u64 || addr == 0 {
         return 0;
     }
     let Ok(family) = (unsafe { bpf_probe_read_user(addr as *const u16) }) else {
@@ -91,52 +117,92 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     if family != AF_UNIX {
         return 0;
     }
-    let mut args = UnixConnectArgs {
-        path_len: 0,
-        _pad: 0,
-        path: [0; UNIX_PATH_MAX],
-    };
-    // A constant-size read, then the length: the verifier accepts that on
-    // every kernel, a variable-size one it may not. If the full size runs
-    // off the caller's mapping the path stays unknown (length 0): the
-    // event is still reported.
-    let src = (addr as usize + SUN_PATH_OFFSET) as *const u8;
-    if unsafe { bpf_probe_read_user_buf(src, &mut args.path) }.is_ok() {
-        args.path_len = (addrlen - SUN_PATH_OFFSET).min(UNIX_PATH_MAX) as u32;
-    }
-    let key = bpf_get_current_pid_tgid();
-    let _ = UNIX_CONNECT_ARGS.insert(key, args, 0);
+    let args = UnixConnectArgs { addr, addrlen };
+    let _ = UNIX_CONNECT_ARGS.insert(bpf_get_current_pid_tgid(), args, 0);
     0
 }
 
+/// Also runs for every connect(): the common non-blocking TCP answer,
+/// EINPROGRESS, leaves on the first comparison (a UNIX connect() never
+/// gives it, so no saved arguments are left behind by leaving).
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
-    let key = bpf_get_current_pid_tgid();
-    let Some(args) = take(&UNIX_CONNECT_ARGS, key) else {
-        return 0;
-    };
-    let o = crate::offsets();
-    if !layout_known(&o) {
+    let ret = field::<{ TP_SYS_EXIT_RET }>(&ctx) as i64;
+    if ret == -EINPROGRESS {
         return 0;
     }
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(o.tp_sys_exit_ret as usize) }) else {
-        return 0;
-    };
+    let pid_tgid = bpf_get_current_pid_tgid();
     if ret != -EAGAIN {
+        // Whatever this thread's entry saved (if anything) is done with.
+        let _ = UNIX_CONNECT_ARGS.remove(pid_tgid);
         return 0;
     }
-    let event = UnixConnectEvent {
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        pid: (key >> 32) as u32,
-        tid: key as u32,
-        cpu: unsafe { bpf_get_smp_processor_id() },
-        path_len: args.path_len,
-        comm: current_comm(),
-        path: args.path,
-        _pad0: 0,
+    let Some(args) = take(&UNIX_CONNECT_ARGS, pid_tgid) else {
+        return 0;
     };
-    crate::submit(&event);
+    let Some(key) = UNIX_KEY_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's scratch slot (see event.rs).
+    let key = unsafe { &mut *key };
+    *key = UnixTotalKey::ZERO;
+    key.netns_inode = client_netns();
+    // Exactly the bytes the caller passed, so that the rest of the key
+    // stays zero and keys compare. The sockaddr is still the caller's:
+    // connect() has returned but the thread has not run on.
+    let mut len = args.addrlen.wrapping_sub(SUN_PATH_OFFSET as u64);
+    if len > UNIX_PATH_MAX as u64 {
+        len = UNIX_PATH_MAX as u64;
+    }
+    let src = (args.addr as usize + SUN_PATH_OFFSET) as *const c_void;
+    // SAFETY: at most UNIX_PATH_MAX bytes into the key's path; the helper
+    // reports a fault instead of faulting. If the read fails the path
+    // stays unknown (length 0) and the EAGAIN is still counted.
+    let rc =
+        unsafe { generated::bpf_probe_read_user(key.path.as_mut_ptr().cast(), len as u32, src) };
+    if rc == 0 {
+        key.path_len = len as u32;
+    } else {
+        key.path = [0; UNIX_PATH_MAX];
+    }
+    // (A listener filter goes here, before anything is counted.)
+    let now = unsafe { bpf_ktime_get_ns() };
+    let admission = account::admit(&UNIX_TOTALS, &UNIX_BUCKETS, key, now);
+    if !admission.send {
+        return 0;
+    }
+    let Some(event) = UNIX_EVENT_SCRATCH.get_ptr_mut(0) else {
+        account::queued(&admission, false);
+        return 0;
+    };
+    // SAFETY: as above.
+    let event = unsafe { &mut *event };
+    event.timestamp_ns = now;
+    event.pid = (pid_tgid >> 32) as u32;
+    event.tid = pid_tgid as u32;
+    event.cpu = unsafe { bpf_get_smp_processor_id() };
+    event.path_len = key.path_len;
+    event.comm = current_comm();
+    event.path = key.path;
+    event.netns_inode = key.netns_inode;
+    let ok = crate::output(event);
+    account::queued(&admission, ok);
     0
+}
+
+/// current->nsproxy->net_ns->ns.inum: where the client looked the path up.
+#[inline(always)]
+fn client_netns() -> u32 {
+    let mut r = Reader::new();
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let nsproxy = r.ptr(task, crate::offset!(task_nsproxy));
+    let net = r.ptr(nsproxy, crate::offset!(nsproxy_net_ns));
+    let inum = r.at::<u32>(net, crate::offset!(net_ns_inum));
+    if r.ok() {
+        inum
+    } else {
+        0
+    }
 }
 
 #[tracepoint]

@@ -8,6 +8,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod scenarios;
+pub mod storm;
 
 /// The table of outside programs, shared with xtask (one file, one parser).
 #[path = "../../../xtask/src/outside.rs"]

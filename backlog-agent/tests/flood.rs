@@ -1,0 +1,247 @@
+//! Privileged tests of flood mode: drops past the rate limit are counted,
+//! never lost from the count. For every listener and kind,
+//! events + aggregated + lost = what the kernel counted, checked against
+//! the client's own EAGAIN count for UNIX sockets and against the test
+//! namespace's TcpExt counters for TCP.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    counter_delta, in_new_netns, matrix, netns_inode, privileged, scenarios, serial, set_sysctl,
+    storm, tcp_ext, Agent, AgentRun,
+};
+use serde_json::Value;
+
+/// Low enough that every scenario below goes past it.
+const LIMIT: &str = "5";
+
+/// Where the drops of one listener and kind went, from the agent's output.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Accounted {
+    events: u64,
+    aggregated: u64,
+    aggregates: u64,
+    lost: u64,
+    /// The kernel's total in the listener summary.
+    total: u64,
+}
+
+impl Accounted {
+    fn sum(&self) -> u64 {
+        self.events + self.aggregated + self.lost
+    }
+}
+
+/// Sums the records of `kind` that `matches` selects (by listener).
+fn accounted(run: &AgentRun, kind: &str, matches: impl Fn(&Value) -> bool) -> Accounted {
+    let mut a = Accounted::default();
+    for record in run.json_events() {
+        if !matches(&record) {
+            continue;
+        }
+        if record["kind"] == "listener_summary" {
+            let c = &record["accounting"][kind];
+            a.lost += c["lost"].as_u64().unwrap_or(0);
+            a.total += c["total"].as_u64().unwrap_or(0);
+        } else if record["kind"] == kind && record["aggregated"] == true {
+            a.aggregated += record["count"].as_u64().expect("aggregate count");
+            a.aggregates += 1;
+        } else if record["kind"] == kind {
+            a.events += 1;
+        }
+    }
+    a
+}
+
+/// A storm of non-blocking connect()s to a full UNIX listener: every
+/// EAGAIN the client saw is an event, inside an aggregate, or lost.
+#[test]
+fn unix_storm_past_the_rate_limit_is_accounted_exactly() {
+    if !privileged("unix_storm_past_the_rate_limit_is_accounted_exactly") {
+        return;
+    }
+    let _serial = serial();
+    let agent = Agent::expect_ready(&["--output", "json", "--max-events-per-sec", LIMIT]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fpm.sock");
+    let (listener, held) = storm::full_listener(&path, 4);
+    // Bounded in count and time; long enough for two aggregate windows.
+    let storm = storm::storm(&path, 2_000_000, Duration::from_millis(2500));
+    storm::release(held);
+    drop(listener);
+    let run = agent.stop();
+    assert!(run.status.success(), "{}", run.stderr);
+    let path_text = path.to_str().expect("UTF-8 path");
+    let a = accounted(&run, "unix_connect_backlog_full", |r| {
+        r["listener"]["path"] == path_text
+    });
+    common::figure(&format!(
+        "unix storm: attempts={} eagain={} ({:.0}/s) events={} aggregated={} in {} records lost={} kernel_total={}",
+        storm.attempts,
+        storm.eagain,
+        storm.rate(),
+        a.events,
+        a.aggregated,
+        a.aggregates,
+        a.lost,
+        a.total
+    ));
+    assert!(storm.eagain > 1000, "the storm made too few EAGAINs");
+    assert_eq!(
+        a.total, storm.eagain,
+        "kernel total vs EAGAINs the client saw"
+    );
+    assert_eq!(
+        a.sum(),
+        storm.eagain,
+        "events + aggregated + lost vs EAGAINs: {a:?}"
+    );
+    assert!(a.aggregates > 0, "flood mode never engaged: {a:?}");
+    assert!(
+        run.stderr.contains("flood mode: unix:"),
+        "no flood-mode note:\n{}",
+        run.stderr
+    );
+    matrix(
+        "tracepoint",
+        "unix_storm_identity",
+        "pass",
+        &format!(
+            "eagain={},events={},aggregated={}",
+            storm.eagain, a.events, a.aggregated
+        ),
+    );
+}
+
+/// Final-ACK overflows past the rate limit: events + aggregated + lost =
+/// ListenOverflows of the test's namespace (the scenario drops no SYN).
+#[test]
+fn final_ack_overflows_past_the_rate_limit_are_accounted_exactly() {
+    if !privileged("final_ack_overflows_past_the_rate_limit_are_accounted_exactly") {
+        return;
+    }
+    let _serial = serial();
+    let agent = Agent::expect_ready(&["--output", "json", "--max-events-per-sec", LIMIT]);
+    if agent
+        .startup()
+        .lines()
+        .any(|l| l.contains("ack_dropped_accept_queue_full") && l.contains("not observable"))
+    {
+        // Every kernel the project supports serves this kind one way or
+        // another (kfree_skb 6.15+, fexit or kprobe elsewhere).
+        panic!("final-ACK drops not observable:\n{}", agent.startup());
+    }
+    let (netns, before, after) = in_new_netns(|| {
+        let before = tcp_ext();
+        scenarios::final_ack_overflow(
+            "127.0.0.1:0".parse().unwrap(),
+            8,
+            Duration::from_millis(1500),
+        );
+        (netns_inode(), before, tcp_ext())
+    });
+    let run = agent.stop();
+    assert!(run.status.success(), "{}", run.stderr);
+    let kind = "ack_dropped_accept_queue_full";
+    let a = accounted(&run, kind, |r| r["netns"].as_u64() == Some(netns));
+    let overflows = counter_delta(&before, &after, "ListenOverflows");
+    common::figure(&format!(
+        "final-ACK past the limit: ListenOverflows={overflows} events={} aggregated={} in {} records lost={} kernel_total={}",
+        a.events, a.aggregated, a.aggregates, a.lost, a.total
+    ));
+    assert_eq!(a.total, overflows, "kernel total vs ListenOverflows");
+    assert_eq!(a.sum(), overflows, "events + aggregated + lost: {a:?}");
+    assert!(a.aggregates > 0, "flood mode never engaged: {a:?}");
+    matrix(
+        "auto",
+        "final_ack_identity",
+        "pass",
+        &format!(
+            "overflows={overflows},events={},aggregated={}",
+            a.events, a.aggregated
+        ),
+    );
+}
+
+/// SYN-queue drops (cookies off) and SYN cookies past the rate limit,
+/// where the SYN stage can be traced (the guests): events + aggregated +
+/// lost = TCPReqQFullDrop, resp. TCPReqQFullDoCookies.
+#[test]
+fn syn_stage_past_the_rate_limit_is_accounted_exactly() {
+    if !privileged("syn_stage_past_the_rate_limit_is_accounted_exactly") {
+        return;
+    }
+    let _serial = serial();
+    let agent = Agent::expect_ready(&["--output", "json", "--max-events-per-sec", LIMIT]);
+    if let Some(line) = agent
+        .startup()
+        .lines()
+        .find(|l| l.contains("syn_dropped_syn_queue_full") && l.contains("not observable"))
+    {
+        // This kernel cannot trace the SYN stage (no kprobes, no fentry):
+        // the counted-not-traced test covers it; nothing to check here.
+        let reason = line
+            .rsplit("not observable: ")
+            .next()
+            .unwrap_or(line)
+            .to_owned();
+        drop(agent);
+        matrix("auto", "syn_identity", "unsupported", &reason);
+        return;
+    }
+    let mut cases = Vec::new();
+    for (cookies, kind, counter) in [
+        ("0", "syn_dropped_syn_queue_full", "TCPReqQFullDrop"),
+        ("1", "syn_cookie_sent", "TCPReqQFullDoCookies"),
+    ] {
+        let (netns, before, after) = in_new_netns(move || {
+            set_sysctl("net.ipv4.tcp_syncookies", cookies);
+            // Above the burst: only the SYN queue limit applies.
+            set_sysctl("net.ipv4.tcp_max_syn_backlog", "4096");
+            let before = tcp_ext();
+            scenarios::connect_burst(
+                "127.0.0.1:0".parse().unwrap(),
+                "127.0.0.1".parse().unwrap(),
+                8,
+                300,
+                true,
+                Duration::from_millis(800),
+            );
+            (netns_inode(), before, tcp_ext())
+        });
+        cases.push((
+            kind,
+            counter_delta(&before, &after, counter),
+            netns,
+            counter,
+        ));
+    }
+    let run = agent.stop();
+    assert!(run.status.success(), "{}", run.stderr);
+    for (kind, expected, netns, counter) in cases {
+        let a = accounted(&run, kind, |r| r["netns"].as_u64() == Some(netns));
+        common::figure(&format!(
+            "{kind} past the limit: {counter}={expected} events={} aggregated={} in {} records lost={} kernel_total={}",
+            a.events, a.aggregated, a.aggregates, a.lost, a.total
+        ));
+        assert!(expected > 50, "{counter} moved only {expected}");
+        assert_eq!(a.total, expected, "{kind}: kernel total vs {counter}");
+        assert_eq!(
+            a.sum(),
+            expected,
+            "{kind}: events + aggregated + lost: {a:?}"
+        );
+        assert!(a.aggregates > 0, "{kind}: flood mode never engaged: {a:?}");
+        matrix(
+            "auto",
+            &format!("syn_identity_{kind}"),
+            "pass",
+            &format!(
+                "{counter}={expected},events={},aggregated={}",
+                a.events, a.aggregated
+            ),
+        );
+    }
+}

@@ -1,0 +1,128 @@
+//! Exact accounting and the rate limit (flood mode), shared by every hook.
+//!
+//! Each drop is counted per listener and kind before anything else, then
+//! either queued as a full event, or (over the rate limit) counted as
+//! suppressed, or (ring buffer full) counted as lost. The agent turns the
+//! suppressed counts into one aggregate record per listener, kind and
+//! interval, so at any rate: events + aggregated + lost = total.
+//!
+//! The limit is a token bucket per listener and kind in the GCRA form: one
+//! timestamp per bucket (the "theoretical arrival time"), advanced by the
+//! interval between two events at the sustained rate. The bucket map is
+//! shared by all CPUs and updated without atomics: two CPUs racing on one
+//! bucket may both send, so the limit is approximate; the counts, per-CPU,
+//! stay exact.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    maps::{LruHashMap, PerCpuHashMap},
+};
+use backlog_common::{
+    DropCounts, COUNTER_EVENTS_LOST, COUNTER_EVENTS_SENT, COUNTER_EVENTS_SUPPRESSED,
+    COUNTER_TOTALS_FULL,
+};
+
+use crate::count;
+
+/// What `admit` decided for one drop, and where its counts are.
+pub struct Admission {
+    /// This CPU's counts of the listener and kind; null when the totals
+    /// map is full (then only the global counters know).
+    counts: *mut DropCounts,
+    pub send: bool,
+}
+
+/// This CPU's counts for `key`, created on first use; null when the map
+/// is full.
+#[inline(always)]
+fn counts_of<K>(totals: &PerCpuHashMap<K, DropCounts>, key: &K) -> *mut DropCounts {
+    for _ in 0..2 {
+        if let Some(counts) = totals.get_ptr_mut(key) {
+            return counts;
+        }
+        // Another CPU may create the key between our lookup and insert:
+        // then the insert fails with EEXIST and the second lookup finds it.
+        if totals
+            .insert(key, DropCounts::ZERO, BPF_NOEXIST as u64)
+            .is_err()
+        {
+            continue;
+        }
+    }
+    count(COUNTER_TOTALS_FULL);
+    core::ptr::null_mut()
+}
+
+/// Takes a token from `key`'s bucket at time `now`.
+#[inline(always)]
+fn take_token<K>(buckets: &LruHashMap<K, u64>, key: &K, now: u64) -> bool {
+    let interval = crate::config!(event_interval_ns);
+    if interval == 0 {
+        return true;
+    }
+    match buckets.get_ptr_mut(key) {
+        Some(tat) => {
+            // SAFETY: a value of a shared hash map; a racing CPU may write
+            // it too, which only makes the limit approximate.
+            let arrival = unsafe { *tat };
+            if arrival > now.wrapping_add(crate::config!(burst_ns)) {
+                return false;
+            }
+            let start = if arrival > now { arrival } else { now };
+            unsafe { *tat = start.wrapping_add(interval) };
+            true
+        }
+        None => {
+            // A new (or evicted) bucket starts full.
+            let _ = buckets.insert(key, now.wrapping_add(interval), BPF_ANY as u64);
+            true
+        }
+    }
+}
+
+/// Counts one drop for `key` and decides whether it gets a full event.
+/// A suppressed drop is fully accounted here; a sent one is finished by
+/// [`queued`] once the ring buffer said yes or no.
+#[inline(always)]
+pub fn admit<K>(
+    totals: &PerCpuHashMap<K, DropCounts>,
+    buckets: &LruHashMap<K, u64>,
+    key: &K,
+    now: u64,
+) -> Admission {
+    let counts = counts_of(totals, key);
+    if !counts.is_null() {
+        // SAFETY: this CPU's value of a per-CPU map entry; programs do not
+        // nest on one CPU for these program types.
+        unsafe { (*counts).total += 1 };
+    }
+    let send = take_token(buckets, key, now);
+    if !send {
+        count(COUNTER_EVENTS_SUPPRESSED);
+        if !counts.is_null() {
+            unsafe { (*counts).suppressed += 1 };
+        }
+    }
+    Admission { counts, send }
+}
+
+/// Records whether the event of an admitted drop reached the ring buffer.
+#[inline(always)]
+pub fn queued(admission: &Admission, ok: bool) {
+    if ok {
+        count(COUNTER_EVENTS_SENT);
+    } else {
+        count(COUNTER_EVENTS_LOST);
+    }
+    if admission.counts.is_null() {
+        return;
+    }
+    // SAFETY: as in `admit`.
+    unsafe {
+        if ok {
+            (*admission.counts).sent += 1;
+        } else {
+            (*admission.counts).lost += 1;
+        }
+    }
+}
