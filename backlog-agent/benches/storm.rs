@@ -243,7 +243,7 @@ fn main() {
 
     // bpftrace, the same one-line question.
     let out = dir.path().join("bpftrace.out");
-    let bpftrace = Command::new("bpftrace")
+    let bpftrace = Command::new(common::outside("bpftrace"))
         .args([
             "-e",
             "tracepoint:syscalls:sys_exit_connect /args->ret == -11/ { printf(\"%d %s\\n\", pid, comm); }",
@@ -357,7 +357,7 @@ fn main() {
     report_many("on this machine as it is", &quiet);
     let mut idle: Vec<std::process::Child> = (0..IDLE_PROCESSES)
         .filter_map(|_| {
-            Command::new("sleep")
+            Command::new(common::outside("sleep"))
                 .arg("600")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
