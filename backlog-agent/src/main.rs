@@ -7,6 +7,7 @@ use std::{io, path::Path, process::ExitCode, time::Instant};
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use backlog_agent::{
+    accept_wait::AcceptWait,
     btf::Btf,
     cli::Cli,
     counted, preflight,
@@ -20,6 +21,9 @@ use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
 };
+
+/// How often the near-full warnings are read from the kernel's map.
+const NEAR_FULL_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 fn note(message: impl std::fmt::Display) {
     eprintln!("backlog-agent: {message}");
@@ -56,7 +60,13 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let tracefs = tracefs::ensure_mounted()?;
     let btf = Btf::from_file(Path::new(preflight::VMLINUX_BTF))?;
-    let (mut probes, absent) = probes::start(cli.attach, cli.ring_buffer_kib, &btf, &tracefs)?;
+    let (mut probes, absent) = probes::start(
+        cli.attach,
+        cli.ring_buffer_kib,
+        cli.near_full,
+        &btf,
+        &tracefs,
+    )?;
     drop(btf);
     for field in absent {
         note(format_args!(
@@ -70,6 +80,25 @@ async fn run(cli: Cli) -> Result<()> {
             "listen() calls: not observable ({reason}); requested backlogs stay unknown"
         )),
     }
+    // Accept-queue wait and rates (accept_wait.rs): optional, told either way.
+    let accept_stats = match &probes.accept_wait {
+        Ok(hook) => {
+            note(format_args!("accept-queue wait and rates: {hook}"));
+            match probes.take_accept_stats() {
+                Ok(map) => Some(AcceptWait::new(map)),
+                Err(err) => {
+                    note(format_args!("accept-queue wait and rates: {err}"));
+                    None
+                }
+            }
+        }
+        Err(reason) => {
+            note(format_args!(
+                "accept-queue wait and rates: not observable ({reason})"
+            ));
+            None
+        }
+    };
     let attached = probes
         .outcomes
         .iter()
@@ -99,7 +128,13 @@ async fn run(cli: Cli) -> Result<()> {
     let mut sink = Sink::new(Options {
         format: cli.output,
         show_cmdline: cli.show_cmdline,
+        near_full_percent: cli.near_full,
+        client_timeout: cli.client_timeout,
     });
+    sink.accept = accept_stats;
+    // Near-full crossings are read from a map, a few times a second.
+    let mut near_full_poll = tokio::time::interval(NEAR_FULL_POLL);
+    near_full_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = cli.duration.map(|d| tokio::time::Instant::now() + d);
     note(format_args!(
         "ready: watching {attached} of {} drop kinds; Ctrl-C to stop",
@@ -122,6 +157,7 @@ async fn run(cli: Cli) -> Result<()> {
                     started.elapsed().as_secs_f64()
                 ));
             }
+            _ = near_full_poll.tick() => sink.poll_near_full(),
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer failed")?;
                 drain(guard.get_inner_mut(), &mut sink);
@@ -136,6 +172,7 @@ async fn run(cli: Cli) -> Result<()> {
     // Detach first so that nothing new arrives, then read what is queued.
     drop(probes);
     drain(ring.get_mut(), &mut sink);
+    sink.poll_near_full();
     note("detached");
 
     match counters.events_lost() {

@@ -14,13 +14,15 @@ use backlog_common::DropKind;
 use serde::Serialize;
 
 use crate::{
+    accept_wait::{self, AcceptWait, NearFull, RowListener},
+    advice::{self, Advice},
     attribution::{Process, SocketOwners},
     cli::OutputFormat,
     clock::{self, MonotonicToWall},
     context::{self, CgroupResolver, NetnsSysctls},
     counted::NetnsDelta,
     decode::{decode_record, DecodeError, Event, ListenCall, Record, UnixConnect},
-    diagnosis::{diagnose, ListenerFacts},
+    diagnosis::{self, diagnose, ListenerFacts},
     output::{self, Placement, UnixListenerView},
     sockdiag::{self, UnixListenerInfo},
     summary::{ListenerAddr, ListenerKey, ListenerStats, Summary},
@@ -47,6 +49,10 @@ fn note(message: impl std::fmt::Display) {
 pub struct Options {
     pub format: OutputFormat,
     pub show_cmdline: bool,
+    /// `--near-full`, shown in the warning.
+    pub near_full_percent: u32,
+    /// `--client-timeout`, for the backlog advice.
+    pub client_timeout: Duration,
 }
 
 pub struct Sink {
@@ -68,6 +74,8 @@ pub struct Sink {
     unix_dumps: HashMap<u64, (Instant, Vec<UnixListenerInfo>)>,
     pub summary: Summary,
     pub stdout_closed: bool,
+    /// Accept-queue figures, when the accept hooks are attached.
+    pub accept: Option<AcceptWait>,
 }
 
 impl Sink {
@@ -93,6 +101,7 @@ impl Sink {
             unix_dumps: HashMap::new(),
             summary: Summary::default(),
             stdout_closed: false,
+            accept: None,
         }
     }
 
@@ -281,6 +290,7 @@ impl Sink {
     /// The per-listener summary: a table and diagnoses on stderr, and with
     /// `--output json` one `listener_summary` line per listener on stdout.
     pub fn report(&mut self, heading: &str) {
+        self.merge_accept_figures();
         let mut text = format!("{heading}\n{}", self.summary.render());
         let listeners: Vec<(ListenerKey, ListenerStats)> = self
             .summary
@@ -318,8 +328,22 @@ impl Sink {
                 netns: u64::from(key.netns),
                 process_name: stats.processes.first().map(|p| p.comm.clone()),
                 max_accept_queue_seen: stats.max_accept_queue_seen,
+                host_netns: self.host_netns.map(|host| host == u64::from(key.netns)),
+                holder_pid: stats.processes.first().map(|p| p.pid),
+                runtime: self.runtime(stats.cgroup_id, key.netns),
             };
-            let diagnosis = diagnose(&facts);
+            let drops = diagnose(&facts);
+            let diagnosis = match (&stats.accept, &stats.advice) {
+                (Some(figures), advice) if figures.worth_reporting() || advice.is_some() => {
+                    let note = diagnosis::accept_queue_note(&facts, figures, advice.as_ref());
+                    if facts.kind_counts.iter().any(|(_, count)| *count > 0) {
+                        format!("{drops}; {note}")
+                    } else {
+                        note
+                    }
+                }
+                _ => drops,
+            };
             text.push_str(&format!("  {}: {diagnosis}\n", key.listener));
             if self.options.format == OutputFormat::Json {
                 let placement = self.placement(stats.cgroup_id, key.netns);
@@ -331,6 +355,175 @@ impl Sink {
         self.flush();
         eprint!("{text}");
     }
+}
+
+// ---- accept-queue wait, rates, advice and near-full warnings ----
+impl Sink {
+    /// "docker", "podman", "kubernetes" (a container of a pod), ... for the
+    /// somaxconn fix of a listener outside the host's netns.
+    fn runtime(&mut self, cgroup_id: u64, netns: u32) -> Option<String> {
+        let container = self.placement(cgroup_id, netns).container?;
+        Some(if container.pod.is_some() {
+            "kubernetes".to_owned()
+        } else {
+            container.runtime.to_owned()
+        })
+    }
+
+    /// Prints the near-full crossings the kernel recorded since the last
+    /// poll, one line each.
+    pub fn poll_near_full(&mut self) {
+        let Some(accept) = self.accept.as_mut() else {
+            return;
+        };
+        let crossings = accept.poll_near_full();
+        for crossing in &crossings {
+            self.near_full(crossing);
+        }
+        if !crossings.is_empty() {
+            self.flush();
+        }
+    }
+
+    fn near_full(&mut self, crossing: &NearFull) {
+        let (netns, inode) = match crossing.listener {
+            RowListener::Tcp {
+                netns,
+                socket_inode,
+                ..
+            }
+            | RowListener::Unix {
+                netns,
+                socket_inode,
+            } => (netns, socket_inode),
+        };
+        let processes = if inode != 0 {
+            self.processes(inode)
+        } else {
+            Vec::new()
+        };
+        let time = self.clock.wall(crossing.timestamp_ns);
+        let line = match self.options.format {
+            OutputFormat::Text => accept_wait::near_full_text(
+                crossing,
+                time,
+                self.options.near_full_percent,
+                netns,
+                &processes,
+            ),
+            OutputFormat::Json => accept_wait::near_full_json(
+                crossing,
+                time,
+                self.options.near_full_percent,
+                netns,
+                inode,
+                &processes,
+            ),
+        };
+        self.write_line(&line);
+    }
+
+    /// Attaches the accept figures and advice to the summary's listeners,
+    /// adding listeners that dropped nothing but made connections wait or
+    /// got a near-full warning.
+    fn merge_accept_figures(&mut self) {
+        let Some(accept) = self.accept.as_mut() else {
+            return;
+        };
+        let rows = accept.figures();
+        for (row, figures) in rows {
+            let mut matched = false;
+            for (key, stats) in self.summary.listeners.iter_mut() {
+                let same = match (&row, &key.listener) {
+                    (RowListener::Tcp { netns, port, .. }, ListenerAddr::Inet(addr)) => {
+                        *netns == key.netns && *port == addr.port()
+                    }
+                    (RowListener::Unix { socket_inode, .. }, ListenerAddr::Unix(_)) => {
+                        *socket_inode != 0 && *socket_inode == key.socket_inode
+                    }
+                    _ => false,
+                };
+                if same {
+                    stats.accept = Some(figures.clone());
+                    matched = true;
+                }
+            }
+            if matched || !figures.worth_reporting() {
+                continue;
+            }
+            let (
+                RowListener::Tcp {
+                    netns,
+                    socket_inode,
+                    ..
+                },
+                Some(addr),
+            ) = (&row, row.socket_addr())
+            else {
+                continue;
+            };
+            let processes = if *socket_inode != 0 {
+                self.processes(*socket_inode)
+            } else {
+                Vec::new()
+            };
+            let key = ListenerKey {
+                netns: *netns,
+                listener: ListenerAddr::Inet(addr),
+                socket_inode: *socket_inode,
+            };
+            let stats = self.summary.listeners.entry(key).or_default();
+            stats.processes = processes;
+            stats.accept = Some(figures);
+        }
+        let timeout = self.options.client_timeout.as_secs_f64();
+        for stats in self.summary.listeners.values_mut() {
+            let Some(figures) = &stats.accept else {
+                continue;
+            };
+            stats.max_accept_queue_seen = stats.max_accept_queue_seen.max(figures.max_queue_seen);
+            if stats.accept_queue_limit == 0 {
+                stats.accept_queue_limit = figures.queue_limit;
+            }
+            stats.advice = advice_for(stats, figures, timeout);
+        }
+    }
+}
+
+/// The advice needs a measured accept rate or wait; without them it would
+/// be a guess.
+fn advice_for(
+    stats: &ListenerStats,
+    figures: &accept_wait::AcceptFigures,
+    timeout_s: f64,
+) -> Option<Advice> {
+    if figures.accepts == 0 && figures.wait_ms.is_none() {
+        return None;
+    }
+    let drops: u64 = stats
+        .kind_counts()
+        .iter()
+        .filter(|(kind, _)| {
+            matches!(
+                kind,
+                DropKind::AckDroppedAcceptQueueFull
+                    | DropKind::SynDroppedAcceptQueueFull
+                    | DropKind::UnixConnectBacklogFull
+            )
+        })
+        .map(|(_, count)| count)
+        .sum();
+    Some(advice::advise(&advice::Measured {
+        backlog_limit: stats.accept_queue_limit,
+        peak_arrival_per_s: figures.peak_arrival_rate_per_s as f64,
+        peak_accept_per_s: figures.peak_accept_rate_per_s as f64,
+        arrival_per_s: figures.arrival_rate_per_s.unwrap_or(0.0),
+        accept_per_s: figures.accept_rate_per_s,
+        longest_wait_s: figures.wait_max_us as f64 / 1e6,
+        max_queue_seen: stats.max_accept_queue_seen,
+        drops,
+        client_timeout_s: timeout_s,
+    }))
 }
 
 /// `/proc/PID/task/TID/ns/net` of a thread of `pid` that lives in `netns`.
@@ -488,6 +681,12 @@ struct SummaryJson<'a> {
     #[serde(flatten)]
     placement: &'a Placement,
     diagnosis: &'a str,
+    /// Null when no accepted connection's arrival was seen.
+    accept_wait_ms: Option<accept_wait::WaitMs>,
+    accept_rate_per_s: Option<f64>,
+    arrival_rate_per_s: Option<f64>,
+    backlog_advice: Option<&'a Advice>,
+    near_full_warnings: u64,
 }
 
 fn summary_json(
@@ -538,6 +737,11 @@ fn summary_json(
             .collect(),
         placement,
         diagnosis,
+        accept_wait_ms: stats.accept.as_ref().and_then(|a| a.wait_ms),
+        accept_rate_per_s: stats.accept.as_ref().map(|a| a.accept_rate_per_s),
+        arrival_rate_per_s: stats.accept.as_ref().and_then(|a| a.arrival_rate_per_s),
+        backlog_advice: stats.advice.as_ref(),
+        near_full_warnings: stats.accept.as_ref().map_or(0, |a| a.near_full_warnings),
     };
     serde_json::to_string(&json).unwrap_or_default()
 }
