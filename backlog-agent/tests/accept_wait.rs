@@ -35,7 +35,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank - 1]
 }
 
-fn summary_for<'a>(events: &'a [Value], netns: u64, port: u16) -> Option<&'a Value> {
+fn summary_for(events: &[Value], netns: u64, port: u16) -> Option<&Value> {
     events.iter().find(|e| {
         e["kind"] == "listener_summary"
             && e["netns"].as_u64() == Some(netns)
