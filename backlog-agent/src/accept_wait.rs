@@ -55,6 +55,13 @@ pub fn resolve(
     let enter_accept = format("syscalls", "sys_enter_accept")?;
     let enter_listen = format("syscalls", "sys_enter_listen")?;
     let exit_accept4 = format("syscalls", "sys_exit_accept4")?;
+    let enter_connect = format("syscalls", "sys_enter_connect")?;
+    // UNIX waits only; TCP ones do without it.
+    let unix_peer = btf
+        .field("unix_sock.peer")
+        .ok()
+        .filter(|f| f.size == 8)
+        .map_or(backlog_common::OFFSET_ABSENT, |f| f.offset);
     let fd = field(&enter_accept4, "fd", 8)?;
     // One program reads `fd` for all three syscalls.
     if field(&enter_accept, "fd", 8)? != fd || field(&enter_listen, "fd", 8)? != fd {
@@ -94,7 +101,9 @@ pub fn resolve(
         file_private_data: kernel.file_private_data,
         socket_sk: kernel.socket_sk,
         near_full_percent,
-        _pad0: 0,
+        tp_connect_fd: field(&enter_connect, "fd", 8)?,
+        tp_connect_addr: field(&enter_connect, "uservaddr", 8)?,
+        unix_peer,
     };
     let needed = [
         ("task_struct.files", o.task_files),

@@ -179,7 +179,7 @@ const LISTEN_CALLS: Hook = Hook {
 /// without its exit.
 const ACCEPT_WAIT: Hook = Hook {
     family: HookFamily::Tracepoint,
-    label: "tracepoint sock:inet_sock_set_state, syscalls:sys_{enter,exit}_accept{,4}, sys_{enter,exit}_listen",
+    label: "tracepoint sock:inet_sock_set_state, syscalls:sys_{enter,exit}_{accept,accept4,listen,connect}",
     needs: Needs::AcceptLayout,
     programs: &[
         (
@@ -201,6 +201,13 @@ const ACCEPT_WAIT: Hook = Hook {
             Attach::Tracepoint {
                 category: "syscalls",
                 name: "sys_exit_listen",
+            },
+        ),
+        (
+            "accept_sys_exit_connect",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_exit_connect",
             },
         ),
         (
@@ -229,6 +236,13 @@ const ACCEPT_WAIT: Hook = Hook {
             Attach::Tracepoint {
                 category: "syscalls",
                 name: "sys_enter_listen",
+            },
+        ),
+        (
+            "accept_sys_enter_connect",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_enter_connect",
             },
         ),
     ],

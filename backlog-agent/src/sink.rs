@@ -451,26 +451,33 @@ impl Sink {
             if matched || !figures.worth_reporting() {
                 continue;
             }
-            let (
+            let (netns, socket_inode) = match row {
                 RowListener::Tcp {
                     netns,
                     socket_inode,
                     ..
-                },
-                Some(addr),
-            ) = (&row, row.socket_addr())
-            else {
-                continue;
+                }
+                | RowListener::Unix {
+                    netns,
+                    socket_inode,
+                } => (netns, socket_inode),
             };
-            let processes = if *socket_inode != 0 {
-                self.processes(*socket_inode)
+            let processes = if socket_inode != 0 {
+                self.processes(socket_inode)
             } else {
                 Vec::new()
             };
+            let listener = match row.socket_addr() {
+                Some(addr) => ListenerAddr::Inet(addr),
+                None => ListenerAddr::Unix(
+                    self.unix_path(netns, socket_inode, &processes)
+                        .unwrap_or_else(|| format!("socket:[{socket_inode}]")),
+                ),
+            };
             let key = ListenerKey {
-                netns: *netns,
-                listener: ListenerAddr::Inet(addr),
-                socket_inode: *socket_inode,
+                netns,
+                listener,
+                socket_inode,
             };
             let stats = self.summary.listeners.entry(key).or_default();
             stats.processes = processes;
@@ -487,6 +494,24 @@ impl Sink {
             }
             stats.advice = advice_for(stats, figures, timeout);
         }
+    }
+}
+
+impl Sink {
+    /// The path of the UNIX listener with socket `inode`, from a sock_diag
+    /// dump of its namespace (entered through a holder's thread).
+    fn unix_path(&mut self, netns: u32, inode: u64, processes: &[Process]) -> Option<String> {
+        let dump = if self.own_netns == Some(u64::from(netns)) {
+            sockdiag::unix_listeners().ok()?
+        } else {
+            let file = processes.iter().find_map(|p| task_in_netns(p.pid, netns))?;
+            sockdiag::in_netns(&file, sockdiag::unix_listeners)
+                .ok()?
+                .ok()?
+        };
+        dump.into_iter()
+            .find(|l| l.inode == inode)
+            .and_then(|l| l.path)
     }
 }
 

@@ -237,3 +237,62 @@ fn queue_filled_to_85_percent_warns_once() {
     );
     assert_eq!(summary["near_full_warnings"], 1, "{summary}");
 }
+
+/// The same for a UNIX stream listener: its connections' arrival is the
+/// client's successful connect(); accept() order is connect() order.
+#[test]
+fn unix_listener_wait_percentiles_match_the_test_clock() {
+    if !privileged("unix_listener_wait_percentiles_match_the_test_clock") {
+        return;
+    }
+    let _serial = serial();
+    const CLIENTS: usize = 20;
+    const EVERY: Duration = Duration::from_millis(20);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("slow.sock");
+    let agent = Agent::expect_ready(&["--output", "json"]);
+    let server = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let mut clients = Vec::new();
+    let mut connected = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(std::os::unix::net::UnixStream::connect(&path).expect("connect"));
+        connected.push(Instant::now());
+    }
+    let mut waits_ms = Vec::new();
+    for since in connected {
+        thread::sleep(EVERY);
+        let (conn, _) = server.accept().expect("accept");
+        waits_ms.push(since.elapsed().as_secs_f64() * 1000.0);
+        drop(conn);
+    }
+    let run = agent.stop();
+    drop(server);
+    assert!(run.status.success(), "agent failed:\n{}", run.stderr);
+    let events = run.json_events();
+    let path = path.to_str().unwrap();
+    let summary = events
+        .iter()
+        .find(|e| e["kind"] == "listener_summary" && e["listener"]["path"] == path)
+        .unwrap_or_else(|| panic!("no listener_summary for {path}:\n{}", run.stdout));
+    let mut sorted = waits_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)] {
+        let want = percentile(&sorted, q);
+        let got = summary["accept_wait_ms"][name]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no accept_wait_ms.{name}: {summary}"));
+        common::figure(&format!(
+            "UNIX accept wait {name}: agent {got:.1} ms, test clock {want:.1} ms"
+        ));
+        assert!(
+            (got - want).abs() <= want * 0.10,
+            "{name}: agent {got:.1} ms vs test {want:.1} ms\n{summary}"
+        );
+    }
+    // No handshake to count for UNIX listeners: arrivals stay unknown.
+    assert!(summary["arrival_rate_per_s"].is_null(), "{summary}");
+    assert!(
+        summary["accept_rate_per_s"].as_f64().unwrap() > 0.0,
+        "{summary}"
+    );
+}

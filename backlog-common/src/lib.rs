@@ -568,10 +568,14 @@ pub struct AcceptOffsets {
     /// `--near-full PERCENT`: warn when the accept queue reaches this share
     /// of its limit; 0 disables the warning.
     pub near_full_percent: u32,
-    pub _pad0: u32,
+    // UNIX arrivals: syscalls:sys_enter_connect `fd` and `uservaddr`, and
+    // unix_sock.peer (the socket the server will accept).
+    pub tp_connect_fd: u32,
+    pub tp_connect_addr: u32,
+    pub unix_peer: u32,
 }
 
-const _: () = assert!(size_of::<AcceptOffsets>() == 28 * 4);
+const _: () = assert!(size_of::<AcceptOffsets>() == 30 * 4);
 
 impl AcceptOffsets {
     pub const ABSENT: AcceptOffsets = AcceptOffsets {
@@ -602,7 +606,9 @@ impl AcceptOffsets {
         file_private_data: OFFSET_ABSENT,
         socket_sk: OFFSET_ABSENT,
         near_full_percent: 0,
-        _pad0: 0,
+        tp_connect_fd: OFFSET_ABSENT,
+        tp_connect_addr: OFFSET_ABSENT,
+        unix_peer: OFFSET_ABSENT,
     };
 }
 

@@ -22,16 +22,23 @@
 //! a listener created before the agent started and never accepting is not
 //! known that way (no warning for it until it accepts once).
 //!
-//! UNIX stream listeners: accept() gives the listener and the connection,
-//! so their accept rate is kept; their arrival time would need the
-//! client's connect() (unix_sk(client)->peer is the socket the server will
-//! accept), which this version does not hook: no wait histogram for them.
+//! UNIX stream listeners: there is no handshake tracepoint, but a client's
+//! successful connect() (`syscalls:sys_exit_connect`, return 0) has
+//! already queued the server's end of the connection on the listener, and
+//! `unix_sk(client)->peer` is that socket, the one the server's accept()
+//! will return: its arrival time is taken there. The listener itself is
+//! not known at connect time (only at accept()), so UNIX rows have accept
+//! rates and waits but no arrival count; their queue fill is read at
+//! accept() only (kernels before 6.10 count a UNIX queue in
+//! sk_receive_queue, not sk_ack_backlog: no fill there).
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_user,
+    },
     macros::{map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TracePointContext,
@@ -294,6 +301,52 @@ pub fn accept_sys_enter_accept(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn accept_sys_enter_listen(ctx: TracePointContext) -> u32 {
     save_fd(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn accept_sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let o = offsets();
+    if !layout_known(&o) || o.tp_connect_addr == OFFSET_ABSENT || o.tp_connect_fd == OFFSET_ABSENT {
+        return 0;
+    }
+    let (Ok(fd), Ok(addr)) = (
+        unsafe { ctx.read_at::<u64>(o.tp_connect_fd as usize) },
+        unsafe { ctx.read_at::<u64>(o.tp_connect_addr as usize) },
+    ) else {
+        return 0;
+    };
+    // Only AF_UNIX connects are remembered: TCP ones leave here.
+    if addr == 0 {
+        return 0;
+    }
+    let Ok(family) = (unsafe { bpf_probe_read_user(addr as *const u16) }) else {
+        return 0;
+    };
+    if family == AF_UNIX {
+        let _ = SYSCALL_FD.insert(bpf_get_current_pid_tgid(), fd as u32, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn accept_sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let o = offsets();
+    let Some((fd, _)) = take_fd(&ctx, &o) else {
+        return 0;
+    };
+    let socket = socket_of_fd(&o, fd);
+    if socket.is_null() {
+        return 0;
+    }
+    let mut r = Reader::new();
+    let sk = r.ptr(socket, o.socket_sk);
+    let family = r.at::<u16>(sk, o.sk_family);
+    let peer = r.at::<u64>(sk, o.unix_peer);
+    if r.ok() && family == AF_UNIX && peer != 0 {
+        let now = unsafe { bpf_ktime_get_ns() };
+        let _ = ESTABLISHED_AT.insert(peer, now, 0);
+    }
     0
 }
 
