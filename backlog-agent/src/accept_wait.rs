@@ -173,6 +173,8 @@ pub struct AcceptFigures {
     pub queue_limit: u32,
     pub near_full_warnings: u64,
     pub wait_max_us: u64,
+    /// Seconds the rates are averaged over.
+    pub interval_s: f64,
 }
 
 impl AcceptFigures {
@@ -354,6 +356,7 @@ fn figures_of(
         queue_limit: stats.queue_limit,
         near_full_warnings: stats.near_full_count,
         wait_max_us: stats.wait_max_us,
+        interval_s: elapsed_s,
     }
 }
 

@@ -26,7 +26,7 @@ pub struct Measured {
     /// Busiest one-second window of accept()s: what the acceptor can do.
     pub peak_accept_per_s: f64,
     /// Averages over the reporting interval; the arrival rate counts
-    /// dropped connections too (offered load).
+    /// dropped connections too (the offered load).
     pub arrival_per_s: f64,
     pub accept_per_s: f64,
     /// Longest time a connection waited in the accept queue, seconds.
@@ -61,8 +61,8 @@ pub struct Advice {
     pub reason: String,
 }
 
-/// Accepting below this share of the offered load, with drops, is "not
-/// keeping up" rather than a burst.
+/// An acceptor whose best rate is below this share of the average offered
+/// load, with drops, is not keeping up rather than meeting a burst.
 const KEEPS_UP_SHARE: f64 = 0.9;
 
 pub fn advise(m: &Measured) -> Advice {
@@ -83,14 +83,17 @@ pub fn advise(m: &Measured) -> Advice {
         reason,
     };
 
-    if m.drops > 0 && m.arrival_per_s > 0.0 && m.accept_per_s < KEEPS_UP_SHARE * m.arrival_per_s {
+    // A burst that overflows also has more arrivals than accepts for a
+    // while; what no queue absorbs is an average load above the most the
+    // acceptor ever managed.
+    if m.drops > 0 && capacity > 0.0 && capacity < KEEPS_UP_SHARE * m.arrival_per_s {
         return advice(
             need,
             Action::AddWorkers,
             format!(
-                "accept() keeps up with {:.0}/s of {:.0}/s arriving: no backlog will help; \
-                 add workers or make the handler faster",
-                m.accept_per_s, m.arrival_per_s
+                "accept() managed at most {capacity:.0}/s but {:.0}/s arrived on average: no \
+                 backlog will help; add workers or make the handler faster",
+                m.arrival_per_s
             ),
         );
     }
@@ -124,21 +127,39 @@ pub fn advise(m: &Measured) -> Advice {
     let too_small = need > limit || (m.drops > 0 && m.max_queue_seen >= limit);
     if too_small {
         // The deepest queue seen is capped by the limit itself when it
-        // overflowed: aim above it.
+        // overflowed: the connections turned away needed room too.
         let target = if m.drops > 0 {
-            need.max(limit.saturating_mul(2))
+            need.max(
+                m.max_queue_seen
+                    .saturating_add(u32::try_from(m.drops).unwrap_or(u32::MAX)),
+            )
         } else {
             need
         };
         let target = ceiling.map_or(target, |c| target.min(c));
+        let why = if m.peak_arrival_per_s > 0.0 {
+            format!(
+                "bursts of {:.0}/s while accept() stalled up to {:.3} s need a queue of about \
+                 {need} (deepest seen {})",
+                m.peak_arrival_per_s, m.longest_wait_s, m.max_queue_seen
+            )
+        } else {
+            format!(
+                "accept() stalled up to {:.3} s with {} queued",
+                m.longest_wait_s, m.max_queue_seen
+            )
+        };
+        let turned_away = match m.drops {
+            0 => String::new(),
+            1 => " and 1 connection found it full".to_owned(),
+            n => format!(" and {n} connections found it full"),
+        };
         return advice(
             target,
             Action::Raise,
             format!(
-                "bursts of {:.0}/s while accept() stalled up to {:.3} s need a queue of about \
-                 {need} (deepest seen {}), above the limit of {limit}: raise the backlog to at \
-                 least {target}",
-                m.peak_arrival_per_s, m.longest_wait_s, m.max_queue_seen
+                "{why}{turned_away}, above the limit of {limit}: raise the backlog to at least \
+                 {target}"
             ),
         );
     }
@@ -235,7 +256,40 @@ mod tests {
             ..measured()
         });
         assert_eq!(advice.action, Action::Raise, "{advice:?}");
+        // The queue held 128 and turned 40 away: 168 would have held them,
+        // but the bursts need 1000/s x 0.5 s.
         assert_eq!(advice.min, 500);
+        assert!(
+            advice.reason.contains("40 connections found it full"),
+            "{}",
+            advice.reason
+        );
+    }
+
+    /// php-fpm behind nginx, one worker, 400 ms a request: a UNIX
+    /// listener (no arrival rate), backlog 3, 19 EAGAINs.
+    #[test]
+    fn drops_without_an_arrival_rate_size_from_the_queue_and_the_drops() {
+        let input = Measured {
+            backlog_limit: 3,
+            peak_arrival_per_s: 0.0,
+            peak_accept_per_s: 3.0,
+            arrival_per_s: 0.0,
+            accept_per_s: 1.4,
+            longest_wait_s: 1.6,
+            max_queue_seen: 4,
+            drops: 19,
+            client_timeout_s: 10.0,
+        };
+        // 24 requests in 14 s average 1.7/s, below the 3/s php-fpm
+        // managed: a burst, which a deeper queue absorbs.
+        let advice = advise(&Measured {
+            arrival_per_s: 1.7,
+            ..input
+        });
+        assert_eq!(advice.action, Action::Raise, "{advice:?}");
+        assert_eq!((advice.min, advice.max), (23, Some(30)));
+        assert!(!advice.reason.contains("0/s"), "{}", advice.reason);
     }
 
     #[test]
@@ -243,6 +297,7 @@ mod tests {
         let advice = advise(&Measured {
             arrival_per_s: 900.0,
             accept_per_s: 300.0,
+            peak_accept_per_s: 320.0,
             drops: 5000,
             ..measured()
         });

@@ -403,11 +403,14 @@ fn somaxconn_command(f: &ListenerFacts, value: u32) -> String {
         }
         _ => format!("docker run --sysctl net.core.somaxconn={value} or {kubernetes}"),
     };
+    let netns = match f.netns {
+        0 => "the listener's netns".to_owned(),
+        inode => format!("netns {inode}"),
+    };
     format!(
-        "the listener's netns{} is not the host's, so sysctl -w on the host does not reach \
-         it: set it with {runtime}; to test now, nsenter --net=/proc/{pid}/ns/net sysctl -w \
-         net.core.somaxconn={value}",
-        in_netns(f.netns)
+        "{netns} is not the host's, so sysctl -w on the host does not reach it: set it with \
+         {runtime}; to test now, nsenter --net=/proc/{pid}/ns/net sysctl -w \
+         net.core.somaxconn={value}"
     )
 }
 

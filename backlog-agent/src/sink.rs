@@ -542,7 +542,12 @@ fn advice_for(
         backlog_limit: stats.accept_queue_limit,
         peak_arrival_per_s: figures.peak_arrival_rate_per_s as f64,
         peak_accept_per_s: figures.peak_accept_rate_per_s as f64,
-        arrival_per_s: figures.arrival_rate_per_s.unwrap_or(0.0),
+        // Offered load: completed handshakes (accepts where they are not
+        // seen: UNIX) plus the connections turned away.
+        arrival_per_s: figures
+            .arrival_rate_per_s
+            .unwrap_or(figures.accept_rate_per_s)
+            + drops as f64 / figures.interval_s.max(1e-3),
         accept_per_s: figures.accept_rate_per_s,
         longest_wait_s: figures.wait_max_us as f64 / 1e6,
         max_queue_seen: stats.max_accept_queue_seen,
