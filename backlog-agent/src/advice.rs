@@ -36,6 +36,8 @@ pub struct Measured {
     pub drops: u64,
     /// How long clients or the proxy in front wait before giving up.
     pub client_timeout_s: f64,
+    /// Seconds the averages cover.
+    pub interval_s: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -61,10 +63,6 @@ pub struct Advice {
     pub reason: String,
 }
 
-/// An acceptor whose best rate is below this share of the average offered
-/// load, with drops, is not keeping up rather than meeting a burst.
-const KEEPS_UP_SHARE: f64 = 0.9;
-
 pub fn advise(m: &Measured) -> Advice {
     let limit = m.backlog_limit;
     let burst = (m.peak_arrival_per_s * m.longest_wait_s).ceil();
@@ -84,18 +82,21 @@ pub fn advise(m: &Measured) -> Advice {
     };
 
     // A burst that overflows also has more arrivals than accepts for a
-    // while; what no queue absorbs is an average load above the most the
-    // acceptor ever managed.
-    if m.drops > 0 && capacity > 0.0 && capacity < KEEPS_UP_SHARE * m.arrival_per_s {
-        return advice(
-            need,
-            Action::AddWorkers,
-            format!(
-                "accept() managed at most {capacity:.0}/s but {:.0}/s arrived on average: no \
-                 backlog will help; add workers or make the handler faster",
-                m.arrival_per_s
-            ),
-        );
+    // while. What no queue absorbs is an excess that, carried over the
+    // whole window, would not drain within the timeout.
+    if m.drops > 0 && capacity > 0.0 && m.arrival_per_s > capacity {
+        let excess = (m.arrival_per_s - capacity) * m.interval_s + f64::from(m.max_queue_seen);
+        if ceiling.is_some_and(|c| excess > f64::from(c)) {
+            return advice(
+                need,
+                Action::AddWorkers,
+                format!(
+                    "accept() managed at most {capacity:.0}/s but {:.0}/s arrived on average \
+                     for {:.0} s: no backlog will help; add workers or make the handler faster",
+                    m.arrival_per_s, m.interval_s
+                ),
+            );
+        }
     }
     if let Some(ceiling) = ceiling {
         let drain_s = f64::from(limit) / capacity;
@@ -193,6 +194,7 @@ mod tests {
             max_queue_seen: 3,
             drops: 0,
             client_timeout_s: 10.0,
+            interval_s: 60.0,
         }
     }
 
@@ -210,6 +212,7 @@ mod tests {
             max_queue_seen: 65535,
             drops: 0,
             client_timeout_s: 10.0,
+            interval_s: 60.0,
         });
         assert_eq!(advice.action, Action::Lower, "{advice:?}");
         assert_eq!(advice.max, Some(50_000));
@@ -280,11 +283,13 @@ mod tests {
             max_queue_seen: 4,
             drops: 19,
             client_timeout_s: 10.0,
+            interval_s: 3.4,
         };
-        // 24 requests in 14 s average 1.7/s, below the 3/s php-fpm
-        // managed: a burst, which a deeper queue absorbs.
+        // 24 requests in 3.4 s average 7/s, above the 3/s php-fpm
+        // managed, but the excess (4/s for 3.4 s, plus 4 queued) drains
+        // within the 10 s timeout: a burst, which a deeper queue absorbs.
         let advice = advise(&Measured {
-            arrival_per_s: 1.7,
+            arrival_per_s: 7.0,
             ..input
         });
         assert_eq!(advice.action, Action::Raise, "{advice:?}");
@@ -307,6 +312,19 @@ mod tests {
             "{}",
             advice.reason
         );
+        // The same rates for one second, with the queue full: a burst
+        // that a deeper queue absorbs.
+        let burst = advise(&Measured {
+            arrival_per_s: 900.0,
+            accept_per_s: 300.0,
+            peak_accept_per_s: 320.0,
+            drops: 500,
+            max_queue_seen: 511,
+            interval_s: 1.0,
+            ..measured()
+        });
+        assert_eq!(burst.action, Action::Raise, "{burst:?}");
+        assert_eq!(burst.min, 1011);
     }
 
     #[test]

@@ -553,6 +553,7 @@ fn advice_for(
         max_queue_seen: stats.max_accept_queue_seen,
         drops,
         client_timeout_s: timeout_s,
+        interval_s: figures.interval_s,
     }))
 }
 

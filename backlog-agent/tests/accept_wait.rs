@@ -119,7 +119,8 @@ fn slow_acceptor_wait_percentiles_match_the_test_clock() {
 }
 
 /// A server that accepts as fast as clients come: waits near zero, and the
-/// agent advises no change (it may leave the listener out altogether).
+/// agent advises no change (it may leave the listener out altogether, so a
+/// slow listener in the same run proves the agent was measuring).
 #[test]
 fn a_server_that_keeps_up_gets_no_advice() {
     if !privileged("a_server_that_keeps_up_gets_no_advice") {
@@ -127,7 +128,7 @@ fn a_server_that_keeps_up_gets_no_advice() {
     }
     let _serial = serial();
     let agent = Agent::expect_ready(&["--output", "json"]);
-    let (netns, port) = in_new_netns(|| {
+    let (netns, fast_port, slow_port) = in_new_netns(|| {
         let server = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = server.local_addr().unwrap().port();
         let acceptor = thread::spawn(move || {
@@ -141,12 +142,26 @@ fn a_server_that_keeps_up_gets_no_advice() {
             thread::sleep(Duration::from_millis(5));
         }
         acceptor.join().expect("acceptor");
-        (netns_inode(), port)
+        // The control: 5 connections accepted 30 ms apart.
+        let slow = listener(16);
+        let slow_port = port_of(&slow);
+        let clients: Vec<TcpStream> = (0..5)
+            .map(|_| TcpStream::connect(("127.0.0.1", slow_port)).expect("connect"))
+            .collect();
+        for _ in &clients {
+            thread::sleep(Duration::from_millis(30));
+            let _ = slow.accept().expect("accept");
+        }
+        (netns_inode(), port, slow_port)
     });
     let run = agent.stop();
     assert!(run.status.success(), "agent failed:\n{}", run.stderr);
     let events = run.json_events();
-    if let Some(summary) = summary_for(&events, netns, port) {
+    let control = summary_for(&events, netns, slow_port)
+        .unwrap_or_else(|| panic!("no summary for the slow control listener:\n{}", run.stdout));
+    let control_max = control["accept_wait_ms"]["max"].as_f64().unwrap();
+    assert!(control_max >= 100.0, "{control}");
+    if let Some(summary) = summary_for(&events, netns, fast_port) {
         assert_eq!(summary["backlog_advice"]["action"], "none", "{summary}");
         let p50 = summary["accept_wait_ms"]["p50"].as_f64().unwrap_or(0.0);
         assert!(
