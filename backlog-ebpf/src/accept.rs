@@ -435,7 +435,11 @@ fn accepted(ctx: &TracePointContext) {
         return;
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    if key.kind == ACCEPT_KEY_TCP {
+    // An LRU update on every accept() costs more than the lookup that
+    // usually finds the same listener already there.
+    // SAFETY: a copy of the map value.
+    let known = unsafe { LISTENER_SOCK.get(key) }.copied();
+    if key.kind == ACCEPT_KEY_TCP && known != Some(listener as u64) {
         let _ = LISTENER_SOCK.insert(key, listener as u64, 0);
     }
     let Some(stats) = row(&key) else {
