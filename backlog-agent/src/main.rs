@@ -205,6 +205,16 @@ async fn run(cli: Cli) -> Result<()> {
         let after = counted::snapshot(Path::new("/proc"));
         sink.report_counted(&counted::deltas(&before, &after));
     }
+    if let Some(errors) = sink
+        .accept
+        .as_ref()
+        .map(|a| a.read_errors)
+        .filter(|&e| e > 0)
+    {
+        note(format_args!(
+            "{errors} accept-queue rows could not be read (removed while being read)"
+        ));
+    }
     let scans = sink.owners.stats();
     if scans.vanished + scans.unreadable > 0 {
         note(format_args!(
