@@ -81,6 +81,8 @@ fn main() {
                 format,
                 show_cmdline: false,
                 max_events_per_sec: 100,
+                near_full_percent: 80,
+                client_timeout: std::time::Duration::from_secs(10),
             },
             Box::new(out),
         );

@@ -52,6 +52,19 @@ pub struct Cli {
     /// the count and the busiest peers.
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub max_events_per_sec: u32,
+    /// Warn (event `accept_queue_near_full`, at most once a second per
+    /// listener) when a listener's accept queue reaches PERCENT of its
+    /// limit, before anything is dropped; 0 turns the warning off.
+    #[arg(long, value_name = "PERCENT", default_value_t = 80,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub near_full: u32,
+
+    /// How long the clients or the proxy in front wait for a connection
+    /// before giving up (nginx's fastcgi/proxy timeouts, a load
+    /// balancer's): the backlog advice keeps a full queue drainable within
+    /// it, since a deeper one only turns drops into timeouts (504).
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration)]
+    pub client_timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -114,6 +127,8 @@ mod tests {
         assert_eq!(cli.attach, AttachMode::Auto);
         assert_eq!(cli.ring_buffer_kib, 4096);
         assert_eq!(cli.max_events_per_sec, 100);
+        assert_eq!(cli.near_full, 80);
+        assert_eq!(cli.client_timeout, Duration::from_secs(10));
         for bad in [
             vec!["backlog-agent", "-d", "0"],
             vec!["backlog-agent", "-d", "-1"],
@@ -125,6 +140,8 @@ mod tests {
             vec!["backlog-agent", "--attach", "uprobe"],
             vec!["backlog-agent", "--output", "xml"],
             vec!["backlog-agent", "--max-events-per-sec", "-1"],
+            vec!["backlog-agent", "--near-full", "101"],
+            vec!["backlog-agent", "--client-timeout", "0"],
         ] {
             assert!(Cli::try_parse_from(&bad).is_err(), "{bad:?}");
         }

@@ -33,6 +33,14 @@ pub struct ListenerFacts {
     pub process_name: Option<String>,
     /// Largest `sk_ack_backlog` seen at a drop; 0 when never measured.
     pub max_accept_queue_seen: u32,
+    /// Whether the listener's netns is the host's (None: unknown). A
+    /// namespace of its own does not see `sysctl -w` run on the host.
+    pub host_netns: Option<bool>,
+    /// A process holding the listener, for `nsenter --net=/proc/PID/ns/net`.
+    pub holder_pid: Option<u32>,
+    /// What runs the listener's cgroup: "docker", "podman", "kubernetes"
+    /// (a container in a pod), "containerd", "cri-o", "systemd".
+    pub runtime: Option<String>,
 }
 
 /// Per-kind totals, summed over repeated names.
@@ -134,6 +142,51 @@ pub fn diagnose(f: &ListenerFacts) -> String {
     "no drops recorded".to_owned()
 }
 
+/// Before the drop: how long connections waited in the accept queue, how
+/// close it came to full, and what backlog fits (one line, no newline).
+pub fn accept_queue_note(
+    f: &ListenerFacts,
+    figures: &crate::accept_wait::AcceptFigures,
+    advice: Option<&crate::advice::Advice>,
+) -> String {
+    use crate::advice::Action;
+    let mut parts = Vec::new();
+    if let Some(w) = figures.wait_ms {
+        parts.push(format!(
+            "connections waited in the accept queue p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, \
+             max {:.1} ms",
+            w.p50, w.p90, w.p99, w.max
+        ));
+    }
+    if figures.near_full_warnings > 0 {
+        parts.push(format!(
+            "the accept queue reached {}/{} ({})",
+            figures.max_queue_seen,
+            f.backlog_limit,
+            plural(figures.near_full_warnings, "near-full warning"),
+        ));
+    }
+    if let Some(advice) = advice {
+        let mut line = advice.reason.clone();
+        if advice.action == Action::Raise {
+            let who = process(f);
+            line = format!("{line} ({})", backlog_knob(&who));
+            match f.somaxconn {
+                Some(max) if max >= advice.min => {}
+                _ => line.push_str(&format!(
+                    ", and net.core.somaxconn{} to at least {} ({})",
+                    f.somaxconn
+                        .map_or_else(String::new, |v| format!(" (now {v})")),
+                    advice.min,
+                    somaxconn_command(f, suggested_somaxconn(advice.min)),
+                )),
+            }
+        }
+        parts.push(line);
+    }
+    parts.join("; ")
+}
+
 /// listen(n) with n > somaxconn silently becomes somaxconn: the app's
 /// configured backlog never took effect, whatever else is going on.
 fn backlog_cut(f: &ListenerFacts, counts: &Counts, who: &Process) -> Option<String> {
@@ -170,13 +223,13 @@ fn backlog_cut(f: &ListenerFacts, counts: &Counts, who: &Process) -> Option<Stri
     if requested > i32::MAX as u32 {
         return Some(format!(
             "listen(-1) asks for the most net.core.somaxconn allows, which was {limit}{netns} \
-             ({symptom}); raise net.core.somaxconn (e.g. sysctl -w net.core.somaxconn={}), {restart}",
-            suggested_somaxconn(limit.saturating_add(1)),
+             ({symptom}); raise net.core.somaxconn (e.g. {}), {restart}",
+            somaxconn_command(f, suggested_somaxconn(limit.saturating_add(1))),
         ));
     }
     let raise = format!(
-        "raise net.core.somaxconn to at least {requested} (sysctl -w net.core.somaxconn={})",
-        suggested_somaxconn(requested)
+        "raise net.core.somaxconn to at least {requested} ({})",
+        somaxconn_command(f, suggested_somaxconn(requested))
     );
     Some(match f.somaxconn {
         Some(now) if now == limit => format!(
@@ -328,6 +381,39 @@ fn backlog_knob(who: &Process) -> String {
     knob.to_owned()
 }
 
+/// How to set net.core.somaxconn where the listener lives. It is a
+/// per-namespace sysctl, and a new namespace starts from the kernel
+/// default (4096 since 5.4), not from the host's value: `sysctl -w` on
+/// the host does not reach a container's namespace.
+fn somaxconn_command(f: &ListenerFacts, value: u32) -> String {
+    if f.host_netns != Some(false) {
+        return format!("sysctl -w net.core.somaxconn={value}");
+    }
+    let pid = f
+        .holder_pid
+        .map_or_else(|| "PID".to_owned(), |pid| pid.to_string());
+    let kubernetes = format!(
+        "a Kubernetes pod's securityContext.sysctls (net.core.somaxconn=\"{value}\"; a \
+         namespaced sysctl the kubelet must allow with --allowed-unsafe-sysctls)"
+    );
+    let runtime = match f.runtime.as_deref() {
+        Some("kubernetes") => kubernetes,
+        Some(tool @ ("docker" | "podman")) => {
+            format!("{tool} run --sysctl net.core.somaxconn={value}")
+        }
+        _ => format!("docker run --sysctl net.core.somaxconn={value} or {kubernetes}"),
+    };
+    let netns = match f.netns {
+        0 => "the listener's netns".to_owned(),
+        inode => format!("netns {inode}"),
+    };
+    format!(
+        "{netns} is not the host's, so sysctl -w on the host does not reach it: set it with \
+         {runtime}; to test now, nsenter --net=/proc/{pid}/ns/net sysctl -w \
+         net.core.somaxconn={value}"
+    )
+}
+
 /// What a bigger listen backlog would be capped at.
 fn somaxconn_cap(f: &ListenerFacts) -> String {
     somaxconn_cap_in(f, &in_netns(f.netns))
@@ -397,7 +483,47 @@ mod tests {
             netns: NETNS,
             process_name: Some("php-fpm".to_owned()),
             max_accept_queue_seen: 128,
+            host_netns: Some(true),
+            holder_pid: Some(4242),
+            runtime: None,
         }
+    }
+
+    /// A docker-like container with its own netns and somaxconn 16: the
+    /// fix must name the container's way, not a host sysctl.
+    #[test]
+    fn somaxconn_fix_names_the_namespace_owner() {
+        let mut f = facts(&[(DropKind::AckDroppedAcceptQueueFull, 9)]);
+        f.backlog_requested = Some(511);
+        f.backlog_limit = 16;
+        f.somaxconn = Some(16);
+        f.host_netns = Some(false);
+        f.runtime = Some("docker".into());
+        let line = diagnose(&f);
+        check(
+            &line,
+            &[
+                "cut to 16 by net.core.somaxconn=16",
+                "is not the host's, so sysctl -w on the host does not reach it",
+                "docker run --sysctl net.core.somaxconn=1024",
+                "nsenter --net=/proc/4242/ns/net sysctl -w net.core.somaxconn=1024",
+            ],
+        );
+        f.runtime = Some("kubernetes".into());
+        let line = diagnose(&f);
+        check(&line, &["securityContext.sysctls", "kubelet must allow"]);
+        assert!(!line.contains("docker run"), "{line}");
+        f.runtime = None;
+        f.holder_pid = None;
+        let line = diagnose(&f);
+        check(
+            &line,
+            &[
+                "docker run --sysctl",
+                "securityContext.sysctls",
+                "/proc/PID/ns/net",
+            ],
+        );
     }
 
     /// One line, and every piece expected in it.

@@ -9,6 +9,8 @@
 //! - `attribution`: socket inode to the processes holding it.
 //! - `output`, `summary`, `clock`: what the user sees.
 
+pub mod accept_wait;
+pub mod advice;
 pub mod attribution;
 pub mod btf;
 pub mod cli;

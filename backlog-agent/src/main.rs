@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use backlog_agent::{
+    accept_wait::AcceptWait,
     btf::Btf,
     cli::Cli,
     counted,
@@ -27,6 +28,9 @@ use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
 };
+
+/// How often the near-full warnings are read from the kernel's map.
+const NEAR_FULL_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 fn note(message: impl std::fmt::Display) {
     eprintln!("backlog-agent: {message}");
@@ -64,8 +68,14 @@ async fn run(cli: Cli) -> Result<()> {
     let tracefs = tracefs::ensure_mounted()?;
     let btf = Btf::from_file(Path::new(preflight::VMLINUX_BTF))?;
     let config = probes::config(cli.max_events_per_sec, cli.ring_buffer_kib);
-    let (mut probes, absent) =
-        probes::start(cli.attach, cli.ring_buffer_kib, &config, &btf, &tracefs)?;
+    let (mut probes, absent) = probes::start(
+        cli.attach,
+        cli.ring_buffer_kib,
+        &config,
+        cli.near_full,
+        &btf,
+        &tracefs,
+    )?;
     drop(btf);
     for field in absent {
         note(format_args!(
@@ -79,6 +89,25 @@ async fn run(cli: Cli) -> Result<()> {
             "listen() calls: not observable ({reason}); requested backlogs stay unknown"
         )),
     }
+    // Accept-queue wait and rates (accept_wait.rs): optional, told either way.
+    let accept_stats = match &probes.accept_wait {
+        Ok(hook) => {
+            note(format_args!("accept-queue wait and rates: {hook}"));
+            match probes.take_accept_stats() {
+                Ok(map) => Some(AcceptWait::new(map)),
+                Err(err) => {
+                    note(format_args!("accept-queue wait and rates: {err}"));
+                    None
+                }
+            }
+        }
+        Err(reason) => {
+            note(format_args!(
+                "accept-queue wait and rates: not observable ({reason})"
+            ));
+            None
+        }
+    };
     let attached = probes
         .outcomes
         .iter()
@@ -116,8 +145,14 @@ async fn run(cli: Cli) -> Result<()> {
         format: cli.output,
         show_cmdline: cli.show_cmdline,
         max_events_per_sec: cli.max_events_per_sec,
+        near_full_percent: cli.near_full,
+        client_timeout: cli.client_timeout,
     });
     let mut aggregator = Aggregator::new(SystemTime::now());
+    sink.accept = accept_stats;
+    // Near-full crossings are read from a map, a few times a second.
+    let mut near_full_poll = tokio::time::interval(NEAR_FULL_POLL);
+    near_full_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = cli.duration.map(|d| tokio::time::Instant::now() + d);
     note(format_args!(
         "ready: watching {attached} of {} drop kinds; Ctrl-C to stop",
@@ -151,6 +186,7 @@ async fn run(cli: Cli) -> Result<()> {
                 drain(ring.get_mut(), &mut sink);
                 aggregate(&mut counters, &mut aggregator, &mut sink);
             }
+            _ = near_full_poll.tick() => sink.poll_near_full(),
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer failed")?;
                 drain(guard.get_inner_mut(), &mut sink);
@@ -168,6 +204,7 @@ async fn run(cli: Cli) -> Result<()> {
     drain(ring.get_mut(), &mut sink);
     sink.release_all();
     aggregate(&mut counters, &mut aggregator, &mut sink);
+    sink.poll_near_full();
     note("detached");
 
     match counters.events_lost() {
@@ -202,6 +239,16 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(before) = counted_before {
         let after = counted::snapshot(Path::new("/proc"));
         sink.report_counted(&counted::deltas(&before, &after));
+    }
+    if let Some(errors) = sink
+        .accept
+        .as_ref()
+        .map(|a| a.read_errors)
+        .filter(|&e| e > 0)
+    {
+        note(format_args!(
+            "{errors} accept-queue rows could not be read (removed while being read)"
+        ));
     }
     let scans = sink.resolver.stats();
     if scans.vanished + scans.unreadable > 0 {

@@ -108,6 +108,8 @@ enum Needs {
     SynRecvSockPrototype,
     /// This CPU's SNMP counters (BTF indexes and __per_cpu_offset).
     SnmpCounters,
+    /// sock:inet_sock_set_state and the accept()/listen() record layouts.
+    AcceptLayout,
 }
 
 impl Hook {
@@ -170,6 +172,80 @@ const LISTEN_CALLS: Hook = Hook {
             Attach::Tracepoint {
                 category: "syscalls",
                 name: "sys_enter_listen",
+            },
+        ),
+    ],
+};
+
+/// Not a drop kind: accept-queue wait, arrival and accept rates, and
+/// near-full warnings (accept.rs). Exits first, so that no entry is armed
+/// without its exit.
+const ACCEPT_WAIT: Hook = Hook {
+    family: HookFamily::Tracepoint,
+    label: "tracepoint sock:inet_sock_set_state, syscalls:sys_{enter,exit}_{accept,accept4,listen,connect}",
+    needs: Needs::AcceptLayout,
+    programs: &[
+        (
+            "accept_sys_exit_accept4",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_exit_accept4",
+            },
+        ),
+        (
+            "accept_sys_exit_accept",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_exit_accept",
+            },
+        ),
+        (
+            "accept_sys_exit_listen",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_exit_listen",
+            },
+        ),
+        (
+            "accept_sys_exit_connect",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_exit_connect",
+            },
+        ),
+        (
+            "accept_inet_sock_set_state",
+            Attach::Tracepoint {
+                category: "sock",
+                name: "inet_sock_set_state",
+            },
+        ),
+        (
+            "accept_sys_enter_accept4",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_enter_accept4",
+            },
+        ),
+        (
+            "accept_sys_enter_accept",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_enter_accept",
+            },
+        ),
+        (
+            "accept_sys_enter_listen",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_enter_listen",
+            },
+        ),
+        (
+            "accept_sys_enter_connect",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_enter_connect",
             },
         ),
     ],
@@ -293,6 +369,8 @@ pub struct Probes {
     pub outcomes: Vec<(DropKind, Outcome)>,
     /// listen() tracking: the hook, or why it is unavailable.
     pub listen_calls: Result<String, String>,
+    /// Accept-queue wait and rates: the hook, or why it is unavailable.
+    pub accept_wait: Result<String, String>,
 }
 
 /// Per-hook facts checked before load (tracepoint record layouts, enum
@@ -304,6 +382,7 @@ struct Preconditions {
     syn_recv_sock_fexit: Result<(), String>,
     /// The SYN-stage classification reads this CPU's SNMP counters.
     snmp_counters: Result<(), String>,
+    accept: Result<(), String>,
 }
 
 impl Preconditions {
@@ -314,6 +393,7 @@ impl Preconditions {
             Needs::SyscallLayout => self.syscalls.clone(),
             Needs::SynRecvSockPrototype => self.syn_recv_sock_fexit.clone(),
             Needs::SnmpCounters => self.snmp_counters.clone(),
+            Needs::AcceptLayout => self.accept.clone(),
         }
     }
 }
@@ -338,6 +418,7 @@ pub fn start(
     mode: AttachMode,
     ring_buffer_kib: u32,
     config: &Config,
+    near_full_percent: u32,
     btf: &Btf,
     tracefs: &Path,
 ) -> Result<(Probes, Vec<&'static str>), ProbeError> {
@@ -371,12 +452,16 @@ pub fn start(
     };
     let snmp_counters = crate::kallsyms::read()
         .and_then(|kallsyms| offsets::apply_snmp_counters(&mut kernel_offsets, btf, &kallsyms));
+    let accept_offsets =
+        crate::accept_wait::resolve(&kernel_offsets, btf, tracefs, near_full_percent);
     let preconditions = Preconditions {
         kfree_skb,
         syscalls,
         syn_recv_sock_fexit,
         snmp_counters,
+        accept: accept_offsets.as_ref().map(|_| ()).map_err(Clone::clone),
     };
+    let accept_offsets = accept_offsets.unwrap_or(backlog_common::AcceptOffsets::ABSENT);
 
     // The CLI caps the size (2 GiB, the largest power of two a u32 holds);
     // checked all the same, so no caller can wrap it to 0.
@@ -389,6 +474,7 @@ pub fn start(
     let mut ebpf = EbpfLoader::new()
         .override_global("OFFSETS", &kernel_offsets, true)
         .override_global("CONFIG", config, true)
+        .override_global("ACCEPT_OFFSETS", &accept_offsets, true)
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .load(OBJECT)
         .map_err(ProbeError::Load)?;
@@ -480,11 +566,17 @@ pub fn start(
         .of(&LISTEN_CALLS)
         .and_then(|()| attach(&mut ebpf, &LISTEN_CALLS, &mut kernel_btf))
         .map(|()| LISTEN_CALLS.describe());
+    // Tracepoints only: whatever --attach forces applies to drop kinds.
+    let accept_wait = preconditions
+        .of(&ACCEPT_WAIT)
+        .and_then(|()| attach(&mut ebpf, &ACCEPT_WAIT, &mut kernel_btf))
+        .map(|()| ACCEPT_WAIT.describe());
     Ok((
         Probes {
             ebpf,
             outcomes,
             listen_calls,
+            accept_wait,
         },
         resolved.absent,
     ))
@@ -667,6 +759,23 @@ impl Probes {
         })?;
         RingBuf::try_from(map).map_err(|e| ProbeError::Map {
             name: "EVENTS",
+            reason: e.to_string(),
+        })
+    }
+
+    /// The per-listener accept-queue figures (accept.rs).
+    pub fn take_accept_stats(
+        &mut self,
+    ) -> Result<
+        aya::maps::HashMap<MapData, backlog_common::AcceptKey, backlog_common::AcceptStats>,
+        ProbeError,
+    > {
+        let map = self.ebpf.take_map("ACCEPT_STATS").ok_or(ProbeError::Map {
+            name: "ACCEPT_STATS",
+            reason: "missing from the eBPF object".into(),
+        })?;
+        aya::maps::HashMap::try_from(map).map_err(|e| ProbeError::Map {
+            name: "ACCEPT_STATS",
             reason: e.to_string(),
         })
     }

@@ -14,13 +14,15 @@ use backlog_common::DropKind;
 use serde::Serialize;
 
 use crate::{
+    accept_wait::{self, AcceptWait, NearFull, RowListener},
+    advice::{self, Advice},
     attribution::Process,
     cli::OutputFormat,
     clock::{self, MonotonicToWall, Rfc3339Cache},
     context::{self, CgroupResolver, NetnsSysctls},
     counted::NetnsDelta,
     decode::{decode_record, DecodeError, Event, ListenCall, Record, UnixConnect},
-    diagnosis::{diagnose, ListenerFacts},
+    diagnosis::{self, diagnose, ListenerFacts},
     flood::{Aggregate, FloodListener},
     output::{self, Placement, UnixListenerView},
     resolver::{Lookup, Resolver},
@@ -74,6 +76,10 @@ pub struct Options {
     pub show_cmdline: bool,
     /// The kernel's rate limit, named in aggregate records.
     pub max_events_per_sec: u32,
+    /// `--near-full`, shown in the warning.
+    pub near_full_percent: u32,
+    /// `--client-timeout`, for the backlog advice.
+    pub client_timeout: Duration,
 }
 
 pub struct Sink {
@@ -112,6 +118,8 @@ pub struct Sink {
     flooded: HashSet<(FloodListener, DropKind)>,
     pub summary: Summary,
     pub stdout_closed: bool,
+    /// Accept-queue figures, when the accept hooks are attached.
+    pub accept: Option<AcceptWait>,
 }
 
 impl Sink {
@@ -151,6 +159,7 @@ impl Sink {
             flooded: HashSet::new(),
             summary: Summary::default(),
             stdout_closed: false,
+            accept: None,
         }
     }
 
@@ -510,6 +519,7 @@ impl Sink {
     /// The per-listener summary: a table and diagnoses on stderr, and with
     /// `--output json` one `listener_summary` line per listener on stdout.
     pub fn report(&mut self, heading: &str) {
+        self.merge_accept_figures();
         let mut text = format!("{heading}\n{}", self.summary.render());
         let listeners: Vec<(ListenerKey, ListenerStats)> = self
             .summary
@@ -547,8 +557,22 @@ impl Sink {
                 netns: u64::from(key.netns),
                 process_name: stats.processes.first().map(|p| p.comm.clone()),
                 max_accept_queue_seen: stats.max_accept_queue_seen,
+                host_netns: self.host_netns.map(|host| host == u64::from(key.netns)),
+                holder_pid: stats.processes.first().map(|p| p.pid),
+                runtime: self.runtime(stats.cgroup_id, key.netns),
             };
-            let diagnosis = diagnose(&facts);
+            let drops = diagnose(&facts);
+            let diagnosis = match (&stats.accept, &stats.advice) {
+                (Some(figures), advice) if figures.worth_reporting() || advice.is_some() => {
+                    let note = diagnosis::accept_queue_note(&facts, figures, advice.as_ref());
+                    if facts.kind_counts.iter().any(|(_, count)| *count > 0) {
+                        format!("{drops}; {note}")
+                    } else {
+                        note
+                    }
+                }
+                _ => drops,
+            };
             text.push_str(&format!("  {}: {diagnosis}\n", key.listener));
             if self.options.format == OutputFormat::Json {
                 let placement = self.placement(stats.cgroup_id, key.netns);
@@ -560,6 +584,206 @@ impl Sink {
         self.flush();
         eprint!("{text}");
     }
+}
+
+// ---- accept-queue wait, rates, advice and near-full warnings ----
+impl Sink {
+    /// "docker", "podman", "kubernetes" (a container of a pod), ... for the
+    /// somaxconn fix of a listener outside the host's netns.
+    fn runtime(&mut self, cgroup_id: u64, netns: u32) -> Option<String> {
+        let container = self.placement(cgroup_id, netns).container?;
+        Some(if container.pod.is_some() {
+            "kubernetes".to_owned()
+        } else {
+            container.runtime.to_owned()
+        })
+    }
+
+    /// Prints the near-full crossings the kernel recorded since the last
+    /// poll, one line each.
+    pub fn poll_near_full(&mut self) {
+        let Some(accept) = self.accept.as_mut() else {
+            return;
+        };
+        let crossings = accept.poll_near_full();
+        for crossing in &crossings {
+            self.near_full(crossing);
+        }
+        if !crossings.is_empty() {
+            self.flush();
+        }
+    }
+
+    fn near_full(&mut self, crossing: &NearFull) {
+        let (netns, inode) = match crossing.listener {
+            RowListener::Tcp {
+                netns,
+                socket_inode,
+                ..
+            }
+            | RowListener::Unix {
+                netns,
+                socket_inode,
+            } => (netns, socket_inode),
+        };
+        let processes = if inode != 0 {
+            self.processes(inode)
+        } else {
+            Vec::new()
+        };
+        let time = self.clock.wall(crossing.timestamp_ns);
+        let line = match self.options.format {
+            OutputFormat::Text => accept_wait::near_full_text(
+                crossing,
+                time,
+                self.options.near_full_percent,
+                netns,
+                &processes,
+            ),
+            OutputFormat::Json => accept_wait::near_full_json(
+                crossing,
+                time,
+                self.options.near_full_percent,
+                netns,
+                inode,
+                &processes,
+            ),
+        };
+        self.write_line(&line);
+    }
+
+    /// Attaches the accept figures and advice to the summary's listeners,
+    /// adding listeners that dropped nothing but made connections wait or
+    /// got a near-full warning.
+    fn merge_accept_figures(&mut self) {
+        let Some(accept) = self.accept.as_mut() else {
+            return;
+        };
+        let rows = accept.figures();
+        for (row, figures) in rows {
+            let mut matched = false;
+            for (key, stats) in self.summary.listeners.iter_mut() {
+                let same = match (&row, &key.listener) {
+                    (RowListener::Tcp { netns, port, .. }, ListenerAddr::Inet(addr)) => {
+                        *netns == key.netns && *port == addr.port()
+                    }
+                    (RowListener::Unix { socket_inode, .. }, ListenerAddr::Unix(_)) => {
+                        *socket_inode != 0 && *socket_inode == key.socket_inode
+                    }
+                    _ => false,
+                };
+                if same {
+                    stats.accept = Some(figures.clone());
+                    matched = true;
+                }
+            }
+            if matched || !figures.worth_reporting() {
+                continue;
+            }
+            let (netns, socket_inode) = match row {
+                RowListener::Tcp {
+                    netns,
+                    socket_inode,
+                    ..
+                }
+                | RowListener::Unix {
+                    netns,
+                    socket_inode,
+                } => (netns, socket_inode),
+            };
+            let processes = if socket_inode != 0 {
+                self.processes(socket_inode)
+            } else {
+                Vec::new()
+            };
+            let listener = match row.socket_addr() {
+                Some(addr) => ListenerAddr::Inet(addr),
+                None => ListenerAddr::Unix(
+                    self.unix_path(netns, socket_inode, &processes)
+                        .unwrap_or_else(|| format!("socket:[{socket_inode}]")),
+                ),
+            };
+            let key = ListenerKey {
+                netns,
+                listener,
+                socket_inode,
+            };
+            let stats = self.summary.listeners.entry(key).or_default();
+            stats.processes = processes;
+            stats.accept = Some(figures);
+        }
+        let timeout = self.options.client_timeout.as_secs_f64();
+        for stats in self.summary.listeners.values_mut() {
+            let Some(figures) = &stats.accept else {
+                continue;
+            };
+            stats.max_accept_queue_seen = stats.max_accept_queue_seen.max(figures.max_queue_seen);
+            if stats.accept_queue_limit == 0 {
+                stats.accept_queue_limit = figures.queue_limit;
+            }
+            stats.advice = advice_for(stats, figures, timeout);
+        }
+    }
+}
+
+impl Sink {
+    /// The path of the UNIX listener with socket `inode`, from a sock_diag
+    /// dump of its namespace (entered through a holder's thread).
+    fn unix_path(&mut self, netns: u32, inode: u64, processes: &[Process]) -> Option<String> {
+        let dump = if self.own_netns == Some(u64::from(netns)) {
+            sockdiag::unix_listeners().ok()?
+        } else {
+            let file = processes.iter().find_map(|p| task_in_netns(p.pid, netns))?;
+            sockdiag::in_netns(&file, sockdiag::unix_listeners)
+                .ok()?
+                .ok()?
+        };
+        dump.into_iter()
+            .find(|l| l.inode == inode)
+            .and_then(|l| l.path)
+    }
+}
+
+/// The advice needs a measured accept rate or wait; without them it would
+/// be a guess.
+fn advice_for(
+    stats: &ListenerStats,
+    figures: &accept_wait::AcceptFigures,
+    timeout_s: f64,
+) -> Option<Advice> {
+    if figures.accepts == 0 && figures.wait_ms.is_none() {
+        return None;
+    }
+    let drops: u64 = stats
+        .kind_counts()
+        .iter()
+        .filter(|(kind, _)| {
+            matches!(
+                kind,
+                DropKind::AckDroppedAcceptQueueFull
+                    | DropKind::SynDroppedAcceptQueueFull
+                    | DropKind::UnixConnectBacklogFull
+            )
+        })
+        .map(|(_, count)| count)
+        .sum();
+    Some(advice::advise(&advice::Measured {
+        backlog_limit: stats.accept_queue_limit,
+        peak_arrival_per_s: figures.peak_arrival_rate_per_s as f64,
+        peak_accept_per_s: figures.peak_accept_rate_per_s as f64,
+        // Offered load: completed handshakes (accepts where they are not
+        // seen: UNIX) plus the connections turned away.
+        arrival_per_s: figures
+            .arrival_rate_per_s
+            .unwrap_or(figures.accept_rate_per_s)
+            + drops as f64 / figures.interval_s.max(1e-3),
+        accept_per_s: figures.accept_rate_per_s,
+        longest_wait_s: figures.wait_max_us as f64 / 1e6,
+        max_queue_seen: stats.max_accept_queue_seen,
+        drops,
+        client_timeout_s: timeout_s,
+        interval_s: figures.interval_s,
+    }))
 }
 
 /// `/proc/PID/task/TID/ns/net` of a thread of `pid` that lives in `netns`.
@@ -729,6 +953,12 @@ struct SummaryJson<'a> {
     #[serde(flatten)]
     placement: &'a Placement,
     diagnosis: &'a str,
+    /// Null when no accepted connection's arrival was seen.
+    accept_wait_ms: Option<accept_wait::WaitMs>,
+    accept_rate_per_s: Option<f64>,
+    arrival_rate_per_s: Option<f64>,
+    backlog_advice: Option<&'a Advice>,
+    near_full_warnings: u64,
 }
 
 fn summary_json(
@@ -794,6 +1024,11 @@ fn summary_json(
             .collect(),
         placement,
         diagnosis,
+        accept_wait_ms: stats.accept.as_ref().and_then(|a| a.wait_ms),
+        accept_rate_per_s: stats.accept.as_ref().map(|a| a.accept_rate_per_s),
+        arrival_rate_per_s: stats.accept.as_ref().and_then(|a| a.arrival_rate_per_s),
+        backlog_advice: stats.advice.as_ref(),
+        near_full_warnings: stats.accept.as_ref().map_or(0, |a| a.near_full_warnings),
     };
     serde_json::to_string(&json).unwrap_or_default()
 }

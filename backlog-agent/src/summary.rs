@@ -64,6 +64,10 @@ pub struct ListenerStats {
     /// Drops per peer address, for the busiest peers.
     pub peers: BTreeMap<IpAddr, u64>,
     pub cgroup_id: u64,
+    /// Accept-queue wait and rates (accept_wait.rs), set at each report.
+    pub accept: Option<crate::accept_wait::AcceptFigures>,
+    /// Backlog advice from those figures, set at each report.
+    pub advice: Option<crate::advice::Advice>,
 }
 
 impl ListenerStats {
@@ -270,32 +274,52 @@ impl Summary {
         } else {
             let _ = writeln!(
                 out,
-                "{:<28} {:>10} {:>9} {:<32} {:>8}  PROCESSES",
-                "LISTENER", "NETNS", "ACCEPTQ", "KIND", "COUNT"
+                "{:<28} {:>10} {:>9} {:<32} {:>8} {:>27}  PROCESSES",
+                "LISTENER", "NETNS", "ACCEPTQ", "KIND", "COUNT", "WAIT ms p50/p90/p99/max"
             );
             for (key, stats) in &self.listeners {
-                for (kind, count) in stats.kind_counts() {
-                    let reported = stats.counts.get(&kind).copied().unwrap_or(0);
+                let wait = stats.accept.as_ref().and_then(|a| a.wait_ms).map_or_else(
+                    || "-".to_owned(),
+                    |w| format!("{:.1}/{:.1}/{:.1}/{:.1}", w.p50, w.p90, w.p99, w.max),
+                );
+                let mut kinds: Vec<(Option<DropKind>, u64)> = stats
+                    .kind_counts()
+                    .into_iter()
+                    .map(|(kind, count)| (Some(kind), count))
+                    .collect();
+                // A slow acceptor with no drops still gets its row.
+                if kinds.is_empty() {
+                    kinds.push((None, 0));
+                }
+                for (kind, count) in kinds {
+                    let reported = kind
+                        .and_then(|kind| stats.counts.get(&kind).copied())
+                        .unwrap_or(0);
                     // Say where the drops that are not their own line went:
                     // the count is the kernel's, the lines fewer.
                     let unreported = if reported < count {
-                        let aggregated = stats.aggregated.get(&kind).copied().unwrap_or(0);
-                        let lost = stats.accounting.get(&kind).map_or(0, |c| c.lost);
+                        let aggregated = kind
+                            .and_then(|kind| stats.aggregated.get(&kind).copied())
+                            .unwrap_or(0);
+                        let lost = kind
+                            .and_then(|kind| stats.accounting.get(&kind))
+                            .map_or(0, |c| c.lost);
                         format!(" ({reported} events, {aggregated} aggregated, {lost} lost)")
                     } else {
                         String::new()
                     };
                     let _ = writeln!(
                         out,
-                        "{:<28} {:>10} {:>9} {:<32} {:>8}  {}{unreported}",
+                        "{:<28} {:>10} {:>9} {:<32} {:>8} {:>27}  {}{unreported}",
                         key.listener.to_string(),
                         key.netns,
                         format!(
                             "{}/{}",
                             stats.max_accept_queue_seen, stats.accept_queue_limit
                         ),
-                        kind.as_str(),
+                        kind.map_or("-", DropKind::as_str),
                         count,
+                        wait,
                         process_list(&stats.processes)
                     );
                 }
@@ -382,7 +406,9 @@ mod tests {
         assert_eq!(s.listeners.len(), 1, "totals merge into the same listener");
         let table = s.render();
         assert!(
-            table.contains("syn_cookie_sent                         5  ?"),
+            table.contains(
+                "syn_cookie_sent                         5                           -  ?"
+            ),
             "{table}"
         );
         assert!(
@@ -412,11 +438,15 @@ mod tests {
         assert_eq!(s.listeners.len(), 2);
         let table = s.render();
         assert!(
-            table.contains("ack_dropped_accept_queue_full           3  5/srv"),
+            table.contains(
+                "ack_dropped_accept_queue_full           3                           -  5/srv"
+            ),
             "{table}"
         );
         assert!(
-            table.contains("syn_dropped_accept_queue_full           1  5/srv"),
+            table.contains(
+                "syn_dropped_accept_queue_full           1                           -  5/srv"
+            ),
             "{table}"
         );
         assert!(table.contains("0.0.0.0:81"), "{table}");

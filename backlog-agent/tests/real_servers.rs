@@ -214,4 +214,19 @@ fn nginx_to_php_fpm_eagain_is_reported() {
     let diagnosis = summary["diagnosis"].as_str().unwrap_or("");
     assert!(diagnosis.contains("php-fpm"), "{diagnosis}");
     common::figure(&format!("nginx->php-fpm diagnosis: {diagnosis}"));
+    // Before the drop: php-fpm's one worker made nginx's connections wait
+    // in its accept queue (400 ms per request), and the summary says so.
+    common::figure(&format!(
+        "nginx->php-fpm accept_wait_ms={} accept_rate_per_s={} backlog_advice={}",
+        summary["accept_wait_ms"], summary["accept_rate_per_s"], summary["backlog_advice"]
+    ));
+    for line in run.stderr.lines().filter(|l| l.contains(sock_path)) {
+        common::figure(&format!("nginx->php-fpm summary: {line}"));
+    }
+    let p50 = summary["accept_wait_ms"]["p50"].as_f64().unwrap_or(0.0);
+    assert!(p50 >= 100.0, "php-fpm's queued requests waited: {summary}");
+    assert!(
+        diagnosis.contains("connections waited in the accept queue"),
+        "{diagnosis}"
+    );
 }

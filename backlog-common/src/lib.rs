@@ -494,6 +494,238 @@ impl KernelOffsets {
     };
 }
 
+// ---------------------------------------------------------------------
+// Accept-queue wait, arrival and accept rates, near-full warnings.
+// Kept in a kernel map (`ACCEPT_STATS`), never sent per connection: the
+// agent reads the map at each summary and polls it for near-full warnings.
+// ---------------------------------------------------------------------
+
+/// [`AcceptKey::kind`]: a TCP listener, known by netns and local port.
+pub const ACCEPT_KEY_TCP: u16 = 1;
+/// [`AcceptKey::kind`]: a UNIX stream listener, known by its socket inode.
+pub const ACCEPT_KEY_UNIX: u16 = 2;
+
+/// Which listener a row of `ACCEPT_STATS` is about.
+///
+/// A TCP child socket reaching ESTABLISHED does not point back at its
+/// listener, but it carries the local port and the netns; those name the
+/// listener (all sockets of an SO_REUSEPORT group, or listeners on several
+/// addresses of one port, share a row). UNIX listeners have no port: their
+/// socket inode, learnt at accept(), names them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AcceptKey {
+    /// UNIX: the listener's socket inode; TCP: 0.
+    pub socket_inode: u64,
+    pub netns_inode: u32,
+    /// TCP local port (host order); 0 for UNIX.
+    pub port: u16,
+    /// `ACCEPT_KEY_TCP` or `ACCEPT_KEY_UNIX`.
+    pub kind: u16,
+}
+
+const _: () = assert!(size_of::<AcceptKey>() == 16);
+
+/// Waits below this many microseconds have a bucket each; above, every
+/// power of two is cut into `WAIT_SUB_BUCKETS` equal parts, so a bucket
+/// is at most 1/16 of its values wide (a percentile read at the bucket's
+/// middle is within about 3%: a plain log2 histogram, off by up to 2x,
+/// could not check a wait to 10%).
+pub const WAIT_SUB_BUCKETS: u64 = 16;
+const WAIT_SUB_BITS: u32 = 4;
+/// Waits are clamped to 2^36 us (19 h).
+const WAIT_MAX_LOG2: u32 = 35;
+pub const WAIT_BUCKETS: usize = (WAIT_SUB_BUCKETS as usize) * (WAIT_MAX_LOG2 as usize - 2);
+
+/// Bucket of a wait of `us` microseconds. Branch-light and loop-free so
+/// that the eBPF verifier accepts it on every kernel.
+#[inline(always)]
+pub const fn wait_bucket(us: u64) -> usize {
+    let max = (1u64 << (WAIT_MAX_LOG2 + 1)) - 1;
+    let v = if us > max { max } else { us };
+    if v < WAIT_SUB_BUCKETS {
+        return v as usize;
+    }
+    // floor(log2(v)) by halving steps: no clz instruction in BPF.
+    let mut log2 = 0u32;
+    let mut x = v;
+    if x >= 1 << 32 {
+        x >>= 32;
+        log2 += 32;
+    }
+    if x >= 1 << 16 {
+        x >>= 16;
+        log2 += 16;
+    }
+    if x >= 1 << 8 {
+        x >>= 8;
+        log2 += 8;
+    }
+    if x >= 1 << 4 {
+        x >>= 4;
+        log2 += 4;
+    }
+    if x >= 1 << 2 {
+        x >>= 2;
+        log2 += 2;
+    }
+    if x >= 1 << 1 {
+        log2 += 1;
+    }
+    let sub = (v >> (log2 - WAIT_SUB_BITS)) & (WAIT_SUB_BUCKETS - 1);
+    let bucket = WAIT_SUB_BUCKETS + (log2 - WAIT_SUB_BITS) as u64 * WAIT_SUB_BUCKETS + sub;
+    if bucket as usize >= WAIT_BUCKETS {
+        WAIT_BUCKETS - 1
+    } else {
+        bucket as usize
+    }
+}
+
+/// The waits bucket `bucket` holds: `[low, low + width)` microseconds.
+pub const fn wait_bucket_range(bucket: usize) -> (u64, u64) {
+    let b = bucket as u64;
+    if b < WAIT_SUB_BUCKETS {
+        return (b, 1);
+    }
+    let octave = (b - WAIT_SUB_BUCKETS) / WAIT_SUB_BUCKETS;
+    let sub = (b - WAIT_SUB_BUCKETS) % WAIT_SUB_BUCKETS;
+    ((WAIT_SUB_BUCKETS + sub) << octave, 1 << octave)
+}
+
+/// Per-listener accept-queue figures, updated in the kernel with atomic
+/// adds (counters) and racy maxima (a lost update costs one sample).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptStats {
+    /// Handshakes completed (a child socket went SYN_RECV -> ESTABLISHED).
+    pub arrivals: u64,
+    /// accept()s that returned a connection of this listener.
+    pub accepts: u64,
+    /// Accepted connections whose arrival was seen (the histogram's total).
+    pub waits: u64,
+    pub wait_sum_us: u64,
+    pub wait_max_us: u64,
+    /// The listener's socket inode and address, from its last accept() or
+    /// listen() (0 / zero while neither was seen).
+    pub listener_inode: u64,
+    pub listener_addr: [u8; 16],
+    /// AF_INET, AF_INET6 or AF_UNIX; 0 while unknown.
+    pub listener_family: u16,
+    pub _pad0: u16,
+    /// Deepest accept queue seen (at an arrival or just before an accept).
+    pub max_queue_seen: u32,
+    /// `sk_max_ack_backlog` when last read.
+    pub queue_limit: u32,
+    pub _pad1: u32,
+    /// Arrivals per `RATE_WINDOW_NS` window: the current one and the peak.
+    pub arrival_window_start_ns: u64,
+    pub arrival_window_count: u64,
+    pub arrival_window_peak: u64,
+    /// accept()s per window, likewise.
+    pub accept_window_start_ns: u64,
+    pub accept_window_count: u64,
+    pub accept_window_peak: u64,
+    /// Times the queue passed the near-full threshold (at most one per
+    /// `NEAR_FULL_EVERY_NS`), and the fill at the last one.
+    pub near_full_count: u64,
+    pub near_full_last_ns: u64,
+    pub near_full_len: u32,
+    pub near_full_max: u32,
+    /// Accepted connections by wait, see [`wait_bucket`].
+    pub wait_buckets: [u64; WAIT_BUCKETS],
+}
+
+const _: () = assert!(size_of::<AcceptStats>() == 152 + 8 * WAIT_BUCKETS);
+
+/// Window of the peak arrival and accept rates.
+pub const RATE_WINDOW_NS: u64 = 1_000_000_000;
+/// At most one near-full warning per listener per this interval.
+pub const NEAR_FULL_EVERY_NS: u64 = 1_000_000_000;
+
+/// Offsets the accept-queue programs need, written by the agent before
+/// load like [`KernelOffsets`] (a separate global so that the drop
+/// programs' layout is untouched).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptOffsets {
+    // sock:inet_sock_set_state record.
+    pub tp_state_skaddr: u32,
+    pub tp_state_oldstate: u32,
+    pub tp_state_newstate: u32,
+    pub tp_state_sport: u32,
+    pub tp_state_protocol: u32,
+    // syscalls:sys_enter_accept4 / sys_enter_accept / sys_enter_listen
+    // `fd`, and sys_exit_* `ret`.
+    pub tp_accept_fd: u32,
+    pub tp_listen_fd: u32,
+    pub tp_sys_exit_ret: u32,
+    // struct sock.
+    pub sk_state: u32,
+    pub sk_family: u32,
+    pub sk_num: u32,
+    pub sk_rcv_saddr: u32,
+    pub sk_v6_rcv_saddr: u32,
+    pub sk_net: u32,
+    pub sk_socket: u32,
+    pub sk_ack_backlog: u32,
+    pub sk_max_ack_backlog: u32,
+    pub net_ns_inum: u32,
+    pub socket_to_inode: u32,
+    pub inode_i_ino: u32,
+    // fd -> struct socket.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    /// `--near-full PERCENT`: warn when the accept queue reaches this share
+    /// of its limit; 0 disables the warning.
+    pub near_full_percent: u32,
+    // UNIX arrivals: syscalls:sys_enter_connect `fd` and `uservaddr`, and
+    // unix_sock.peer (the socket the server will accept).
+    pub tp_connect_fd: u32,
+    pub tp_connect_addr: u32,
+    pub unix_peer: u32,
+}
+
+const _: () = assert!(size_of::<AcceptOffsets>() == 30 * 4);
+
+impl AcceptOffsets {
+    pub const ABSENT: AcceptOffsets = AcceptOffsets {
+        tp_state_skaddr: OFFSET_ABSENT,
+        tp_state_oldstate: OFFSET_ABSENT,
+        tp_state_newstate: OFFSET_ABSENT,
+        tp_state_sport: OFFSET_ABSENT,
+        tp_state_protocol: OFFSET_ABSENT,
+        tp_accept_fd: OFFSET_ABSENT,
+        tp_listen_fd: OFFSET_ABSENT,
+        tp_sys_exit_ret: OFFSET_ABSENT,
+        sk_state: OFFSET_ABSENT,
+        sk_family: OFFSET_ABSENT,
+        sk_num: OFFSET_ABSENT,
+        sk_rcv_saddr: OFFSET_ABSENT,
+        sk_v6_rcv_saddr: OFFSET_ABSENT,
+        sk_net: OFFSET_ABSENT,
+        sk_socket: OFFSET_ABSENT,
+        sk_ack_backlog: OFFSET_ABSENT,
+        sk_max_ack_backlog: OFFSET_ABSENT,
+        net_ns_inum: OFFSET_ABSENT,
+        socket_to_inode: OFFSET_ABSENT,
+        inode_i_ino: OFFSET_ABSENT,
+        task_files: OFFSET_ABSENT,
+        files_fdt: OFFSET_ABSENT,
+        fdtable_max_fds: OFFSET_ABSENT,
+        fdtable_fd: OFFSET_ABSENT,
+        file_private_data: OFFSET_ABSENT,
+        socket_sk: OFFSET_ABSENT,
+        near_full_percent: 0,
+        tp_connect_fd: OFFSET_ABSENT,
+        tp_connect_addr: OFFSET_ABSENT,
+        unix_peer: OFFSET_ABSENT,
+    };
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all are repr(C), made only of integers and integer arrays,
@@ -508,6 +740,9 @@ mod user {
     unsafe impl aya::Pod for super::UnixTotalKey {}
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::AcceptKey {}
+    unsafe impl aya::Pod for super::AcceptStats {}
+    unsafe impl aya::Pod for super::AcceptOffsets {}
 }
 
 #[cfg(test)]
@@ -521,5 +756,24 @@ mod tests {
         }
         assert_eq!(DropKind::from_u32(0), None);
         assert_eq!(DropKind::from_u32(8), None);
+    }
+
+    #[test]
+    fn wait_buckets_cover_every_value_in_order() {
+        let mut last = 0;
+        for us in (0..100_000u64).chain([1 << 30, (1 << 36) - 1, 1 << 36, u64::MAX]) {
+            let bucket = wait_bucket(us);
+            assert!(bucket < WAIT_BUCKETS, "{us}");
+            assert!(bucket >= last || us >= 1 << 30, "{us}");
+            last = bucket;
+            let (low, width) = wait_bucket_range(bucket);
+            if us < 1 << 36 {
+                assert!(
+                    low <= us && us < low + width,
+                    "{us} not in [{low}, +{width})"
+                );
+                assert!(width * 16 <= low.max(16), "{us}: bucket too wide");
+            }
+        }
     }
 }

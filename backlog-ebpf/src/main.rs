@@ -2,7 +2,13 @@
 //! connection, sharing the event builder in `event` and the maps here.
 #![no_std]
 #![no_main]
+// accept.rs: BPF has atomic add (XADD) but no compare-and-swap, so
+// core's AtomicU64::fetch_add does not exist for this target; the
+// intrinsic compiles to XADD when its result is unused.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
+mod accept;
 mod account;
 mod conn_request;
 mod event;

@@ -1,0 +1,512 @@
+//! Before the drop: how long connections wait in the accept queue, how
+//! fast they arrive and are accepted, and whether the queue is getting
+//! full. Tracepoints only, so this works where kprobes and fentry do not
+//! (the 6.18 hosts), and map updates only: nothing per connection goes
+//! through the ring buffer.
+//!
+//! The wait is measured from the child socket reaching ESTABLISHED
+//! (`sock:inet_sock_set_state`, SYN_RECV -> ESTABLISHED: tcp_check_req()
+//! has just queued the child on the listener, tcp_child_process() then
+//! moves it to ESTABLISHED) to accept() returning it
+//! (`syscalls:sys_exit_accept4` / `sys_exit_accept`, the returned fd
+//! resolved to its socket as listen() tracking does). The child is keyed
+//! by its `struct sock` address, which is what accept() hands out.
+//!
+//! Which listener: at ESTABLISHED the child does not point at its
+//! listener, but its local port and network namespace name it; at
+//! accept() the listening fd gives the listener itself. So rows are keyed
+//! by (netns, port): listeners sharing a port (an SO_REUSEPORT group, or
+//! one port on several addresses) share a row. The listener's `struct
+//! sock` is remembered per (netns, port) from listen() and accept(), so
+//! that each arrival can read the queue's fill for the near-full warning;
+//! a listener created before the agent started and never accepting is not
+//! known that way (no warning for it until it accepts once).
+//!
+//! UNIX stream listeners: there is no handshake tracepoint, but a client's
+//! successful connect() (`syscalls:sys_exit_connect`, return 0) has
+//! already queued the server's end of the connection on the listener, and
+//! `unix_sk(client)->peer` is that socket, the one the server's accept()
+//! will return: its arrival time is taken there. The listener itself is
+//! not known at connect time (only at accept()), so UNIX rows have accept
+//! rates and waits but no arrival count; their queue fill is read at
+//! accept() only (kernels before 6.10 count a UNIX queue in
+//! sk_receive_queue, not sk_ack_backlog: no fill there).
+
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_user,
+    },
+    macros::{map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::TracePointContext,
+};
+use backlog_common::{
+    wait_bucket, AcceptKey, AcceptOffsets, AcceptStats, ACCEPT_KEY_TCP, ACCEPT_KEY_UNIX, AF_INET,
+    AF_INET6, AF_UNIX, NEAR_FULL_EVERY_NS, OFFSET_ABSENT, RATE_WINDOW_NS,
+};
+
+use crate::read::Reader;
+
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_RECV: i32 = 3;
+const TCP_LISTEN: u8 = 10;
+const IPPROTO_TCP: u16 = 6;
+
+/// Written by the agent before load (see backlog_common::AcceptOffsets).
+#[no_mangle]
+static ACCEPT_OFFSETS: AcceptOffsets = AcceptOffsets::ABSENT;
+
+#[inline(always)]
+fn offsets() -> AcceptOffsets {
+    // SAFETY: a plain read of a global the agent rewrites before load;
+    // volatile so that the initialiser is not folded into the code.
+    unsafe { core::ptr::read_volatile(&ACCEPT_OFFSETS) }
+}
+
+/// Per-listener figures, read by the agent.
+#[map]
+static ACCEPT_STATS: HashMap<AcceptKey, AcceptStats> = HashMap::with_max_entries(1024, 0);
+
+/// When each child socket reached ESTABLISHED, by `struct sock` address.
+/// LRU: children closed before anyone accepted them are never removed
+/// here and must not fill the map.
+#[map]
+static ESTABLISHED_AT: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// The listener's `struct sock` per (netns, port), from listen() and
+/// accept(): what an arrival reads the queue fill from.
+#[map]
+static LISTENER_SOCK: LruHashMap<AcceptKey, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// The fd argument of accept()/accept4()/listen() between entry and exit,
+/// per thread (a thread is in one syscall at a time).
+#[map]
+static SYSCALL_FD: HashMap<u64, u32> = HashMap::with_max_entries(8192, 0);
+
+/// A zeroed value to create rows from (too big for the stack).
+#[map]
+static ZERO_STATS: PerCpuArray<AcceptStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// With absent offsets the verifier must see no ctx access at all.
+#[inline(always)]
+fn layout_known(o: &AcceptOffsets) -> bool {
+    [
+        o.tp_state_skaddr,
+        o.tp_state_oldstate,
+        o.tp_state_newstate,
+        o.tp_state_sport,
+        o.tp_state_protocol,
+        o.tp_accept_fd,
+        o.tp_listen_fd,
+        o.tp_sys_exit_ret,
+    ]
+    .iter()
+    .all(|&offset| offset != OFFSET_ABSENT)
+}
+
+#[inline(always)]
+fn add(counter: &mut u64, value: u64) {
+    // SAFETY: `counter` is a u64 in a map value, 8-byte aligned; other
+    // CPUs update it too, hence the atomic add. Its result is unused, so
+    // it compiles to BPF's XADD, which every supported kernel has.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, value) };
+}
+
+/// The row of `key`, created zeroed when missing.
+#[inline(always)]
+fn row(key: &AcceptKey) -> Option<&'static mut AcceptStats> {
+    if let Some(stats) = ACCEPT_STATS.get_ptr_mut(key) {
+        // SAFETY: a map value, valid while the program runs.
+        return Some(unsafe { &mut *stats });
+    }
+    let zero = ZERO_STATS.get(0)?;
+    // EEXIST when another CPU created it meanwhile: the lookup finds it.
+    let _ = ACCEPT_STATS.insert(key, zero, BPF_NOEXIST as u64);
+    // SAFETY: as above.
+    ACCEPT_STATS
+        .get_ptr_mut(key)
+        .map(|stats| unsafe { &mut *stats })
+}
+
+/// Counts one occurrence in a `RATE_WINDOW_NS` window and keeps the
+/// busiest window. Racy across CPUs: a window boundary seen by two CPUs
+/// at once may lose a few counts, which a peak estimate tolerates.
+#[inline(always)]
+fn count_in_window(start: &mut u64, count: &mut u64, peak: &mut u64, now: u64) {
+    if now.wrapping_sub(*start) >= RATE_WINDOW_NS {
+        *start = now;
+        *count = 0;
+    }
+    add(count, 1);
+    if *count > *peak {
+        *peak = *count;
+    }
+}
+
+/// Reads the listener's queue fill, keeps the deepest, and records a
+/// near-full crossing (at most one per listener per NEAR_FULL_EVERY_NS).
+#[inline(always)]
+fn queue_fill(stats: &mut AcceptStats, o: &AcceptOffsets, listener: *const u8, extra: u32) {
+    let mut r = Reader::new();
+    let len = r.at::<u32>(listener, o.sk_ack_backlog).wrapping_add(extra);
+    let max = r.at::<u32>(listener, o.sk_max_ack_backlog);
+    if !r.ok() {
+        return;
+    }
+    if len > stats.max_queue_seen {
+        stats.max_queue_seen = len;
+    }
+    stats.queue_limit = max;
+    let percent = o.near_full_percent as u64;
+    if percent == 0 || max == 0 || (len as u64) * 100 < (max as u64) * percent {
+        return;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    if stats.near_full_count != 0 && now.wrapping_sub(stats.near_full_last_ns) < NEAR_FULL_EVERY_NS
+    {
+        return;
+    }
+    stats.near_full_last_ns = now;
+    stats.near_full_len = len;
+    stats.near_full_max = max;
+    add(&mut stats.near_full_count, 1);
+}
+
+/// Network namespace inode of a socket, 0 when unreadable.
+#[inline(always)]
+fn netns_of(o: &AcceptOffsets, sk: *const u8) -> u32 {
+    let mut r = Reader::new();
+    let net = r.ptr(sk, o.sk_net);
+    r.at::<u32>(net, o.net_ns_inum)
+}
+
+#[tracepoint]
+pub fn accept_inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let o = offsets();
+    if !layout_known(&o) {
+        return 0;
+    }
+    let (Ok(old), Ok(new), Ok(protocol)) = (
+        unsafe { ctx.read_at::<i32>(o.tp_state_oldstate as usize) },
+        unsafe { ctx.read_at::<i32>(o.tp_state_newstate as usize) },
+        unsafe { ctx.read_at::<u16>(o.tp_state_protocol as usize) },
+    ) else {
+        return 0;
+    };
+    // Only a passive open completing; every other transition leaves here.
+    if old != TCP_SYN_RECV || new != TCP_ESTABLISHED || protocol != IPPROTO_TCP {
+        return 0;
+    }
+    let (Ok(sk), Ok(port)) = (
+        unsafe { ctx.read_at::<u64>(o.tp_state_skaddr as usize) },
+        unsafe { ctx.read_at::<u16>(o.tp_state_sport as usize) },
+    ) else {
+        return 0;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = ESTABLISHED_AT.insert(sk, now, 0);
+    let key = AcceptKey {
+        socket_inode: 0,
+        netns_inode: netns_of(&o, sk as *const u8),
+        port,
+        kind: ACCEPT_KEY_TCP,
+    };
+    let Some(stats) = row(&key) else {
+        return 0;
+    };
+    add(&mut stats.arrivals, 1);
+    count_in_window(
+        &mut stats.arrival_window_start_ns,
+        &mut stats.arrival_window_count,
+        &mut stats.arrival_window_peak,
+        now,
+    );
+    // SAFETY: a copy of the map value.
+    let Some(listener) = (unsafe { LISTENER_SOCK.get(key) }).copied() else {
+        return 0;
+    };
+    let listener = listener as *const u8;
+    // The remembered pointer may be stale (listener closed, memory
+    // reused): trust it only while it is still a listener on this port.
+    let mut r = Reader::new();
+    let state = r.at::<u8>(listener, o.sk_state);
+    let num = r.at::<u16>(listener, o.sk_num);
+    if r.ok() && state == TCP_LISTEN && num == port {
+        queue_fill(stats, &o, listener, 0);
+    }
+    0
+}
+
+/// current->files->fdt->fd[fd]->private_data: the struct socket behind a
+/// socket fd of the calling process; NULL when it cannot be read.
+#[inline(always)]
+fn socket_of_fd(o: &AcceptOffsets, fd: u32) -> *const u8 {
+    let mut r = Reader::new();
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let files = r.ptr(task, o.task_files);
+    let fdt = r.ptr(files, o.files_fdt);
+    let max_fds = r.at::<u32>(fdt, o.fdtable_max_fds);
+    let fds = r.ptr(fdt, o.fdtable_fd);
+    let file = r.ptr(fds, fd.wrapping_mul(8));
+    let socket = r.ptr(file, o.file_private_data);
+    if r.ok() && fd < max_fds {
+        socket
+    } else {
+        core::ptr::null()
+    }
+}
+
+#[inline(always)]
+fn save_fd(ctx: &TracePointContext) {
+    let o = offsets();
+    if !layout_known(&o) {
+        return;
+    }
+    // accept, accept4 and listen all have `fd` at the same place: checked
+    // by the agent before load.
+    if let Ok(fd) = unsafe { ctx.read_at::<u64>(o.tp_accept_fd as usize) } {
+        let _ = SYSCALL_FD.insert(bpf_get_current_pid_tgid(), fd as u32, 0);
+    }
+}
+
+/// The saved fd and the syscall's return value, when it succeeded.
+#[inline(always)]
+fn take_fd(ctx: &TracePointContext, o: &AcceptOffsets) -> Option<(u32, i64)> {
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: copied out before the entry is removed.
+    let fd = unsafe { SYSCALL_FD.get(key) }.copied()?;
+    let _ = SYSCALL_FD.remove(key);
+    if !layout_known(o) {
+        return None;
+    }
+    let ret = unsafe { ctx.read_at::<i64>(o.tp_sys_exit_ret as usize) }.ok()?;
+    (ret >= 0).then_some((fd, ret))
+}
+
+#[tracepoint]
+pub fn accept_sys_enter_accept4(ctx: TracePointContext) -> u32 {
+    save_fd(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn accept_sys_enter_accept(ctx: TracePointContext) -> u32 {
+    save_fd(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn accept_sys_enter_listen(ctx: TracePointContext) -> u32 {
+    save_fd(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn accept_sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let o = offsets();
+    if !layout_known(&o) || o.tp_connect_addr == OFFSET_ABSENT || o.tp_connect_fd == OFFSET_ABSENT {
+        return 0;
+    }
+    let (Ok(fd), Ok(addr)) = (
+        unsafe { ctx.read_at::<u64>(o.tp_connect_fd as usize) },
+        unsafe { ctx.read_at::<u64>(o.tp_connect_addr as usize) },
+    ) else {
+        return 0;
+    };
+    // Only AF_UNIX connects are remembered: TCP ones leave here.
+    if addr == 0 {
+        return 0;
+    }
+    let Ok(family) = (unsafe { bpf_probe_read_user(addr as *const u16) }) else {
+        return 0;
+    };
+    if family == AF_UNIX {
+        let _ = SYSCALL_FD.insert(bpf_get_current_pid_tgid(), fd as u32, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn accept_sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let o = offsets();
+    let Some((fd, _)) = take_fd(&ctx, &o) else {
+        return 0;
+    };
+    let socket = socket_of_fd(&o, fd);
+    if socket.is_null() {
+        return 0;
+    }
+    let mut r = Reader::new();
+    let sk = r.ptr(socket, o.socket_sk);
+    let family = r.at::<u16>(sk, o.sk_family);
+    let peer = r.at::<u64>(sk, o.unix_peer);
+    if r.ok() && family == AF_UNIX && peer != 0 {
+        let now = unsafe { bpf_ktime_get_ns() };
+        let _ = ESTABLISHED_AT.insert(peer, now, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn accept_sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    accepted(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn accept_sys_exit_accept(ctx: TracePointContext) -> u32 {
+    accepted(&ctx);
+    0
+}
+
+/// The listener behind `fd` and its row key, with its identity filled in.
+#[inline(always)]
+fn listener_of_fd(o: &AcceptOffsets, fd: u32) -> Option<(*const u8, AcceptKey, Identity)> {
+    let socket = socket_of_fd(o, fd);
+    if socket.is_null() {
+        return None;
+    }
+    let mut r = Reader::new();
+    let sk = r.ptr(socket, o.socket_sk);
+    let family = r.at::<u16>(sk, o.sk_family);
+    let port = r.at::<u16>(sk, o.sk_num);
+    let inode = r.at::<u64>(
+        socket.wrapping_add(o.socket_to_inode as usize),
+        o.inode_i_ino,
+    );
+    let netns = netns_of(o, sk);
+    if !r.ok() {
+        return None;
+    }
+    let mut identity = Identity {
+        inode,
+        family,
+        addr: [0; 16],
+    };
+    let key = match family {
+        AF_INET | AF_INET6 => {
+            if family == AF_INET6 {
+                identity.addr = r.at::<[u8; 16]>(sk, o.sk_v6_rcv_saddr);
+            } else {
+                let v4 = r.at::<[u8; 4]>(sk, o.sk_rcv_saddr);
+                identity.addr[..4].copy_from_slice(&v4);
+            }
+            AcceptKey {
+                socket_inode: 0,
+                netns_inode: netns,
+                port,
+                kind: ACCEPT_KEY_TCP,
+            }
+        }
+        AF_UNIX => AcceptKey {
+            socket_inode: inode,
+            netns_inode: netns,
+            port: 0,
+            kind: ACCEPT_KEY_UNIX,
+        },
+        _ => return None,
+    };
+    Some((sk, key, identity))
+}
+
+struct Identity {
+    inode: u64,
+    family: u16,
+    addr: [u8; 16],
+}
+
+#[inline(always)]
+fn remember(stats: &mut AcceptStats, identity: &Identity) {
+    stats.listener_inode = identity.inode;
+    stats.listener_family = identity.family;
+    stats.listener_addr = identity.addr;
+}
+
+#[inline(always)]
+fn accepted(ctx: &TracePointContext) {
+    let o = offsets();
+    let Some((listen_fd, new_fd)) = take_fd(ctx, &o) else {
+        return;
+    };
+    let Some((listener, key, identity)) = listener_of_fd(&o, listen_fd) else {
+        return;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // An LRU update on every accept() costs more than the lookup that
+    // usually finds the same listener already there.
+    // SAFETY: a copy of the map value.
+    let known = unsafe { LISTENER_SOCK.get(key) }.copied();
+    if key.kind == ACCEPT_KEY_TCP && known != Some(listener as u64) {
+        let _ = LISTENER_SOCK.insert(key, listener as u64, 0);
+    }
+    let Some(stats) = row(&key) else {
+        return;
+    };
+    remember(stats, &identity);
+    add(&mut stats.accepts, 1);
+    count_in_window(
+        &mut stats.accept_window_start_ns,
+        &mut stats.accept_window_count,
+        &mut stats.accept_window_peak,
+        now,
+    );
+    // The queue held this connection too until a moment ago.
+    queue_fill(stats, &o, listener, 1);
+
+    let child_socket = socket_of_fd(&o, new_fd as u32);
+    if child_socket.is_null() {
+        return;
+    }
+    let mut r = Reader::new();
+    let child = r.ptr(child_socket, o.socket_sk) as u64;
+    if !r.ok() {
+        return;
+    }
+    // SAFETY: a copy of the map value.
+    let Some(established) = (unsafe { ESTABLISHED_AT.get(child) }).copied() else {
+        return;
+    };
+    let _ = ESTABLISHED_AT.remove(child);
+    if established > now {
+        return;
+    }
+    let wait_us = (now - established) / 1000;
+    let bucket = wait_bucket(wait_us);
+    if let Some(slot) = stats.wait_buckets.get_mut(bucket) {
+        add(slot, 1);
+    }
+    add(&mut stats.waits, 1);
+    add(&mut stats.wait_sum_us, wait_us);
+    if wait_us > stats.wait_max_us {
+        stats.wait_max_us = wait_us;
+    }
+}
+
+/// A listener created while the agent runs is known from its listen(),
+/// so that the near-full check works before its first accept().
+#[tracepoint]
+pub fn accept_sys_exit_listen(ctx: TracePointContext) -> u32 {
+    let o = offsets();
+    let Some((fd, _)) = take_fd(&ctx, &o) else {
+        return 0;
+    };
+    let Some((listener, key, identity)) = listener_of_fd(&o, fd) else {
+        return 0;
+    };
+    if key.kind != ACCEPT_KEY_TCP {
+        return 0;
+    }
+    let _ = LISTENER_SOCK.insert(key, listener as u64, 0);
+    if let Some(stats) = row(&key) {
+        remember(stats, &identity);
+        let mut r = Reader::new();
+        let max = r.at::<u32>(listener, o.sk_max_ack_backlog);
+        if r.ok() {
+            stats.queue_limit = max;
+        }
+    }
+    0
+}
