@@ -8,8 +8,10 @@
 //! - `decode`: ring-buffer records to events, by checked reads.
 //! - `attribution`: socket inode to the processes holding it.
 //! - `output`, `summary`, `clock`: what the user sees.
+//! - `metrics`, `http`, `bpfstats`: the Prometheus endpoint (`--metrics-addr`).
 
 pub mod attribution;
+pub mod bpfstats;
 pub mod btf;
 pub mod cli;
 pub mod clock;
@@ -17,7 +19,9 @@ pub mod context;
 pub mod counted;
 pub mod decode;
 pub mod diagnosis;
+pub mod http;
 pub mod kallsyms;
+pub mod metrics;
 pub mod offsets;
 pub mod output;
 pub mod preflight;

@@ -9,7 +9,9 @@ use aya::maps::{MapData, RingBuf};
 use backlog_agent::{
     btf::Btf,
     cli::Cli,
-    counted, preflight,
+    counted, http,
+    metrics::Metrics,
+    preflight,
     probes::{self, Outcome},
     sink::{Options, Sink},
     tracefs,
@@ -100,6 +102,23 @@ async fn run(cli: Cli) -> Result<()> {
         format: cli.output,
         show_cmdline: cli.show_cmdline,
     });
+    // --- metrics (issue 9): the endpoint, before `ready` so a scraper
+    // can rely on it from then on ---
+    let mut metrics = match cli.metrics_addr {
+        Some(addr) => {
+            let (bound, scrapes) = http::serve(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?;
+            note(format_args!("metrics: serving http://{bound}/metrics"));
+            let metrics = Metrics::new(
+                cli.metrics_max_listeners,
+                &probes.outcomes,
+                counted_before.clone(),
+            );
+            Some((metrics, scrapes))
+        }
+        None => None,
+    };
     let deadline = cli.duration.map(|d| tokio::time::Instant::now() + d);
     note(format_args!(
         "ready: watching {attached} of {} drop kinds; Ctrl-C to stop",
@@ -121,6 +140,11 @@ async fn run(cli: Cli) -> Result<()> {
                     "backlog-agent: summary after {:.1} s:",
                     started.elapsed().as_secs_f64()
                 ));
+            }
+            Some((metrics, scrape)) = next_scrape(&mut metrics) => {
+                let snapshot = metrics.scrape(&mut sink, &counters, &probes.ebpf);
+                // The HTTP task may have given up waiting: nothing to do.
+                let _ = scrape.reply.send(snapshot);
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer failed")?;
@@ -183,6 +207,17 @@ fn drain(ring: &mut RingBuf<MapData>, sink: &mut Sink) {
         sink.handle(&record);
     }
     sink.flush();
+}
+
+/// The next scrape to answer, with the metrics state that answers it;
+/// never ready without `--metrics-addr`.
+async fn next_scrape(
+    metrics: &mut Option<(Metrics, tokio::sync::mpsc::Receiver<http::Scrape>)>,
+) -> Option<(&mut Metrics, http::Scrape)> {
+    match metrics {
+        Some((metrics, scrapes)) => scrapes.recv().await.map(|scrape| (metrics, scrape)),
+        None => std::future::pending().await,
+    }
 }
 
 async fn tick(interval: &mut Option<tokio::time::Interval>) {
