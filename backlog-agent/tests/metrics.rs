@@ -255,3 +255,85 @@ fn syn_queue_drops_reach_the_metrics() {
         &format!("{name}={seen},TCPReqQFullDrop={drops}"),
     );
 }
+
+/// Turns on the kernel's BPF run-time accounting for as long as the
+/// returned fd is open (bpf(BPF_ENABLE_STATS), 5.8+): scoped, unlike a
+/// write to kernel.bpf_stats_enabled, so a failing test leaves it off.
+fn enable_bpf_stats() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd as _;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    const BPF_STATS_RUN_TIME: u32 = 0;
+    let attr: [u32; 2] = [BPF_STATS_RUN_TIME, 0];
+    // SAFETY: the attr is a live u32 `type` (padded to 8 bytes) whose size
+    // is passed; the call returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_ENABLE_STATS: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new fd that nothing else owns.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// With the kernel's run-time accounting on, each program's runs and run
+/// time are series; the program that traced the overflows ran at least
+/// once per overflow.
+#[test]
+fn program_run_counts_when_bpf_stats_are_on() {
+    if !privileged("program_run_counts_when_bpf_stats_are_on") {
+        return;
+    }
+    let _serial = serial();
+    let stats = enable_bpf_stats();
+    let agent = Agent::expect_ready(&["--output", "none", "--metrics-addr", "127.0.0.1:0"]);
+    let addr = http::metrics_addr(&agent.startup());
+    let overflows = in_new_netns(|| {
+        let before = tcp_ext();
+        scenarios::final_ack_overflow(
+            "127.0.0.1:0".parse().unwrap(),
+            8,
+            Duration::from_millis(300),
+        );
+        counter_delta(&before, &tcp_ext(), "ListenOverflows")
+    });
+    let (status, body) = http::get(addr, "/metrics");
+    drop(stats);
+    assert_eq!(status, 200);
+    assert_eq!(
+        http::sample(&body, "backlog_bpf_stats_enabled", &[]),
+        Some(1.0),
+        "{body}"
+    );
+    let runs: Vec<(String, f64)> = body
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("backlog_bpf_program_runs_total{program=\"")?;
+            let (program, value) = rest.split_once("\"} ")?;
+            Some((program.to_owned(), value.parse().ok()?))
+        })
+        .collect();
+    let busiest = runs.iter().map(|(_, n)| *n).fold(0.0, f64::max);
+    common::figure(&format!(
+        "bpf stats: ListenOverflows_delta={overflows} program runs {runs:?}"
+    ));
+    assert!(
+        overflows > 0 && busiest >= overflows as f64,
+        "no program ran {overflows} times: {runs:?}\n{body}"
+    );
+    assert!(
+        body.lines().any(
+            |l| l.starts_with("backlog_bpf_program_run_time_seconds_total{") && !l.ends_with(" 0")
+        ),
+        "no run time:\n{body}"
+    );
+    let run = agent.stop();
+    assert!(run.status.success(), "{}", run.stderr);
+}
