@@ -1,6 +1,8 @@
 //! Run time and run count of the agent's own eBPF programs, as the kernel
-//! keeps them while `kernel.bpf_stats_enabled` is 1 (off by default: the
-//! accounting costs a clock read per run).
+//! keeps them while its accounting is on (off by default: it costs a clock
+//! read per run): `kernel.bpf_stats_enabled=1`, or while some process
+//! holds a bpf(BPF_ENABLE_STATS) fd, which that sysctl does not show (it
+//! reads back only what was written to it).
 //!
 //! aya 0.14's `ProgramInfo` does not expose `run_time_ns`/`run_cnt`, so
 //! they are read with bpf(BPF_OBJ_GET_INFO_BY_FD) on each program's fd,
@@ -19,14 +21,25 @@ pub struct ProgramStats {
     pub run_count: u64,
 }
 
-/// Whether the kernel is counting program run times now.
-pub fn enabled() -> bool {
+/// Whether kernel.bpf_stats_enabled is 1.
+pub fn sysctl_enabled() -> bool {
     std::fs::read_to_string(BPF_STATS_ENABLED).is_ok_and(|v| v.trim() == "1")
+}
+
+/// The stats of the loaded programs of `ebpf`, or none while the kernel
+/// has accounted no run at all (its accounting has been off).
+pub fn accounted(ebpf: &aya::Ebpf) -> Vec<ProgramStats> {
+    let programs = programs(ebpf);
+    if programs.iter().any(|p| p.run_count > 0) || sysctl_enabled() {
+        programs
+    } else {
+        Vec::new()
+    }
 }
 
 /// The stats of every loaded program of `ebpf` (programs never loaded, or
 /// unloaded after a failed attach, have no fd and are left out).
-pub fn programs(ebpf: &aya::Ebpf) -> Vec<ProgramStats> {
+fn programs(ebpf: &aya::Ebpf) -> Vec<ProgramStats> {
     let mut out: Vec<ProgramStats> = ebpf
         .programs()
         .filter_map(|(name, program)| {

@@ -99,9 +99,12 @@ pub struct Snapshot {
     pub other: BTreeMap<&'static str, u64>,
     pub counted: Vec<CountedDrops>,
     pub health: Health,
-    /// None when kernel.bpf_stats_enabled is off: the kernel then keeps no
-    /// run time, and a zero would read as "free".
-    pub programs: Option<Vec<ProgramStats>>,
+    /// kernel.bpf_stats_enabled (a BPF_ENABLE_STATS fd held by another
+    /// tool also turns the accounting on, without showing there).
+    pub bpf_stats_sysctl: bool,
+    /// Empty while the kernel has accounted nothing: with the accounting
+    /// off, zeros would read as "free".
+    pub programs: Vec<ProgramStats>,
     pub hooks: Vec<HookInfo>,
     pub version: &'static str,
     pub kernel: String,
@@ -279,7 +282,8 @@ impl Metrics {
                 events_partial: losses.partial,
                 drops_untracked,
             },
-            programs: bpfstats::enabled().then(|| bpfstats::programs(ebpf)),
+            bpf_stats_sysctl: bpfstats::sysctl_enabled(),
+            programs: bpfstats::accounted(ebpf),
             hooks: self.hooks.clone(),
             version: env!("CARGO_PKG_VERSION"),
             kernel: self.kernel.clone(),
@@ -495,11 +499,11 @@ impl Collector for Snapshot {
         family(
             e,
             "backlog_bpf_stats_enabled",
-            "1 when kernel.bpf_stats_enabled is on and the program run times below exist",
+            "kernel.bpf_stats_enabled: 1 while the kernel accounts eBPF program run times",
             None,
-            [(Labels::new(), gauge(i64::from(self.programs.is_some())))],
+            [(Labels::new(), gauge(i64::from(self.bpf_stats_sysctl)))],
         )?;
-        let programs = self.programs.as_deref().unwrap_or_default();
+        let programs = &self.programs;
         family(
             e,
             "backlog_bpf_program_run_time",

@@ -263,11 +263,12 @@ fn full_snapshot() -> Snapshot {
             events_partial: 2,
             drops_untracked: 0,
         },
-        programs: Some(vec![ProgramStats {
+        bpf_stats_sysctl: true,
+        programs: vec![ProgramStats {
             name: "kfree_skb".into(),
             run_time_ns: 1_500_000_000,
             run_count: 10,
-        }]),
+        }],
         hooks: vec![
             HookInfo {
                 kind: ACK,
