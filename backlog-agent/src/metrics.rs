@@ -164,6 +164,8 @@ pub struct Metrics {
     counted_before: Option<counted::Snapshot>,
     hooks: Vec<HookInfo>,
     kernel: String,
+    /// Problems already reported.
+    warned: HashSet<String>,
 }
 
 impl Metrics {
@@ -192,12 +194,13 @@ impl Metrics {
             counted_before,
             hooks,
             kernel: crate::preflight::kernel_release(),
+            warned: HashSet::new(),
         }
     }
 
     /// Reads the kernel's totals into the summary and takes a snapshot;
     /// resets the per-scrape maxima. A map that cannot be read leaves its
-    /// numbers as they were (said once per scrape on stderr).
+    /// numbers as they were (said once on stderr).
     pub fn scrape(
         &mut self,
         sink: &mut Sink,
@@ -206,13 +209,11 @@ impl Metrics {
     ) -> Snapshot {
         match counters.totals() {
             Ok(totals) => sink.summary.apply_totals(&totals),
-            Err(err) => note(format_args!(
-                "metrics: cannot read per-listener totals: {err}"
-            )),
+            Err(err) => self.warn(format!("cannot read per-listener totals: {err}")),
         }
         match counters.events_lost() {
             Ok(lost) => sink.summary.losses.lost_in_kernel = lost,
-            Err(err) => note(format_args!("metrics: cannot read lost events: {err}")),
+            Err(err) => self.warn(format!("cannot read lost events: {err}")),
         }
         let drops_untracked = counters.totals_full().unwrap_or(0);
 
@@ -287,6 +288,13 @@ impl Metrics {
             hooks: self.hooks.clone(),
             version: env!("CARGO_PKG_VERSION"),
             kernel: self.kernel.clone(),
+        }
+    }
+
+    /// Says what went wrong once, not at every scrape.
+    fn warn(&mut self, message: String) {
+        if self.warned.insert(message.clone()) {
+            note(format_args!("metrics: {message}"));
         }
     }
 
