@@ -16,7 +16,8 @@ use clap::{Parser, ValueEnum};
 #[command(name = "backlog-agent", version, about, long_about)]
 pub struct Cli {
     /// Output format of the events on stdout: `text` (one readable line per
-    /// event) or `json` (JSON lines, for log pipelines).
+    /// event), `json` (JSON lines, for log pipelines) or `none` (nothing on
+    /// stdout: metrics only, with --metrics-addr).
     #[arg(short, long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
 
@@ -65,12 +66,23 @@ pub struct Cli {
     /// it, since a deeper one only turns drops into timeouts (504).
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration)]
     pub client_timeout: Duration,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g.
+    /// 127.0.0.1:9877; port 0 picks a free port, printed at start-up).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// At most this many listeners get series of their own in the metrics;
+    /// the drops of the others are added up under listener="other", so a
+    /// host with many listeners cannot swamp Prometheus.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub metrics_max_listeners: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Text,
     Json,
+    None,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -129,6 +141,18 @@ mod tests {
         assert_eq!(cli.max_events_per_sec, 100);
         assert_eq!(cli.near_full, 80);
         assert_eq!(cli.client_timeout, Duration::from_secs(10));
+        assert_eq!(cli.metrics_addr, None);
+        assert_eq!(cli.metrics_max_listeners, 1000);
+        let metrics = Cli::try_parse_from([
+            "backlog-agent",
+            "--output",
+            "none",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        assert_eq!(metrics.output, OutputFormat::None);
+        assert_eq!(metrics.metrics_addr, Some("127.0.0.1:0".parse().unwrap()));
         for bad in [
             vec!["backlog-agent", "-d", "0"],
             vec!["backlog-agent", "-d", "-1"],
@@ -142,6 +166,8 @@ mod tests {
             vec!["backlog-agent", "--max-events-per-sec", "-1"],
             vec!["backlog-agent", "--near-full", "101"],
             vec!["backlog-agent", "--client-timeout", "0"],
+            vec!["backlog-agent", "--metrics-addr", "localhost"],
+            vec!["backlog-agent", "--metrics-max-listeners", "-1"],
         ] {
             assert!(Cli::try_parse_from(&bad).is_err(), "{bad:?}");
         }

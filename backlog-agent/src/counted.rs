@@ -16,6 +16,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use backlog_common::DropKind;
+
 use crate::sockdiag;
 
 /// The TcpExt counters that tell listen-queue drops apart.
@@ -95,6 +97,21 @@ pub fn parse_tcp_ext(text: &str) -> BTreeMap<String, u64> {
         .filter(|(name, _)| COUNTERS.contains(name))
         .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
         .collect()
+}
+
+/// Drops per SYN-stage kind derived from one namespace's TcpExt growth.
+/// ListenOverflows counts final-ACK and SYN overflows alike; the final-ACK
+/// ones were traced (`traced_acks`), so the rest were SYNs.
+pub fn kind_counts(delta: &NetnsDelta, traced_acks: u64) -> [(DropKind, u64); 3] {
+    let counter = |name: &str| delta.counters.get(name).copied().unwrap_or(0);
+    [
+        (DropKind::SynDroppedSynQueueFull, counter("TCPReqQFullDrop")),
+        (DropKind::SynCookieSent, counter("TCPReqQFullDoCookies")),
+        (
+            DropKind::SynDroppedAcceptQueueFull,
+            counter("ListenOverflows").saturating_sub(traced_acks),
+        ),
+    ]
 }
 
 /// Reads the counters of every namespace. Namespaces that vanish or

@@ -8,10 +8,12 @@
 //! - `decode`: ring-buffer records to events, by checked reads.
 //! - `attribution`: socket inode to the processes holding it.
 //! - `output`, `summary`, `clock`: what the user sees.
+//! - `metrics`, `http`, `bpfstats`: the Prometheus endpoint (`--metrics-addr`).
 
 pub mod accept_wait;
 pub mod advice;
 pub mod attribution;
+pub mod bpfstats;
 pub mod btf;
 pub mod cli;
 pub mod clock;
@@ -20,7 +22,9 @@ pub mod counted;
 pub mod decode;
 pub mod diagnosis;
 pub mod flood;
+pub mod http;
 pub mod kallsyms;
+pub mod metrics;
 pub mod offsets;
 pub mod output;
 pub mod preflight;

@@ -17,6 +17,8 @@ use backlog_agent::{
     cli::Cli,
     counted,
     flood::Aggregator,
+    http,
+    metrics::Metrics,
     preflight,
     probes::{self, KernelCounters, Outcome},
     sink::{Options, Sink},
@@ -153,6 +155,23 @@ async fn run(cli: Cli) -> Result<()> {
     // Near-full crossings are read from a map, a few times a second.
     let mut near_full_poll = tokio::time::interval(NEAR_FULL_POLL);
     near_full_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // --- metrics (issue 9): the endpoint, before `ready` so a scraper
+    // can rely on it from then on ---
+    let mut metrics = match cli.metrics_addr {
+        Some(addr) => {
+            let (bound, scrapes) = http::serve(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?;
+            note(format_args!("metrics: serving http://{bound}/metrics"));
+            let metrics = Metrics::new(
+                cli.metrics_max_listeners,
+                &probes.outcomes,
+                counted_before.clone(),
+            );
+            Some((metrics, scrapes))
+        }
+        None => None,
+    };
     let deadline = cli.duration.map(|d| tokio::time::Instant::now() + d);
     note(format_args!(
         "ready: watching {attached} of {} drop kinds; Ctrl-C to stop",
@@ -187,6 +206,11 @@ async fn run(cli: Cli) -> Result<()> {
                 aggregate(&mut counters, &mut aggregator, &mut sink);
             }
             _ = near_full_poll.tick() => sink.poll_near_full(),
+            Some((metrics, scrape)) = next_scrape(&mut metrics) => {
+                let snapshot = metrics.scrape(&mut sink, &counters, &probes.ebpf);
+                // The HTTP task may have given up waiting: nothing to do.
+                let _ = scrape.reply.send(snapshot);
+            }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer failed")?;
                 drain(guard.get_inner_mut(), &mut sink);
@@ -294,6 +318,17 @@ fn drain(ring: &mut RingBuf<MapData>, sink: &mut Sink) {
     }
     sink.release_waiting();
     sink.flush();
+}
+
+/// The next scrape to answer, with the metrics state that answers it;
+/// never ready without `--metrics-addr`.
+async fn next_scrape(
+    metrics: &mut Option<(Metrics, tokio::sync::mpsc::Receiver<http::Scrape>)>,
+) -> Option<(&mut Metrics, http::Scrape)> {
+    match metrics {
+        Some((metrics, scrapes)) => scrapes.recv().await.map(|scrape| (metrics, scrape)),
+        None => std::future::pending().await,
+    }
 }
 
 async fn tick(interval: &mut Option<tokio::time::Interval>) {

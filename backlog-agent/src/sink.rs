@@ -20,7 +20,7 @@ use crate::{
     cli::OutputFormat,
     clock::{self, MonotonicToWall, Rfc3339Cache},
     context::{self, CgroupResolver, NetnsSysctls},
-    counted::NetnsDelta,
+    counted::{self, NetnsDelta},
     decode::{decode_record, DecodeError, Event, ListenCall, Record, UnixConnect},
     diagnosis::{self, diagnose, ListenerFacts},
     flood::{Aggregate, FloodListener},
@@ -353,6 +353,8 @@ impl Sink {
                 self.times.format(time),
                 &fragment.json,
             ),
+            // --output none (metrics only): nothing on stdout.
+            OutputFormat::None => {}
         }
         if !self.stdout_closed && self.out.write_all(&self.line).is_err() {
             self.stdout_closed = true;
@@ -382,10 +384,13 @@ impl Sink {
         };
         let time = self.clock.wall(event.timestamp_ns);
         let line = match self.options.format {
-            OutputFormat::Text => output::unix_text_line(event, time, &view, &processes),
-            OutputFormat::Json => output::unix_json_line(event, time, &view, &processes),
+            OutputFormat::Text => Some(output::unix_text_line(event, time, &view, &processes)),
+            OutputFormat::Json => Some(output::unix_json_line(event, time, &view, &processes)),
+            OutputFormat::None => None,
         };
-        self.write_line(&line);
+        if let Some(line) = line {
+            self.write_line(&line);
+        }
         self.unix_seen.insert(
             (
                 view.netns.unwrap_or(0),
@@ -474,15 +479,18 @@ impl Sink {
                 ));
             }
             let line = match self.options.format {
-                OutputFormat::Text => output::aggregate_text_line(aggregate, &processes),
-                OutputFormat::Json => output::aggregate_json_line(
+                OutputFormat::Text => Some(output::aggregate_text_line(aggregate, &processes)),
+                OutputFormat::Json => Some(output::aggregate_json_line(
                     aggregate,
                     socket_inode,
                     &processes,
                     self.options.max_events_per_sec,
-                ),
+                )),
+                OutputFormat::None => None,
             };
-            self.write_line(&line);
+            if let Some(line) = line {
+                self.write_line(&line);
+            }
             self.summary
                 .record_aggregate(aggregate, socket_inode.unwrap_or(0));
         }
@@ -648,6 +656,8 @@ impl Sink {
                 inode,
                 &processes,
             ),
+            // --output none (metrics only): nothing on stdout.
+            OutputFormat::None => return,
         };
         self.write_line(&line);
     }
@@ -809,20 +819,12 @@ impl Sink {
         let time = clock::rfc3339(SystemTime::now());
         for delta in deltas {
             let counter = |name: &str| delta.counters.get(name).copied().unwrap_or(0);
-            // ListenOverflows counts final-ACK and SYN overflows alike; the
-            // final-ACK ones were traced, so the rest were SYNs.
-            let traced_acks: u64 = self
-                .summary
-                .listeners
-                .iter()
-                .filter(|(key, _)| u64::from(key.netns) == delta.netns)
-                .map(|(_, stats)| stats.count(DropKind::AckDroppedAcceptQueueFull))
-                .sum();
+            let [(_, syn_queue_full), (_, cookies), (_, accept_queue_full)] =
+                counted::kind_counts(delta, self.traced_acks(delta.netns));
             let kinds = CountedKinds {
-                syn_dropped_syn_queue_full: counter("TCPReqQFullDrop"),
-                syn_cookie_sent: counter("TCPReqQFullDoCookies"),
-                syn_dropped_accept_queue_full: counter("ListenOverflows")
-                    .saturating_sub(traced_acks),
+                syn_dropped_syn_queue_full: syn_queue_full,
+                syn_cookie_sent: cookies,
+                syn_dropped_accept_queue_full: accept_queue_full,
             };
             text.push_str(&format!(
                 "  netns {}: syn_dropped_syn_queue_full={} syn_cookie_sent={} \
@@ -1031,4 +1033,30 @@ fn summary_json(
         near_full_warnings: stats.accept.as_ref().map_or(0, |a| a.near_full_warnings),
     };
     serde_json::to_string(&json).unwrap_or_default()
+}
+
+// --- metrics (issue 9): what the metrics snapshot needs from the sink ---
+impl Sink {
+    /// The backlog the process asked for in listen(), when the call was seen.
+    pub fn backlog_requested(&self, socket_inode: u64) -> Option<i32> {
+        self.listens
+            .get(&socket_inode)
+            .map(|call| call.backlog_requested)
+    }
+
+    /// Final-ACK overflows traced in `netns`: the part of ListenOverflows
+    /// that was not a SYN.
+    pub fn traced_acks(&self, netns: u64) -> u64 {
+        self.summary
+            .listeners
+            .iter()
+            .filter(|(key, _)| u64::from(key.netns) == netns)
+            .map(|(_, stats)| stats.count(DropKind::AckDroppedAcceptQueueFull))
+            .sum()
+    }
+
+    /// Cgroup, container or unit, and pod of a listener, as events show them.
+    pub fn placement_of(&mut self, cgroup_id: u64, netns: u32) -> Placement {
+        self.placement(cgroup_id, netns)
+    }
 }

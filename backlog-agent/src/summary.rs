@@ -60,6 +60,8 @@ pub struct ListenerStats {
     pub aggregated: BTreeMap<DropKind, u64>,
     pub processes: Vec<Process>,
     pub max_accept_queue_seen: u32,
+    /// The same since the last metrics scrape, which resets it.
+    pub max_accept_queue_since_scrape: u32,
     pub accept_queue_limit: u32,
     /// Drops per peer address, for the busiest peers.
     pub peers: BTreeMap<IpAddr, u64>,
@@ -154,6 +156,9 @@ impl Summary {
             stats.processes = processes.to_vec();
         }
         stats.max_accept_queue_seen = stats.max_accept_queue_seen.max(event.accept_queue_len);
+        stats.max_accept_queue_since_scrape = stats
+            .max_accept_queue_since_scrape
+            .max(event.accept_queue_len);
         stats.accept_queue_limit = event.accept_queue_max;
     }
 
@@ -183,6 +188,7 @@ impl Summary {
         }
         if let Some((len, max)) = queue {
             stats.max_accept_queue_seen = stats.max_accept_queue_seen.max(len);
+            stats.max_accept_queue_since_scrape = stats.max_accept_queue_since_scrape.max(len);
             stats.accept_queue_limit = max;
         }
     }

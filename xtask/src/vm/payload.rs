@@ -32,7 +32,7 @@ pub const AGENT_GUEST_PATH: &str = "/bin/backlog-agent";
 /// Integration tests that need the host's Debian userland (real nginx and
 /// php-fpm), which a bare initramfs does not have: they run on the host
 /// only, by design, not as a skip.
-const HOST_ONLY_TESTS: [&str; 1] = ["real_servers"];
+const HOST_ONLY_TESTS: [&str; 2] = ["real_servers", "prometheus"];
 
 /// Builds backlog-agent and its integration tests (the `tests/*.rs`
 /// targets). Unit tests of the lib and bin stay on the host: they need no
