@@ -262,6 +262,7 @@ fn full_snapshot() -> Snapshot {
             events_undecodable: 0,
             events_partial: 2,
             drops_untracked: 0,
+            events_aggregated: 5,
         },
         bpf_stats_sysctl: true,
         programs: vec![ProgramStats {
