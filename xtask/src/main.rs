@@ -1,9 +1,10 @@
-//! Developer tasks: `cargo xtask setup|run|test|vm-test`.
+//! Developer tasks: `cargo xtask setup|run|test|vm-test|bench|dist`.
 //!
 //! README.md promises a newcomer two commands (`cargo xtask run`, `cargo
 //! xtask test`); both start with `setup`, which installs only what is
 //! missing, so they are safe to repeat.
 
+mod dist;
 mod setup;
 mod vm;
 
@@ -43,6 +44,9 @@ enum Task {
     /// Set up, then run the benchmark: a flood of listen-queue drops with
     /// and without the agent, printing figures (not part of the tests).
     Bench,
+    /// Set up, then build the static release binaries (x86_64 and aarch64,
+    /// musl, eBPF object embedded) into target/dist/ with SHA256SUMS.
+    Dist,
 }
 
 fn main() {
@@ -55,6 +59,7 @@ fn main() {
         Task::Bench => setup::ensure_all().and_then(|()| {
             run(cargo().args(["bench", "--package", "backlog-agent", "--bench", "flood"]))
         }),
+        Task::Dist => setup::ensure_all().and_then(|()| dist::dist()),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

@@ -33,6 +33,7 @@ const PACKAGES: &[(&str, &str)] = &[
 pub fn ensure_all() -> Result<()> {
     ensure_packages()?;
     ensure_rust_src()?;
+    ensure_rust_targets()?;
     ensure_bpf_linker()?;
     Ok(())
 }
@@ -91,6 +92,31 @@ fn ensure_rust_src() -> Result<()> {
     }
     say("installing rust-src for nightly: -Z build-std=core builds core for bpfel-unknown-none");
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// The musl targets of `cargo xtask dist` and of the static build the
+/// guests run; their linkers need nothing more (see dist.rs).
+fn ensure_rust_targets() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .current_dir(crate::workspace_root())
+        .output()
+        .context("rustup not found: install rustup with a stable and a nightly toolchain")?;
+    let installed = String::from_utf8_lossy(&out.stdout);
+    let missing: Vec<&str> = crate::dist::rust_targets()
+        .filter(|t| !installed.lines().any(|l| l.trim() == *t))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    say(&format!(
+        "installing rust targets {}: static release binaries and guest builds",
+        missing.join(", ")
+    ));
+    run(Command::new("rustup")
+        .args(["target", "add"])
+        .args(&missing)
+        .current_dir(crate::workspace_root()))
 }
 
 fn ensure_bpf_linker() -> Result<()> {

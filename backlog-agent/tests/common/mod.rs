@@ -266,10 +266,10 @@ fn loopback_up() {
         for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
             *dst = *src as libc::c_char;
         }
-        assert_eq!(libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr), 0);
+        assert_eq!(libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut ifr), 0);
         ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
         assert_eq!(
-            libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr),
+            libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &ifr),
             0,
             "bring lo up: {}",
             std::io::Error::last_os_error()
