@@ -11,7 +11,8 @@ use clap::{Parser, ValueEnum};
 /// Runs until Ctrl-C, SIGTERM or --duration, then detaches and prints a
 /// per-listener summary to stderr. Events go to stdout; what could not be
 /// observed on this kernel, and why, goes to stderr at start-up. Needs
-/// root (CAP_BPF and CAP_PERFMON) and a kernel with BTF.
+/// root, or CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE,
+/// CAP_SYS_ADMIN and CAP_SYSLOG (see README), and a kernel with BTF.
 #[derive(Debug, Parser)]
 #[command(name = "backlog-agent", version, about, long_about)]
 pub struct Cli {

@@ -8,6 +8,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use backlog_agent::{
     btf::Btf,
+    caps,
     cli::Cli,
     counted, preflight,
     probes::{self, Outcome},
@@ -43,10 +44,10 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     let started = Instant::now();
-    let status = preflight::self_status();
-    preflight::check_privileges(&status)?;
+    let caps = caps::effective(&preflight::self_status());
+    caps::check_start_up(caps)?;
     preflight::check_btf()?;
-    if let Some(warning) = preflight::attribution_warning(&status) {
+    for warning in caps::warnings(caps) {
         note(warning);
     }
     if let Err(err) = preflight::raise_memlock_limit(&preflight::kernel_release()) {
@@ -88,6 +89,17 @@ async fn run(cli: Cli) -> Result<()> {
     });
     let ring = probes.take_events()?;
     let counters = probes.take_counters()?;
+    // Everything that needed CAP_BPF, CAP_PERFMON or CAP_SYSLOG is done:
+    // keep only what attribution and setns need (caps.rs).
+    let kept = caps::run_time_set(caps);
+    caps::drop_all_but(kept, caps)?;
+    note(format_args!(
+        "capabilities: kept {}; gave up the others",
+        match kept.names().join(", ") {
+            names if names.is_empty() => "none".to_owned(),
+            names => names,
+        }
+    ));
     // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged,
     // for as long as it lives, and the AsyncFd owns the ring buffer.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }

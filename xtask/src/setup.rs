@@ -28,6 +28,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "busybox-static",
         "the shell and tools inside the guests' initramfs",
     ),
+    (
+        "systemd",
+        "systemd-analyze verifies deploy/backlog-agent.service in the tests",
+    ),
 ];
 
 pub fn ensure_all() -> Result<()> {

@@ -131,8 +131,15 @@ pub enum Started {
 impl Agent {
     /// Starts the agent and waits for its `ready` line.
     pub fn start(args: &[&str]) -> Started {
-        let mut child = Command::new(agent_bin())
-            .args(args)
+        let mut command = Command::new(agent_bin());
+        command.args(args);
+        Agent::start_command(command)
+    }
+
+    /// Like [`Agent::start`], for a command prepared by the caller (e.g.
+    /// one that drops to another user before exec).
+    pub fn start_command(mut command: Command) -> Started {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -38,9 +38,9 @@ pub const GUEST_TARGET: &str = "x86_64-unknown-linux-musl";
 pub const AGENT_GUEST_PATH: &str = "/bin/backlog-agent";
 
 /// Integration tests that need the host's Debian userland (real nginx and
-/// php-fpm), which a bare initramfs does not have: they run on the host
-/// only, by design, not as a skip.
-const HOST_ONLY_TESTS: [&str; 1] = ["real_servers"];
+/// php-fpm; systemd-analyze for deploy/), which a bare initramfs does not
+/// have: they run on the host only, by design, not as a skip.
+const HOST_ONLY_TESTS: [&str; 2] = ["real_servers", "deploy"];
 
 /// Builds backlog-agent and its integration tests (the `tests/*.rs`
 /// targets), static, for [`GUEST_TARGET`]. Unit tests of the lib and bin
