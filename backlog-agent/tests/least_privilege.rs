@@ -309,8 +309,11 @@ impl SideBySide {
         if !nobody.status.success() {
             return Some(format!("failed: {}", nobody.status));
         }
-        if hooks(nobody) != hooks(&self.root) {
-            return Some(format!("other hooks: {:?}", hooks(nobody)));
+        let (mine, roots) = (hooks(nobody), hooks(&self.root));
+        if mine != roots {
+            let lost: Vec<&String> = roots.iter().filter(|l| !mine.contains(l)).collect();
+            let got: Vec<&String> = mine.iter().filter(|l| !roots.contains(l)).collect();
+            return Some(format!("other hooks: {got:?} instead of {lost:?}"));
         }
         if self.events(nobody) != self.events(&self.root) {
             return Some(format!("other events: {:?}", self.events(nobody)));
@@ -377,7 +380,7 @@ fn which_capabilities_this_kernel_needs() {
         common::figure(&format!(
             "least_privilege without {}: {}",
             cap.name,
-            verdict.chars().take(300).collect::<String>()
+            verdict.chars().take(600).collect::<String>()
         ));
     }
     matrix("auto", "capabilities_needed", "pass", &needed.join(","));
