@@ -115,7 +115,7 @@ impl SocketOwners {
 }
 
 /// Socket inodes behind `/proc/PID/fd/*`, deduplicated.
-fn socket_inodes(pid_dir: &Path) -> io::Result<Vec<u64>> {
+pub(crate) fn socket_inodes(pid_dir: &Path) -> io::Result<Vec<u64>> {
     let mut inodes = Vec::new();
     for fd in fs::read_dir(pid_dir.join("fd"))? {
         // An fd closed between readdir and readlink is simply gone.

@@ -46,6 +46,34 @@ pub struct Cli {
     /// least 4). Events that do not fit are counted and reported as lost.
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
     pub ring_buffer_kib: u32,
+
+    /// Only TCP listeners on this port (repeatable). Filters are applied
+    /// in the kernel: drops at other listeners are neither reported nor
+    /// counted. Each filter given must match; within one, any value does.
+    #[arg(long, value_name = "PORT")]
+    pub port: Vec<u16>,
+
+    /// Only TCP listeners held by this process (repeatable): its sockets
+    /// at start-up and those its later listen() calls create.
+    #[arg(long, value_name = "PID")]
+    pub pid: Vec<u32>,
+
+    /// Only listeners in this network namespace (repeatable), by inode as
+    /// `lsns -t net` and the events show it.
+    #[arg(long, value_name = "INODE")]
+    pub netns: Vec<u32>,
+
+    /// Only TCP listeners created in this cgroup v2 or below it
+    /// (repeatable): a path under the cgroup2 mount or as /proc/PID/cgroup
+    /// shows it, e.g. /system.slice/nginx.service. Cgroups created after
+    /// start-up are not included.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Vec<std::path::PathBuf>,
+
+    /// Only non-blocking UNIX connect()s to this path that got EAGAIN
+    /// (repeatable).
+    #[arg(long, value_name = "PATH")]
+    pub unix_path: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

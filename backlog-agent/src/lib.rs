@@ -19,6 +19,7 @@ pub mod context;
 pub mod counted;
 pub mod decode;
 pub mod diagnosis;
+pub mod filter;
 pub mod kallsyms;
 pub mod offsets;
 pub mod output;

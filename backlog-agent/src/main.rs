@@ -10,7 +10,9 @@ use backlog_agent::{
     btf::Btf,
     caps,
     cli::Cli,
-    counted, preflight,
+    counted,
+    filter::Filters,
+    preflight,
     probes::{self, Outcome},
     sink::{Options, Sink},
     tracefs,
@@ -57,7 +59,20 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let tracefs = tracefs::ensure_mounted()?;
     let btf = Btf::from_file(Path::new(preflight::VMLINUX_BTF))?;
-    let (mut probes, absent) = probes::start(cli.attach, cli.ring_buffer_kib, &btf, &tracefs)?;
+    let filters = Filters::resolve(&cli)?;
+    let (mut probes, absent) = probes::start(
+        cli.attach,
+        cli.ring_buffer_kib,
+        &filters.config(),
+        &btf,
+        &tracefs,
+    )?;
+    // Until the maps are filled an active filter matches nothing: no
+    // event slips through before `ready`.
+    filters.install(&mut probes.ebpf)?;
+    if let Some(line) = filters.describe() {
+        note(line);
+    }
     drop(btf);
     for field in absent {
         note(format_args!(
@@ -83,6 +98,18 @@ async fn run(cli: Cli) -> Result<()> {
             && *kind != DropKind::UnixConnectBacklogFull
             && matches!(outcome, Outcome::NotObservable { .. })
     });
+    // The kernel counts per namespace: a filter narrower than that
+    // cannot be applied to its counters.
+    let untraced_syn_stage = untraced_syn_stage && {
+        let splittable = !filters.narrower_than_netns();
+        if !splittable {
+            note(
+                "SYN-stage drops are not traced on this kernel, and the kernel's counters \
+                 cannot be split by port, pid, cgroup or path: not reported with this filter",
+            );
+        }
+        splittable
+    };
     let counted_before = untraced_syn_stage.then(|| {
         note("SYN-stage drops will be counted from kernel counters, not traced");
         counted::snapshot(Path::new("/proc"))
@@ -178,7 +205,9 @@ async fn run(cli: Cli) -> Result<()> {
     ));
     if let Some(before) = counted_before {
         let after = counted::snapshot(Path::new("/proc"));
-        sink.report_counted(&counted::deltas(&before, &after));
+        let mut deltas = counted::deltas(&before, &after);
+        deltas.retain(|delta| filters.wants_netns(delta.netns));
+        sink.report_counted(&deltas);
     }
     let scans = sink.owners.stats();
     if scans.vanished + scans.unreadable > 0 {

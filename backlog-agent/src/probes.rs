@@ -11,7 +11,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use backlog_common::{
-    DropKind, DropTotalKey, COUNTER_EVENTS_LOST, COUNTER_READ_ERRORS, COUNTER_TOTALS_FULL,
+    DropKind, DropTotalKey, FilterConfig, COUNTER_EVENTS_LOST, COUNTER_READ_ERRORS,
+    COUNTER_TOTALS_FULL,
 };
 use thiserror::Error;
 
@@ -318,6 +319,7 @@ impl Preconditions {
 pub fn start(
     mode: AttachMode,
     ring_buffer_kib: u32,
+    filter: &FilterConfig,
     btf: &Btf,
     tracefs: &Path,
 ) -> Result<(Probes, Vec<&'static str>), ProbeError> {
@@ -360,6 +362,7 @@ pub fn start(
 
     let mut ebpf = EbpfLoader::new()
         .override_global("OFFSETS", &kernel_offsets, true)
+        .override_global("FILTER", filter, true)
         .map_max_entries("EVENTS", ring_buffer_kib * 1024)
         .load(OBJECT)?;
 

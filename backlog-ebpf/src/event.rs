@@ -83,6 +83,14 @@ pub fn emit(kind: u32, sk: *const u8, skb: *const u8, extra_flags: u32) {
     event.cpu = unsafe { bpf_get_smp_processor_id() };
     event.flags = extra_flags;
     fill_listener(event, &o, sk, &mut reads);
+    if !crate::filter::wants_listener(
+        event.listener_port,
+        event.netns_inode,
+        event.socket_inode,
+        event.cgroup_id,
+    ) {
+        return;
+    }
     if skb.is_null() || !fill_packet(event, &o, skb) {
         event.flags |= EVENT_FLAG_NO_PACKET;
     }

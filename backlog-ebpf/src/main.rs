@@ -5,6 +5,7 @@
 
 mod conn_request;
 mod event;
+mod filter;
 mod kfree_skb;
 mod read;
 mod syn_recv_sock;

@@ -112,7 +112,7 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let key = bpf_get_current_pid_tgid();
-    let Some(args) = take(&UNIX_CONNECT_ARGS, key) else {
+    let Some(mut args) = take(&UNIX_CONNECT_ARGS, key) else {
         return 0;
     };
     let o = crate::offsets();
@@ -123,6 +123,9 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         return 0;
     };
     if ret != -EAGAIN {
+        return 0;
+    }
+    if !crate::filter::wants_unix_path(&mut args.path, args.path_len) {
         return 0;
     }
     let event = UnixConnectEvent {
@@ -198,6 +201,7 @@ pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
         let net = r.ptr(sk, o.sk_net);
         event.netns_inode = r.at::<u32>(net, o.net_ns_inum);
     }
+    crate::filter::note_listen(event.pid, event.socket_inode);
     crate::submit(&event);
     0
 }
