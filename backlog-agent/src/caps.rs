@@ -23,7 +23,9 @@
 //!   (net.core.somaxconn, ...) and to ask its sock_diag (UNIX listener
 //!   paths, per-listener drop counts where SYN-stage drops are counted
 //!   rather than traced). setns needs it even for the agent's own
-//!   namespace.
+//!   namespace. On Debian's 5.10 and 6.12 kernels the syscall tracepoints
+//!   (UNIX connect, listen()) also failed to attach without it (measured
+//!   in the guests; perf_event_open refused), unlike on 6.18.
 //! - CAP_SYSLOG: /proc/kallsyms shows the address of `__per_cpu_offset`
 //!   (which the SYN-stage programs need to read this CPU's SNMP counters)
 //!   only to it, unless kernel.perf_event_paranoid <= 1. Needed only on
@@ -89,7 +91,8 @@ pub const MINIMAL: &[Capability] = &[
         bit: CAP_SYS_ADMIN,
         at_run_time: true,
         without: "network namespaces cannot be entered (setns): their sysctls, UNIX \
-                  listener paths and counted drops stay unknown",
+                  listener paths and counted drops stay unknown; some kernels refuse \
+                  syscall tracepoints without it",
     },
     Capability {
         name: "CAP_SYSLOG",
