@@ -134,7 +134,7 @@ pub fn held_by(proc_root: &Path, pid: u32, inode: u64) -> Option<Process> {
 }
 
 /// Socket inodes behind `/proc/PID/fd/*`, deduplicated.
-fn socket_inodes(pid_dir: &Path) -> io::Result<Vec<u64>> {
+pub(crate) fn socket_inodes(pid_dir: &Path) -> io::Result<Vec<u64>> {
     let mut inodes = Vec::new();
     for fd in fs::read_dir(pid_dir.join("fd"))? {
         // An fd closed between readdir and readlink is simply gone.

@@ -11,7 +11,8 @@ use clap::{Parser, ValueEnum};
 /// Runs until Ctrl-C, SIGTERM or --duration, then detaches and prints a
 /// per-listener summary to stderr. Events go to stdout; what could not be
 /// observed on this kernel, and why, goes to stderr at start-up. Needs
-/// root (CAP_BPF and CAP_PERFMON) and a kernel with BTF.
+/// root, or CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE,
+/// CAP_SYS_ADMIN and CAP_SYSLOG (see README), and a kernel with BTF.
 #[derive(Debug, Parser)]
 #[command(name = "backlog-agent", version, about, long_about)]
 pub struct Cli {
@@ -76,6 +77,33 @@ pub struct Cli {
     /// host with many listeners cannot swamp Prometheus.
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub metrics_max_listeners: usize,
+    /// Only TCP listeners on this port (repeatable). Filters are applied
+    /// in the kernel: drops at other listeners are neither reported nor
+    /// counted. Each filter given must match; within one, any value does.
+    #[arg(long, value_name = "PORT")]
+    pub port: Vec<u16>,
+
+    /// Only TCP listeners held by this process (repeatable): its sockets
+    /// at start-up and those its later listen() calls create.
+    #[arg(long, value_name = "PID")]
+    pub pid: Vec<u32>,
+
+    /// Only listeners in this network namespace (repeatable), by inode as
+    /// `lsns -t net` and the events show it.
+    #[arg(long, value_name = "INODE")]
+    pub netns: Vec<u32>,
+
+    /// Only TCP listeners created in this cgroup v2 or below it
+    /// (repeatable): a path under the cgroup2 mount or as /proc/PID/cgroup
+    /// shows it, e.g. /system.slice/nginx.service. Cgroups created after
+    /// start-up are not included.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Vec<std::path::PathBuf>,
+
+    /// Only non-blocking UNIX connect()s to this path that got EAGAIN
+    /// (repeatable).
+    #[arg(long, value_name = "PATH")]
+    pub unix_path: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

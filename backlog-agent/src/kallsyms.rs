@@ -21,7 +21,8 @@ pub fn address(kallsyms: &str, symbol: &str) -> Result<u64, String> {
             .map_err(|_| format!("/proc/kallsyms: bad address for {symbol}: {addr}"))?;
         if addr == 0 {
             return Err(format!(
-                "/proc/kallsyms hides the address of {symbol} (kernel.kptr_restrict)"
+                "/proc/kallsyms hides the address of {symbol} (kernel.kptr_restrict, or \
+                 missing capability CAP_SYSLOG)"
             ));
         }
         return Ok(addr);

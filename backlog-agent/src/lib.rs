@@ -2,7 +2,8 @@
 //! because their SYN or accept queue is full, and who owns the listener.
 //!
 //! The binary (`main.rs`) wires these modules together:
-//! - `preflight`: privileges, BTF, tracefs, memlock: what must hold first.
+//! - `caps`: the capabilities needed, checked first, dropped after attaching.
+//! - `preflight`: BTF, tracefs, memlock: what must hold first.
 //! - `btf`, `tracefs`, `offsets`: kernel layouts resolved at start-up.
 //! - `probes`: loads the eBPF object and attaches a hook for each kind.
 //! - `decode`: ring-buffer records to events, by checked reads.
@@ -15,12 +16,14 @@ pub mod advice;
 pub mod attribution;
 pub mod bpfstats;
 pub mod btf;
+pub mod caps;
 pub mod cli;
 pub mod clock;
 pub mod context;
 pub mod counted;
 pub mod decode;
 pub mod diagnosis;
+pub mod filter;
 pub mod flood;
 pub mod http;
 pub mod kallsyms;

@@ -14,8 +14,10 @@ use aya::maps::{MapData, RingBuf};
 use backlog_agent::{
     accept_wait::AcceptWait,
     btf::Btf,
+    caps,
     cli::Cli,
     counted,
+    filter::Filters,
     flood::Aggregator,
     http,
     metrics::Metrics,
@@ -56,10 +58,10 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     let started = Instant::now();
-    let status = preflight::self_status();
-    preflight::check_privileges(&status)?;
+    let caps = caps::effective(&preflight::self_status());
+    caps::check_start_up(caps)?;
     preflight::check_btf()?;
-    if let Some(warning) = preflight::attribution_warning(&status) {
+    for warning in caps::warnings(caps) {
         note(warning);
     }
     if let Err(err) = preflight::raise_memlock_limit(&preflight::kernel_release()) {
@@ -69,15 +71,23 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let tracefs = tracefs::ensure_mounted()?;
     let btf = Btf::from_file(Path::new(preflight::VMLINUX_BTF))?;
+    let filters = Filters::resolve(&cli)?;
     let config = probes::config(cli.max_events_per_sec, cli.ring_buffer_kib);
     let (mut probes, absent) = probes::start(
         cli.attach,
         cli.ring_buffer_kib,
         &config,
         cli.near_full,
+        &filters.config(),
         &btf,
         &tracefs,
     )?;
+    // Until the maps are filled an active filter matches nothing: no
+    // event slips through before `ready`.
+    filters.install(&mut probes.ebpf)?;
+    if let Some(line) = filters.describe() {
+        note(line);
+    }
     drop(btf);
     for field in absent {
         note(format_args!(
@@ -122,6 +132,18 @@ async fn run(cli: Cli) -> Result<()> {
             && *kind != DropKind::UnixConnectBacklogFull
             && matches!(outcome, Outcome::NotObservable { .. })
     });
+    // The kernel counts per namespace: a filter narrower than that
+    // cannot be applied to its counters.
+    let untraced_syn_stage = untraced_syn_stage && {
+        let splittable = !filters.narrower_than_netns();
+        if !splittable {
+            note(
+                "SYN-stage drops are not traced on this kernel, and the kernel's counters \
+                 cannot be split by port, pid, cgroup or path: not reported with this filter",
+            );
+        }
+        splittable
+    };
     let counted_before = untraced_syn_stage.then(|| {
         note("SYN-stage drops will be counted from kernel counters, not traced");
         counted::snapshot(Path::new("/proc"))
@@ -135,6 +157,17 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let ring = probes.take_events()?;
     let mut counters = probes.take_counters()?;
+    // Everything that needed CAP_BPF, CAP_PERFMON or CAP_SYSLOG is done:
+    // keep only what attribution and setns need (caps.rs).
+    let kept = caps::run_time_set(caps);
+    caps::drop_all_but(kept, caps)?;
+    note(format_args!(
+        "capabilities: kept {}; gave up the others",
+        match kept.names().join(", ") {
+            names if names.is_empty() => "none".to_owned(),
+            names => names,
+        }
+    ));
     // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged,
     // for as long as it lives, and the AsyncFd owns the ring buffer.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -262,7 +295,9 @@ async fn run(cli: Cli) -> Result<()> {
     ));
     if let Some(before) = counted_before {
         let after = counted::snapshot(Path::new("/proc"));
-        sink.report_counted(&counted::deltas(&before, &after));
+        let mut deltas = counted::deltas(&before, &after);
+        deltas.retain(|delta| filters.wants_netns(delta.netns));
+        sink.report_counted(&deltas);
     }
     if let Some(errors) = sink
         .accept

@@ -1,5 +1,6 @@
 //! What must hold before anything is loaded, each failure a one-line
-//! error that says what is missing and how to fix it.
+//! error that says what is missing and how to fix it (capabilities are
+//! checked in caps.rs).
 
 use std::{fs, path::Path};
 
@@ -7,55 +8,13 @@ use thiserror::Error;
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-const CAP_SYS_PTRACE: u32 = 19;
-
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum PreflightError {
-    #[error(
-        "missing privileges: needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN); \
-         run it as root, e.g. `sudo backlog-agent`"
-    )]
-    NotPrivileged,
     #[error(
         "kernel BTF not found at {VMLINUX_BTF}: this kernel was built without \
          CONFIG_DEBUG_INFO_BTF=y, which backlog needs to find struct offsets"
     )]
     NoBtf,
-}
-
-/// Effective capability bits of this process (`CapEff` in
-/// /proc/self/status); `None` when that cannot be read.
-fn effective_caps(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-}
-
-fn has(caps: u64, cap: u32) -> bool {
-    caps & (1 << cap) != 0
-}
-
-/// Checks that this process may load and attach tracing programs.
-pub fn check_privileges(status: &str) -> Result<(), PreflightError> {
-    let caps = effective_caps(status).unwrap_or(0);
-    if has(caps, CAP_SYS_ADMIN) || (has(caps, CAP_BPF) && has(caps, CAP_PERFMON)) {
-        Ok(())
-    } else {
-        Err(PreflightError::NotPrivileged)
-    }
-}
-
-/// A warning when /proc/PID/fd of other users' processes will be
-/// unreadable, so events would come without process names.
-pub fn attribution_warning(status: &str) -> Option<&'static str> {
-    let caps = effective_caps(status).unwrap_or(0);
-    (!has(caps, CAP_SYS_PTRACE)).then_some(
-        "no CAP_SYS_PTRACE: processes of other users will not be attributed (run as root)",
-    )
 }
 
 pub fn self_status() -> String {
@@ -111,26 +70,6 @@ pub fn release_before(release: &str, (major, minor): (u32, u32)) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn root_and_capability_sets() {
-        let root = "Name:\tx\nCapEff:\t000001ffffffffff\n";
-        assert_eq!(check_privileges(root), Ok(()));
-        assert_eq!(attribution_warning(root), None);
-        let bpf_perfmon = format!("CapEff:\t{:016x}\n", (1u64 << 39) | (1u64 << 38));
-        assert_eq!(check_privileges(&bpf_perfmon), Ok(()));
-        assert!(attribution_warning(&bpf_perfmon).is_some());
-        let only_bpf = format!("CapEff:\t{:016x}\n", 1u64 << 39);
-        assert_eq!(
-            check_privileges(&only_bpf),
-            Err(PreflightError::NotPrivileged)
-        );
-        assert_eq!(
-            check_privileges("CapEff:\t0000000000000000\n"),
-            Err(PreflightError::NotPrivileged)
-        );
-        assert_eq!(check_privileges(""), Err(PreflightError::NotPrivileged));
-    }
 
     #[test]
     fn compares_kernel_releases() {

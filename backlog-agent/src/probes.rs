@@ -11,8 +11,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use backlog_common::{
-    Config, DropCounts, DropKind, DropTotalKey, PeerKey, UnixTotalKey, COUNTER_EVENTS_LOST,
-    COUNTER_EVENTS_SUPPRESSED, COUNTER_READ_ERRORS, COUNTER_TOTALS_FULL,
+    Config, DropCounts, DropKind, DropTotalKey, FilterConfig, PeerKey, UnixTotalKey,
+    COUNTER_EVENTS_LOST, COUNTER_EVENTS_SUPPRESSED, COUNTER_READ_ERRORS, COUNTER_TOTALS_FULL,
 };
 use thiserror::Error;
 
@@ -419,6 +419,7 @@ pub fn start(
     ring_buffer_kib: u32,
     config: &Config,
     near_full_percent: u32,
+    filter: &FilterConfig,
     btf: &Btf,
     tracefs: &Path,
 ) -> Result<(Probes, Vec<&'static str>), ProbeError> {
@@ -475,6 +476,7 @@ pub fn start(
         .override_global("OFFSETS", &kernel_offsets, true)
         .override_global("CONFIG", config, true)
         .override_global("ACCEPT_OFFSETS", &accept_offsets, true)
+        .override_global("FILTER", filter, true)
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .load(OBJECT)
         .map_err(ProbeError::Load)?;

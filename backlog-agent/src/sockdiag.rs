@@ -302,7 +302,7 @@ impl NetlinkSocket {
         // SAFETY: fd is a freshly created descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let timeout = libc::timeval {
-            tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
+            tv_sec: RECV_TIMEOUT.as_secs() as _,
             tv_usec: 0,
         };
         // SAFETY: the option value points to a timeval of the given size.
@@ -1601,13 +1601,14 @@ mod tests {
         for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo") {
             *dst = *src as libc::c_char;
         }
-        // SAFETY: ifr is a valid ifreq naming "lo".
-        let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) };
+        // SAFETY: ifr is a valid ifreq naming "lo". (`as _`: musl declares
+        // the request an int, glibc an unsigned long.)
+        let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut ifr) };
         assert_eq!(rc, 0, "SIOCGIFFLAGS: {}", io::Error::last_os_error());
         // SAFETY: SIOCGIFFLAGS filled ifru_flags.
         unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
         // SAFETY: as above.
-        let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &mut ifr) };
+        let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS as _, &mut ifr) };
         assert_eq!(rc, 0, "SIOCSIFFLAGS: {}", io::Error::last_os_error());
     }
 

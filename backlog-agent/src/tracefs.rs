@@ -21,6 +21,11 @@ pub enum TracefsError {
          mount it with `mount -t tracefs nodev {TRACEFS}`"
     )]
     NotMounted(io::Error),
+    #[error(
+        "cannot read tracefs at {0} (it is root-only): missing capability \
+         CAP_DAC_READ_SEARCH"
+    )]
+    Unreadable(String),
     #[error("tracepoint {category}:{name} does not exist on this kernel ({path}: {source})")]
     NoSuchEvent {
         category: String,
@@ -41,6 +46,14 @@ pub fn ensure_mounted() -> Result<PathBuf, TracefsError> {
     for dir in [TRACEFS, DEBUGFS_TRACING] {
         if has_events(Path::new(dir)) {
             return Ok(PathBuf::from(dir));
+        }
+        // Mounted (mode 0700, root's) but closed to a non-root user
+        // without CAP_DAC_READ_SEARCH: mounting again would only fail
+        // with a misleading EPERM.
+        if fs::metadata(Path::new(dir).join("events"))
+            .is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied)
+        {
+            return Err(TracefsError::Unreadable(dir.to_owned()));
         }
     }
     let target = c"/sys/kernel/tracing";

@@ -257,7 +257,10 @@ fn unprivileged_run_fails_with_one_clear_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("missing privileges"), "{stderr}");
+    assert!(
+        stderr.contains("error: missing capability CAP_BPF"),
+        "{stderr}"
+    );
     assert!(out.stdout.is_empty());
 }
 

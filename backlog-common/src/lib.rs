@@ -725,6 +725,33 @@ impl AcceptOffsets {
         unix_peer: OFFSET_ABSENT,
     };
 }
+/// Which in-kernel filters are on (`FILTER_*` bits), written by the
+/// agent before load like [`KernelOffsets`]; the values to match are in
+/// hash maps (FILTER_PORTS, FILTER_NAMESPACES, FILTER_SOCKETS, FILTER_CGROUPS,
+/// FILTER_UNIX_PATHS). No bit set: everything is reported.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FilterConfig {
+    pub flags: u32,
+    pub _pad0: u32,
+}
+
+impl FilterConfig {
+    pub const NONE: FilterConfig = FilterConfig { flags: 0, _pad0: 0 };
+}
+
+/// TCP listeners on these ports (`--port`).
+pub const FILTER_PORT: u32 = 1 << 0;
+/// Listeners in these network namespaces (`--netns`).
+pub const FILTER_NETNS: u32 = 1 << 1;
+/// Listeners with these socket inodes (`--pid`: the PIDs' sockets).
+pub const FILTER_SOCKET: u32 = 1 << 2;
+/// Listeners created in these cgroups (`--cgroup`: v2 ids under a path).
+pub const FILTER_CGROUP: u32 = 1 << 3;
+/// UNIX connect()s to these paths (`--unix-path`).
+pub const FILTER_UNIX_PATH: u32 = 1 << 4;
+/// The filters that apply to TCP listeners.
+pub const FILTER_TCP: u32 = FILTER_PORT | FILTER_NETNS | FILTER_SOCKET | FILTER_CGROUP;
 
 #[cfg(feature = "user")]
 mod user {
@@ -743,6 +770,7 @@ mod user {
     unsafe impl aya::Pod for super::AcceptKey {}
     unsafe impl aya::Pod for super::AcceptStats {}
     unsafe impl aya::Pod for super::AcceptOffsets {}
+    unsafe impl aya::Pod for super::FilterConfig {}
 }
 
 #[cfg(test)]

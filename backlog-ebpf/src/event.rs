@@ -90,7 +90,14 @@ pub fn emit(kind: u32, sk: *const u8, skb: *const u8, extra_flags: u32) {
     let o = crate::offsets();
     let mut reads = Reader { failed: 0 };
     let key = listener_key(kind, &o, sk, &mut reads);
-    // (A listener filter goes here, before anything is counted.)
+    // The listener filters (--port, --netns, --pid, --cgroup), before
+    // anything is counted or queued: a drop nobody asked about costs a few
+    // lookups and no accounting.
+    if !crate::filter::wants_listener(key.listener_port, key.netns_inode, key.socket_inode, || {
+        listener_cgroup(&o, sk)
+    }) {
+        return;
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     let admission = account::admit(&DROP_TOTALS, &DROP_BUCKETS, &key, now);
     if !admission.send {
@@ -187,7 +194,13 @@ fn fill_listener(event: &mut DropEvent, o: &KernelOffsets, sk: *const u8, reads:
     event.accept_queue_len = reads.at::<u32>(sk, o.sk_ack_backlog);
     event.accept_queue_max = reads.at::<u32>(sk, o.sk_max_ack_backlog);
     event.syn_queue_len = reads.at::<u32>(sk, o.icsk_syn_queue_len);
-    // The cgroup is optional (no read failure when this kernel lacks it).
+    event.cgroup_id = listener_cgroup(o, sk);
+}
+
+/// cgroup v2 id of the listener, 0 when unknown. Optional: no read
+/// failure is counted when this kernel lacks the field.
+#[inline(always)]
+fn listener_cgroup(o: &KernelOffsets, sk: *const u8) -> u64 {
     let mut optional = Reader::new();
     let cgroup = optional.at::<u64>(sk, o.sk_cgroup_ptr);
     // Before 5.15 bit 0 set means the word holds classid/prioidx data, not
@@ -195,8 +208,10 @@ fn fill_listener(event: &mut DropEvent, o: &KernelOffsets, sk: *const u8, reads:
     let tagged_data = o.sk_cgroup_ptr_tagged != 0 && cgroup & 1 != 0;
     if optional.ok() && cgroup != 0 && !tagged_data {
         let kn = optional.ptr(cgroup as *const u8, o.cgroup_kn);
-        event.cgroup_id = optional.at::<u64>(kn, o.kernfs_node_id);
+        // Zero when unreadable (see read.rs).
+        return optional.at::<u64>(kn, o.kernfs_node_id);
     }
+    0
 }
 
 /// IP version of the packet in `skb` (4 or 6), 0 when unreadable.

@@ -12,6 +12,7 @@ mod accept;
 mod account;
 mod conn_request;
 mod event;
+mod filter;
 mod kfree_skb;
 mod read;
 mod syn_recv_sock;

@@ -165,7 +165,10 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     } else {
         key.path = [0; UNIX_PATH_MAX];
     }
-    // (A listener filter goes here, before anything is counted.)
+    // The --unix-path filter, before anything is counted or queued.
+    if !crate::filter::wants_unix_path(&mut key.path, key.path_len) {
+        return 0;
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     let admission = account::admit(&UNIX_TOTALS, &UNIX_BUCKETS, key, now);
     if !admission.send {
@@ -264,6 +267,7 @@ pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
         let net = r.ptr(sk, o.sk_net);
         event.netns_inode = r.at::<u32>(net, o.net_ns_inum);
     }
+    crate::filter::note_listen(event.pid, event.socket_inode);
     crate::submit(&event);
     0
 }

@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup|run|test|vm-test`.
+//! Developer tasks: `cargo xtask setup|run|test|vm-test|bench|dist`.
 //!
 //! README.md promises a newcomer two commands (`cargo xtask run`, `cargo
 //! xtask test`); both start with `setup`, which installs only what is
@@ -6,6 +6,7 @@
 
 // Both are shared with the integration tests (`#[path]`), which use the
 // parts xtask does not.
+mod dist;
 #[allow(dead_code)]
 mod outside;
 mod setup;
@@ -54,6 +55,9 @@ enum Task {
     /// Set up, then run the benchmark: a flood of listen-queue drops with
     /// and without the agent, printing figures (not part of the tests).
     Bench,
+    /// Set up, then build the static release binaries (x86_64 and aarch64,
+    /// musl, eBPF object embedded) into target/dist/ with SHA256SUMS.
+    Dist,
 }
 
 fn main() {
@@ -67,6 +71,7 @@ fn main() {
         Task::Bench => setup::ensure(Some("bench")).and_then(|()| {
             run(cargo().args(["bench", "--package", "backlog-agent", "--bench", "flood"]))
         }),
+        Task::Dist => setup::ensure(Some("dist")).and_then(|()| dist::dist()),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

@@ -42,7 +42,7 @@ impl Row {
 }
 
 /// Commands a row may name in its needed-by column.
-pub const COMMANDS: [&str; 4] = ["run", "test", "bench", "vm-test"];
+pub const COMMANDS: [&str; 5] = ["run", "test", "bench", "vm-test", "dist"];
 
 /// Parses the table; the error names the line.
 pub fn parse(text: &str) -> Result<Vec<Row>, String> {
@@ -74,7 +74,7 @@ pub fn parse(text: &str) -> Result<Vec<Row>, String> {
         let needed_by: Vec<String> = needed_by.split(',').map(str::to_owned).collect();
         if let Some(bad) = needed_by.iter().find(|c| !COMMANDS.contains(&c.as_str())) {
             return Err(format!(
-                "{TABLE_PATH}:{}: unknown command `{bad}` (run, test, bench, vm-test)",
+                "{TABLE_PATH}:{}: unknown command `{bad}` (run, test, bench, vm-test, dist)",
                 n + 1
             ));
         }

@@ -203,8 +203,15 @@ pub enum Started {
 impl Agent {
     /// Starts the agent and waits for its `ready` line.
     pub fn start(args: &[&str]) -> Started {
-        let mut child = Command::new(agent_bin())
-            .args(args)
+        let mut command = Command::new(agent_bin());
+        command.args(args);
+        Agent::start_command(command)
+    }
+
+    /// Like [`Agent::start`], for a command prepared by the caller (e.g.
+    /// one that drops to another user before exec).
+    pub fn start_command(mut command: Command) -> Started {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -388,10 +395,10 @@ fn loopback_up() {
         for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
             *dst = *src as libc::c_char;
         }
-        assert_eq!(libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr), 0);
+        assert_eq!(libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut ifr), 0);
         ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
         assert_eq!(
-            libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr),
+            libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &ifr),
             0,
             "bring lo up: {}",
             std::io::Error::last_os_error()

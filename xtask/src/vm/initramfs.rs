@@ -47,11 +47,17 @@ pub fn build(payload: &Payload, out: &Path) -> Result<()> {
         .with_context(write_err)?;
     cpio.char_dev("dev/null", 0o666, 1, 3)
         .with_context(write_err)?;
-    // Enough identity for programs that look up root or resolve localhost;
-    // glibc 2.34+ has the files NSS module built in, so no plugins needed.
-    cpio.file_bytes("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")
-        .with_context(write_err)?;
-    cpio.file_bytes("etc/group", 0o644, b"root:x:0:\n")
+    // Enough identity for programs that look up root or resolve localhost
+    // (musl reads these files directly; glibc 2.34+, for --test-bin and
+    // --bench payloads, has the files NSS module built in). `nobody` is
+    // the unprivileged user of the least-privilege test.
+    cpio.file_bytes(
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    )
+    .with_context(write_err)?;
+    cpio.file_bytes("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")
         .with_context(write_err)?;
     cpio.file_bytes(
         "etc/hosts",
@@ -71,7 +77,17 @@ pub fn build(payload: &Payload, out: &Path) -> Result<()> {
     );
     let mut libraries = BTreeSet::new();
     for (host, guest) in &executables {
-        libraries.extend(shared_libraries(host)?);
+        let needs = shared_libraries(host)?;
+        if payload.static_only && !needs.is_empty() {
+            bail!(
+                "{} is dynamically linked ({}), but this guest must hold no libc: \
+                 build it for {}",
+                host.display(),
+                needs.join(", "),
+                super::payload::GUEST_TARGET
+            );
+        }
+        libraries.extend(needs);
         cpio.file_from(guest, 0o755, host)
             .with_context(|| format!("failed to add {} to {}", host.display(), tmp.display()))?;
     }

@@ -23,28 +23,50 @@ pub struct TestRun {
 pub struct Payload {
     pub files: Vec<PayloadFile>,
     pub runs: Vec<TestRun>,
+    /// Every executable must be static: the initramfs then holds no libc
+    /// at all, the way a shipped binary meets a bare box.
+    pub static_only: bool,
 }
+
+/// The guests run what `cargo xtask dist` ships for x86_64: a static musl
+/// build, in an initramfs without glibc, so a missing library or a glibc
+/// assumption fails there and not on a customer's box.
+pub const GUEST_TARGET: &str = "x86_64-unknown-linux-musl";
 
 /// Where the integration tests expect the agent (they read
 /// BACKLOG_AGENT_BIN, which /init sets to this).
 pub const AGENT_GUEST_PATH: &str = "/bin/backlog-agent";
 
 /// Integration tests that need the host's Debian userland (real nginx and
-/// php-fpm), which a bare initramfs does not have: they run on the host
-/// only, by design, not as a skip.
-const HOST_ONLY_TESTS: [&str; 2] = ["real_servers", "prometheus"];
+/// php-fpm, Prometheus; systemd-analyze for deploy/), which a bare
+/// initramfs does not have: they run on the host only, by design, not as a
+/// skip.
+const HOST_ONLY_TESTS: [&str; 3] = ["real_servers", "prometheus", "deploy"];
 
 /// Builds backlog-agent and its integration tests (the `tests/*.rs`
-/// targets). Unit tests of the lib and bin stay on the host: they need no
-/// particular kernel.
+/// targets), static, for [`GUEST_TARGET`]. Unit tests of the lib and bin
+/// stay on the host: they need no particular kernel.
 pub fn build_default() -> Result<Payload> {
-    let agent_artifacts = cargo_artifacts(&["build", "--package", "backlog-agent"])?;
+    let agent_artifacts = cargo_artifacts(&[
+        "build",
+        "--package",
+        "backlog-agent",
+        "--target",
+        GUEST_TARGET,
+    ])?;
     let agent = agent_artifacts
         .iter()
         .find(|a| a.name == "backlog-agent" && a.kinds.iter().any(|k| k == "bin"))
         .context("cargo build --package backlog-agent reported no backlog-agent executable")?;
 
-    let test_artifacts = cargo_artifacts(&["test", "--package", "backlog-agent", "--no-run"])?;
+    let test_artifacts = cargo_artifacts(&[
+        "test",
+        "--package",
+        "backlog-agent",
+        "--no-run",
+        "--target",
+        GUEST_TARGET,
+    ])?;
     let mut files = vec![PayloadFile {
         host: agent.executable.clone(),
         guest: AGENT_GUEST_PATH.to_owned(),
@@ -73,7 +95,11 @@ pub fn build_default() -> Result<Payload> {
         bail!("backlog-agent has no integration tests (tests/*.rs): nothing to run in the guests");
     }
     runs.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Payload { files, runs })
+    Ok(Payload {
+        files,
+        runs,
+        static_only: true,
+    })
 }
 
 /// The flood benchmark (`benches/flood.rs`) and a release agent, for
@@ -112,6 +138,8 @@ pub fn build_bench() -> Result<Payload> {
             guest: "/tests/flood".to_owned(),
             args: vec!["--bench".to_owned()],
         }],
+        // The figures compare with host runs of the same glibc build.
+        static_only: false,
     })
 }
 
@@ -142,7 +170,11 @@ pub fn from_test_bins(paths: &[PathBuf]) -> Result<Payload> {
             args: Vec::new(),
         });
     }
-    Ok(Payload { files, runs })
+    Ok(Payload {
+        files,
+        runs,
+        static_only: false,
+    })
 }
 
 /// File names become guest paths and shell words in /init: keep them to a
