@@ -21,8 +21,8 @@ use aya::{
     Ebpf,
 };
 use backlog_common::{
-    FilterConfig, FILTER_CGROUP, FILTER_NETNS, FILTER_PORT, FILTER_SOCKET, FILTER_UNIX_PATH,
-    UNIX_PATH_MAX,
+    FilterConfig, FILTER_CGROUP, FILTER_NETNS, FILTER_PORT, FILTER_SOCKET, FILTER_TCP,
+    FILTER_UNIX_PATH, UNIX_PATH_MAX,
 };
 use thiserror::Error;
 
@@ -134,6 +134,19 @@ impl Filters {
     /// kernel's per-namespace counters cannot be split to match it.
     pub fn narrower_than_netns(&self) -> bool {
         self.config().flags & !FILTER_NETNS != 0
+    }
+
+    /// The part of the filters that user space applies to what the kernel
+    /// does not filter itself: the accept-queue figures and near-full
+    /// warnings (accept.rs keeps them per (netns, port), before a listener
+    /// is known).
+    pub fn row_filter(&self) -> RowFilter {
+        RowFilter {
+            flags: self.config().flags,
+            ports: self.ports.iter().copied().collect(),
+            netns: self.netns.iter().copied().collect(),
+            sockets: self.sockets.clone(),
+        }
     }
 
     pub fn wants_netns(&self, netns: u64) -> bool {
@@ -355,5 +368,93 @@ mod tests {
         let key = unix_key("/run/a.sock");
         assert_eq!(&key[..11], b"/run/a.sock");
         assert!(key[11..].iter().all(|&b| b == 0));
+    }
+}
+
+/// Filters for accept-queue rows, applied in user space. A row names its
+/// listener by netns and port (TCP) or socket inode (UNIX); `--pid` and
+/// `--cgroup` are matched by the listener's socket inode against the
+/// sockets the kernel's filter admitted (the `--pid` sockets, and every
+/// listener a drop event passed the filter for). A UNIX row's path is not
+/// known here, so with any filter on, UNIX rows are left out.
+#[derive(Clone, Debug, Default)]
+pub struct RowFilter {
+    flags: u32,
+    ports: BTreeSet<u16>,
+    netns: BTreeSet<u32>,
+    sockets: BTreeSet<u64>,
+}
+
+impl RowFilter {
+    /// A listener socket the kernel's filter let through (a drop event).
+    pub fn admit(&mut self, socket_inode: u64) {
+        if self.flags & (FILTER_SOCKET | FILTER_CGROUP) != 0 && socket_inode != 0 {
+            self.sockets.insert(socket_inode);
+        }
+    }
+
+    /// Whether figures about a TCP listener on `port` in `netns`, last
+    /// seen as socket `socket_inode` (0: unknown), are wanted.
+    pub fn wants_tcp(&self, netns: u32, port: u16, socket_inode: u64) -> bool {
+        if self.flags == 0 {
+            return true;
+        }
+        if self.flags & FILTER_TCP == 0 {
+            return false;
+        }
+        (self.flags & FILTER_PORT == 0 || self.ports.contains(&port))
+            && (self.flags & FILTER_NETNS == 0 || self.netns.contains(&netns))
+            && (self.flags & (FILTER_SOCKET | FILTER_CGROUP) == 0
+                || self.sockets.contains(&socket_inode))
+    }
+
+    pub fn wants_unix(&self) -> bool {
+        self.flags == 0
+    }
+
+    pub fn wants(&self, row: &crate::accept_wait::RowListener) -> bool {
+        match *row {
+            crate::accept_wait::RowListener::Tcp {
+                netns,
+                port,
+                socket_inode,
+                ..
+            } => self.wants_tcp(netns, port, socket_inode),
+            crate::accept_wait::RowListener::Unix { .. } => self.wants_unix(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod row_filter_tests {
+    use super::*;
+
+    #[test]
+    fn rows_follow_the_filters() {
+        let none = RowFilter::default();
+        assert!(none.wants_tcp(1, 80, 0) && none.wants_unix());
+        let mut by_port = RowFilter {
+            flags: FILTER_PORT,
+            ports: [8080].into(),
+            ..RowFilter::default()
+        };
+        assert!(by_port.wants_tcp(1, 8080, 0));
+        assert!(!by_port.wants_tcp(1, 8081, 0));
+        assert!(!by_port.wants_unix());
+        by_port.admit(5);
+        assert!(by_port.sockets.is_empty(), "ports need no socket list");
+        let mut by_pid = RowFilter {
+            flags: FILTER_SOCKET,
+            ..RowFilter::default()
+        };
+        assert!(!by_pid.wants_tcp(1, 8080, 7));
+        by_pid.admit(7);
+        assert!(by_pid.wants_tcp(1, 8080, 7));
+        assert!(!by_pid.wants_tcp(1, 8080, 0));
+        let unix_only = RowFilter {
+            flags: FILTER_UNIX_PATH,
+            ..RowFilter::default()
+        };
+        assert!(!unix_only.wants_tcp(1, 8080, 7));
     }
 }

@@ -185,6 +185,7 @@ async fn run(cli: Cli) -> Result<()> {
     });
     let mut aggregator = Aggregator::new(SystemTime::now());
     sink.accept = accept_stats;
+    sink.row_filter = filters.row_filter();
     // Near-full crossings are read from a map, a few times a second.
     let mut near_full_poll = tokio::time::interval(NEAR_FULL_POLL);
     near_full_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

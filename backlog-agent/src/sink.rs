@@ -23,6 +23,7 @@ use crate::{
     counted::{self, NetnsDelta},
     decode::{decode_record, DecodeError, Event, ListenCall, Record, UnixConnect},
     diagnosis::{self, diagnose, ListenerFacts},
+    filter::RowFilter,
     flood::{Aggregate, FloodListener},
     output::{self, Placement, UnixListenerView},
     resolver::{Lookup, Resolver},
@@ -120,6 +121,9 @@ pub struct Sink {
     pub stdout_closed: bool,
     /// Accept-queue figures, when the accept hooks are attached.
     pub accept: Option<AcceptWait>,
+    /// The in-kernel filters, as they apply to accept-queue rows, which
+    /// the kernel keeps before their listener is known (filter.rs).
+    pub row_filter: RowFilter,
 }
 
 impl Sink {
@@ -160,6 +164,7 @@ impl Sink {
             summary: Summary::default(),
             stdout_closed: false,
             accept: None,
+            row_filter: RowFilter::default(),
         }
     }
 
@@ -299,6 +304,8 @@ impl Sink {
     }
 
     fn drop_event(&mut self, event: &Event) {
+        // The kernel's filter let this listener through.
+        self.row_filter.admit(event.socket_inode);
         let key = (event.socket_inode, event.netns_inode, event.cgroup_id);
         let now = Instant::now();
         let fresh = self.fragments.get(&key).is_some_and(|f| f.until > now);
@@ -613,7 +620,8 @@ impl Sink {
         let Some(accept) = self.accept.as_mut() else {
             return;
         };
-        let crossings = accept.poll_near_full();
+        let mut crossings = accept.poll_near_full();
+        crossings.retain(|crossing| self.row_filter.wants(&crossing.listener));
         for crossing in &crossings {
             self.near_full(crossing);
         }
@@ -671,6 +679,9 @@ impl Sink {
         };
         let rows = accept.figures();
         for (row, figures) in rows {
+            if !self.row_filter.wants(&row) {
+                continue;
+            }
             let mut matched = false;
             for (key, stats) in self.summary.listeners.iter_mut() {
                 let same = match (&row, &key.listener) {
