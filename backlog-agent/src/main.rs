@@ -239,7 +239,7 @@ async fn run(cli: Cli) -> Result<()> {
                 drain(ring.get_mut(), &mut sink);
                 aggregate(&mut counters, &mut aggregator, &mut sink);
             }
-            _ = near_full_poll.tick() => sink.poll_near_full(),
+            _ = near_full_poll.tick() => sink.poll_near_full(false),
             Some((metrics, scrape)) = next_scrape(&mut metrics) => {
                 let snapshot = metrics.scrape(&mut sink, &counters, &probes.ebpf);
                 // The HTTP task may have given up waiting: nothing to do.
@@ -262,7 +262,7 @@ async fn run(cli: Cli) -> Result<()> {
     drain(ring.get_mut(), &mut sink);
     sink.release_all();
     aggregate(&mut counters, &mut aggregator, &mut sink);
-    sink.poll_near_full();
+    sink.poll_near_full(true);
     note("detached");
 
     match counters.events_lost() {

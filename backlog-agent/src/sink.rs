@@ -31,6 +31,9 @@ use crate::{
     summary::{ListenerAddr, ListenerKey, ListenerStats, Summary},
 };
 
+/// How long a near-full warning waits for its listener's holders.
+const NEAR_FULL_WAIT: Duration = Duration::from_millis(300);
+
 /// Undecodable records are counted; only the first few are described, so
 /// that a systematic problem cannot flood stderr.
 const DECODE_ERRORS_SHOWN: u64 = 5;
@@ -124,6 +127,8 @@ pub struct Sink {
     /// The in-kernel filters, as they apply to accept-queue rows, which
     /// the kernel keeps before their listener is known (filter.rs).
     pub row_filter: RowFilter,
+    /// Near-full warnings waiting for their listener's holders.
+    near_full_waiting: Vec<(NearFull, Instant)>,
 }
 
 impl Sink {
@@ -165,6 +170,7 @@ impl Sink {
             stdout_closed: false,
             accept: None,
             row_filter: RowFilter::default(),
+            near_full_waiting: Vec::new(),
         }
     }
 
@@ -616,16 +622,39 @@ impl Sink {
 
     /// Prints the near-full crossings the kernel recorded since the last
     /// poll, one line each.
-    pub fn poll_near_full(&mut self) {
+    /// Reads new near-full crossings and writes the warnings whose
+    /// listener's holders are known. Attribution runs off this thread
+    /// (resolver.rs): a warning about a listener being resolved waits for
+    /// it, at most NEAR_FULL_WAIT, like drop events do (`force` writes
+    /// everything, at exit).
+    pub fn poll_near_full(&mut self, force: bool) {
         let Some(accept) = self.accept.as_mut() else {
             return;
         };
         let mut crossings = accept.poll_near_full();
         crossings.retain(|crossing| self.row_filter.wants(&crossing.listener));
-        for crossing in &crossings {
-            self.near_full(crossing);
+        let now = Instant::now();
+        self.near_full_waiting
+            .extend(crossings.into_iter().map(|c| (c, now + NEAR_FULL_WAIT)));
+        let waiting = std::mem::take(&mut self.near_full_waiting);
+        let mut written = false;
+        for (crossing, until) in waiting {
+            let inode = match crossing.listener {
+                RowListener::Tcp { socket_inode, .. } | RowListener::Unix { socket_inode, .. } => {
+                    socket_inode
+                }
+            };
+            let hint = self.listens.get(&inode).map(|call| call.pid);
+            let pending =
+                inode != 0 && matches!(self.resolver.lookup(inode, true, hint), Lookup::Pending);
+            if pending && !force && until > now {
+                self.near_full_waiting.push((crossing, until));
+                continue;
+            }
+            self.near_full(&crossing);
+            written = true;
         }
-        if !crossings.is_empty() {
+        if written {
             self.flush();
         }
     }
