@@ -40,8 +40,9 @@ enum Task {
     },
     /// Boot Debian kernels in qemu and run the privileged tests inside.
     VmTest(vm::VmTestOpts),
-    /// Set up, then run the benchmark: a flood of listen-queue drops with
-    /// and without the agent, printing figures (not part of the tests).
+    /// Set up, then run the benchmarks: floods of listen-queue drops and a
+    /// UNIX EAGAIN storm with and without the agent (and bpftrace), and the
+    /// agent's hot path; figures, not part of the tests.
     Bench,
 }
 
@@ -53,7 +54,12 @@ fn main() {
         Task::Test { no_vm } => test_all(no_vm),
         Task::VmTest(opts) => setup::ensure_all().and_then(|()| vm::vm_test(&opts)),
         Task::Bench => setup::ensure_all().and_then(|()| {
-            run(cargo().args(["bench", "--package", "backlog-agent", "--bench", "flood"]))
+            // The TCP floods, the UNIX storm side by side with bpftrace
+            // (and the many-listeners case), then the agent's hot path.
+            for bench in ["flood", "storm", "hot_path"] {
+                run(cargo().args(["bench", "--package", "backlog-agent", "--bench", bench]))?;
+            }
+            Ok(())
         }),
     };
     if let Err(err) = result {

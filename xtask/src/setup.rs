@@ -28,6 +28,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "busybox-static",
         "the shell and tools inside the guests' initramfs",
     ),
+    (
+        "bpftrace",
+        "the benchmark's comparison: the same question as a bpftrace one-liner",
+    ),
 ];
 
 pub fn ensure_all() -> Result<()> {
