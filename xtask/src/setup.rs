@@ -29,6 +29,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "the shell and tools inside the guests' initramfs",
     ),
     (
+        "iproute2",
+        "`ip`: the benchmark's SYN flood assigns 198.18.0.1 inside its namespace",
+    ),
+    (
         "bpftrace",
         "the benchmark's comparison: the same question as a bpftrace one-liner",
     ),
