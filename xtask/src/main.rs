@@ -52,8 +52,9 @@ enum Task {
     },
     /// Boot Debian kernels in qemu and run the privileged tests inside.
     VmTest(vm::VmTestOpts),
-    /// Set up, then run the benchmark: a flood of listen-queue drops with
-    /// and without the agent, printing figures (not part of the tests).
+    /// Set up, then run the benchmarks: floods of listen-queue drops and a
+    /// UNIX EAGAIN storm with and without the agent (and bpftrace), and the
+    /// agent's hot path; figures, not part of the tests.
     Bench,
     /// Set up, then build the static release binaries (x86_64 and aarch64,
     /// musl, eBPF object embedded) into target/dist/ with SHA256SUMS.
@@ -69,7 +70,12 @@ fn main() {
         Task::Test { no_vm } => test_all(no_vm),
         Task::VmTest(opts) => setup::ensure(Some("vm-test")).and_then(|()| vm::vm_test(&opts)),
         Task::Bench => setup::ensure(Some("bench")).and_then(|()| {
-            run(cargo().args(["bench", "--package", "backlog-agent", "--bench", "flood"]))
+            // The TCP floods, the UNIX storm side by side with bpftrace
+            // (and the many-listeners case), then the agent's hot path.
+            for bench in ["flood", "storm", "hot_path"] {
+                run(cargo().args(["bench", "--package", "backlog-agent", "--bench", bench]))?;
+            }
+            Ok(())
         }),
         Task::Dist => setup::ensure(Some("dist")).and_then(|()| dist::dist()),
     };
