@@ -4,6 +4,11 @@
 //! listener even after it exited. Syscall tracepoints exist on every
 //! kernel built with CONFIG_FTRACE_SYSCALLS, so this works where kprobes
 //! and fentry do not.
+//!
+//! The accept-queue wait (accept.rs) needs connect() and listen() too: its
+//! parts are called from the programs here rather than attached as second
+//! programs, since every connect() on the machine pays for each program on
+//! its tracepoints.
 
 use core::ffi::c_void;
 
