@@ -55,7 +55,6 @@ pub fn resolve(
     let enter_accept = format("syscalls", "sys_enter_accept")?;
     let enter_listen = format("syscalls", "sys_enter_listen")?;
     let exit_accept4 = format("syscalls", "sys_exit_accept4")?;
-    let enter_connect = format("syscalls", "sys_enter_connect")?;
     // UNIX waits only; TCP ones do without it.
     let unix_peer = btf
         .field("unix_sock.peer")
@@ -101,8 +100,6 @@ pub fn resolve(
         file_private_data: kernel.file_private_data,
         socket_sk: kernel.socket_sk,
         near_full_percent,
-        tp_connect_fd: field(&enter_connect, "fd", 8)?,
-        tp_connect_addr: field(&enter_connect, "uservaddr", 8)?,
         unix_peer,
     };
     let needed = [

@@ -186,6 +186,7 @@ pub fn apply_syscalls(
     o.tp_sys_exit_ret = field(exit_connect, "ret")?;
     // The connect() hooks read these at compile-time offsets.
     let direct = [
+        ("fd", o.tp_connect_fd, backlog_common::TP_CONNECT_FD),
         (
             "uservaddr",
             o.tp_connect_addr,

@@ -179,10 +179,14 @@ const LISTEN_CALLS: Hook = Hook {
 
 /// Not a drop kind: accept-queue wait, arrival and accept rates, and
 /// near-full warnings (accept.rs). Exits first, so that no entry is armed
-/// without its exit.
+/// without its exit. listen() and connect() have one program each, shared
+/// with LISTEN_CALLS and UNIX_CONNECT (every connect() on the machine
+/// pays for each program on its tracepoints): the listener is remembered
+/// through LISTEN_CALLS, UNIX arrivals through UNIX_CONNECT's programs, or
+/// through UNIX_ARRIVALS when `--attach` left that kind out.
 const ACCEPT_WAIT: Hook = Hook {
     family: HookFamily::Tracepoint,
-    label: "tracepoint sock:inet_sock_set_state, syscalls:sys_{enter,exit}_{accept,accept4,listen,connect}",
+    label: "tracepoint sock:inet_sock_set_state, syscalls:sys_{enter,exit}_{accept,accept4}",
     needs: Needs::AcceptLayout,
     programs: &[
         (
@@ -197,20 +201,6 @@ const ACCEPT_WAIT: Hook = Hook {
             Attach::Tracepoint {
                 category: "syscalls",
                 name: "sys_exit_accept",
-            },
-        ),
-        (
-            "accept_sys_exit_listen",
-            Attach::Tracepoint {
-                category: "syscalls",
-                name: "sys_exit_listen",
-            },
-        ),
-        (
-            "accept_sys_exit_connect",
-            Attach::Tracepoint {
-                category: "syscalls",
-                name: "sys_exit_connect",
             },
         ),
         (
@@ -234,21 +224,16 @@ const ACCEPT_WAIT: Hook = Hook {
                 name: "sys_enter_accept",
             },
         ),
-        (
-            "accept_sys_enter_listen",
-            Attach::Tracepoint {
-                category: "syscalls",
-                name: "sys_enter_listen",
-            },
-        ),
-        (
-            "accept_sys_enter_connect",
-            Attach::Tracepoint {
-                category: "syscalls",
-                name: "sys_enter_connect",
-            },
-        ),
     ],
+};
+
+/// UNIX_CONNECT's programs attached for the accept-queue wait's UNIX
+/// arrivals alone (Config::unix_eagain is then 0: no EAGAIN is counted).
+const UNIX_ARRIVALS: Hook = Hook {
+    family: HookFamily::Tracepoint,
+    label: "tracepoint syscalls:sys_enter_connect, sys_exit_connect (UNIX arrivals)",
+    needs: Needs::SyscallLayout,
+    programs: UNIX_CONNECT.programs,
 };
 
 /// fexit programs per prototype of `*_syn_recv_sock()`: the return value
@@ -411,6 +396,8 @@ pub fn config(max_events_per_sec: u32, ring_buffer_kib: u32) -> Config {
         // An eighth of the ring: the agent is woken well before it fills,
         // and polls for the rest.
         wakeup_bytes: u64::from(ring_buffer_kib) * 1024 / 8,
+        // Decided in start(), from --attach.
+        unix_eagain: 1,
     }
 }
 
@@ -472,9 +459,16 @@ pub fn start(
             name: "EVENTS",
             reason: format!("{ring_buffer_kib} KiB does not fit the kernel's u32 map size"),
         })?;
+    // The UNIX kind's only hook is a tracepoint: when --attach excludes it,
+    // the connect() programs may still run for the accept-queue wait and
+    // must not count EAGAINs for a kind reported as not observable.
+    let config = Config {
+        unix_eagain: u64::from(HookFamily::Tracepoint.allowed_by(mode)),
+        ..*config
+    };
     let mut ebpf = EbpfLoader::new()
         .override_global("OFFSETS", &kernel_offsets, true)
-        .override_global("CONFIG", config, true)
+        .override_global("CONFIG", &config, true)
         .override_global("ACCEPT_OFFSETS", &accept_offsets, true)
         .override_global("FILTER", filter, true)
         .map_max_entries("EVENTS", ring_buffer_bytes)
@@ -569,10 +563,31 @@ pub fn start(
         .and_then(|()| attach(&mut ebpf, &LISTEN_CALLS, &mut kernel_btf))
         .map(|()| LISTEN_CALLS.describe());
     // Tracepoints only: whatever --attach forces applies to drop kinds.
+    let unix_connect_attached = outcomes.iter().any(|(kind, outcome)| {
+        *kind == DropKind::UnixConnectBacklogFull && matches!(outcome, Outcome::Attached { .. })
+    });
     let accept_wait = preconditions
         .of(&ACCEPT_WAIT)
         .and_then(|()| attach(&mut ebpf, &ACCEPT_WAIT, &mut kernel_btf))
-        .map(|()| ACCEPT_WAIT.describe());
+        .map(|()| {
+            // The parts carried by shared programs, named only when they run.
+            let mut hook = ACCEPT_WAIT.describe();
+            if listen_calls.is_ok() {
+                hook.push_str(", sys_{enter,exit}_listen");
+            }
+            let arrivals = if unix_connect_attached {
+                Ok(())
+            } else {
+                preconditions
+                    .of(&UNIX_ARRIVALS)
+                    .and_then(|()| attach(&mut ebpf, &UNIX_ARRIVALS, &mut kernel_btf))
+            };
+            match arrivals {
+                Ok(()) => hook.push_str(", sys_{enter,exit}_connect (UNIX arrivals)"),
+                Err(reason) => hook.push_str(&format!(" (no UNIX arrivals: {reason})")),
+            }
+            hook
+        });
     Ok((
         Probes {
             ebpf,

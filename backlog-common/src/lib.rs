@@ -314,9 +314,14 @@ pub struct Config {
     /// Wake the agent only when this many bytes are pending in the ring
     /// buffer (it also polls every few milliseconds); 0 = every record.
     pub wakeup_bytes: u64,
+    /// 1 when UNIX connect() EAGAINs are reported. The connect() programs
+    /// also serve the accept-queue wait (UNIX arrivals), which attaches
+    /// them when `--attach` leaves the UNIX kind unobserved: they must
+    /// then count nothing for that kind.
+    pub unix_eagain: u64,
 }
 
-const _: () = assert!(size_of::<Config>() == 24);
+const _: () = assert!(size_of::<Config>() == 32);
 
 impl Config {
     /// Before the agent writes it: no limit, a wakeup per record.
@@ -324,6 +329,7 @@ impl Config {
         event_interval_ns: 0,
         burst_ns: 0,
         wakeup_bytes: 0,
+        unix_eagain: 1,
     };
 }
 
@@ -341,13 +347,14 @@ pub const COUNTER_TOTALS_FULL: u32 = 3;
 pub const COUNTER_EVENTS_SUPPRESSED: u32 = 4;
 pub const COUNTER_COUNT: u32 = 5;
 
-/// Where syscalls:sys_enter_connect keeps `uservaddr` and `addrlen`, and
+/// Where syscalls:sys_enter_connect keeps `fd`, `uservaddr` and `addrlen`, and
 /// every syscalls:sys_exit_* keeps `ret`: the layout of syscall tracepoints
 /// on every kernel (an 8-byte header, the syscall number, then 8-byte
 /// slots). The connect() hooks run on every connect() on the machine, so
 /// they read these with plain loads at constant offsets instead of a
 /// helper call; the agent checks that tracefs agrees before it attaches
 /// them.
+pub const TP_CONNECT_FD: usize = 16;
 pub const TP_CONNECT_ADDR: usize = 24;
 pub const TP_CONNECT_ADDRLEN: usize = 32;
 pub const TP_SYS_EXIT_RET: usize = 16;
@@ -682,14 +689,12 @@ pub struct AcceptOffsets {
     /// `--near-full PERCENT`: warn when the accept queue reaches this share
     /// of its limit; 0 disables the warning.
     pub near_full_percent: u32,
-    // UNIX arrivals: syscalls:sys_enter_connect `fd` and `uservaddr`, and
-    // unix_sock.peer (the socket the server will accept).
-    pub tp_connect_fd: u32,
-    pub tp_connect_addr: u32,
+    // UNIX arrivals: unix_sock.peer (the socket the server will accept).
+    // The connect() record is read by syscalls.rs at constant offsets.
     pub unix_peer: u32,
 }
 
-const _: () = assert!(size_of::<AcceptOffsets>() == 30 * 4);
+const _: () = assert!(size_of::<AcceptOffsets>() == 28 * 4);
 
 impl AcceptOffsets {
     pub const ABSENT: AcceptOffsets = AcceptOffsets {
@@ -720,8 +725,6 @@ impl AcceptOffsets {
         file_private_data: OFFSET_ABSENT,
         socket_sk: OFFSET_ABSENT,
         near_full_percent: 0,
-        tp_connect_fd: OFFSET_ABSENT,
-        tp_connect_addr: OFFSET_ABSENT,
         unix_peer: OFFSET_ABSENT,
     };
 }

@@ -36,9 +36,7 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_user,
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
     macros::{map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TracePointContext,
@@ -81,8 +79,9 @@ static ESTABLISHED_AT: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536
 #[map]
 static LISTENER_SOCK: LruHashMap<AcceptKey, u64> = LruHashMap::with_max_entries(4096, 0);
 
-/// The fd argument of accept()/accept4()/listen() between entry and exit,
-/// per thread (a thread is in one syscall at a time).
+/// The fd argument of accept()/accept4() between entry and exit, per
+/// thread (a thread is in one syscall at a time). listen() and connect()
+/// keep theirs in syscalls.rs, whose programs call into this module.
 #[map]
 static SYSCALL_FD: HashMap<u64, u32> = HashMap::with_max_entries(8192, 0);
 
@@ -265,8 +264,8 @@ fn save_fd(ctx: &TracePointContext) {
     if !layout_known(&o) {
         return;
     }
-    // accept, accept4 and listen all have `fd` at the same place: checked
-    // by the agent before load.
+    // accept and accept4 have `fd` at the same place: checked by the
+    // agent before load.
     if let Ok(fd) = unsafe { ctx.read_at::<u64>(o.tp_accept_fd as usize) } {
         let _ = SYSCALL_FD.insert(bpf_get_current_pid_tgid(), fd as u32, 0);
     }
@@ -298,46 +297,19 @@ pub fn accept_sys_enter_accept(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn accept_sys_enter_listen(ctx: TracePointContext) -> u32 {
-    save_fd(&ctx);
-    0
-}
-
-#[tracepoint]
-pub fn accept_sys_enter_connect(ctx: TracePointContext) -> u32 {
+/// A successful UNIX connect() on `fd` (called by syscalls.rs's
+/// sys_exit_connect, which saved `fd` at entry for AF_UNIX addresses
+/// only): the server's end of the connection is queued on the listener
+/// now, and `unix_sk(client)->peer` is the socket its accept() returns.
+#[inline(always)]
+pub fn unix_arrival(fd: u32) {
     let o = offsets();
-    if !layout_known(&o) || o.tp_connect_addr == OFFSET_ABSENT || o.tp_connect_fd == OFFSET_ABSENT {
-        return 0;
+    if !layout_known(&o) || o.unix_peer == OFFSET_ABSENT {
+        return;
     }
-    let (Ok(fd), Ok(addr)) = (
-        unsafe { ctx.read_at::<u64>(o.tp_connect_fd as usize) },
-        unsafe { ctx.read_at::<u64>(o.tp_connect_addr as usize) },
-    ) else {
-        return 0;
-    };
-    // Only AF_UNIX connects are remembered: TCP ones leave here.
-    if addr == 0 {
-        return 0;
-    }
-    let Ok(family) = (unsafe { bpf_probe_read_user(addr as *const u16) }) else {
-        return 0;
-    };
-    if family == AF_UNIX {
-        let _ = SYSCALL_FD.insert(bpf_get_current_pid_tgid(), fd as u32, 0);
-    }
-    0
-}
-
-#[tracepoint]
-pub fn accept_sys_exit_connect(ctx: TracePointContext) -> u32 {
-    let o = offsets();
-    let Some((fd, _)) = take_fd(&ctx, &o) else {
-        return 0;
-    };
     let socket = socket_of_fd(&o, fd);
     if socket.is_null() {
-        return 0;
+        return;
     }
     let mut r = Reader::new();
     let sk = r.ptr(socket, o.socket_sk);
@@ -347,7 +319,6 @@ pub fn accept_sys_exit_connect(ctx: TracePointContext) -> u32 {
         let now = unsafe { bpf_ktime_get_ns() };
         let _ = ESTABLISHED_AT.insert(peer, now, 0);
     }
-    0
 }
 
 #[tracepoint]
@@ -485,19 +456,21 @@ fn accepted(ctx: &TracePointContext) {
     }
 }
 
-/// A listener created while the agent runs is known from its listen(),
-/// so that the near-full check works before its first accept().
-#[tracepoint]
-pub fn accept_sys_exit_listen(ctx: TracePointContext) -> u32 {
+/// A listener created while the agent runs is known from its listen()
+/// (called by syscalls.rs's sys_exit_listen once listen() on `fd`
+/// succeeded), so that the near-full check works before its first
+/// accept().
+#[inline(always)]
+pub fn listened(fd: u32) {
     let o = offsets();
-    let Some((fd, _)) = take_fd(&ctx, &o) else {
-        return 0;
-    };
+    if !layout_known(&o) {
+        return;
+    }
     let Some((listener, key, identity)) = listener_of_fd(&o, fd) else {
-        return 0;
+        return;
     };
     if key.kind != ACCEPT_KEY_TCP {
-        return 0;
+        return;
     }
     let _ = LISTENER_SOCK.insert(key, listener as u64, 0);
     if let Some(stats) = row(&key) {
@@ -508,5 +481,4 @@ pub fn accept_sys_exit_listen(ctx: TracePointContext) -> u32 {
             stats.queue_limit = max;
         }
     }
-    0
 }

@@ -4,6 +4,11 @@
 //! listener even after it exited. Syscall tracepoints exist on every
 //! kernel built with CONFIG_FTRACE_SYSCALLS, so this works where kprobes
 //! and fentry do not.
+//!
+//! The accept-queue wait (accept.rs) needs connect() and listen() too: its
+//! parts are called from the programs here rather than attached as second
+//! programs, since every connect() on the machine pays for each program on
+//! its tracepoints.
 
 use core::ffi::c_void;
 
@@ -19,7 +24,7 @@ use aya_ebpf::{
 };
 use backlog_common::{
     DropCounts, ListenEvent, UnixConnectEvent, UnixTotalKey, AF_UNIX, TASK_COMM_LEN,
-    TP_CONNECT_ADDR, TP_CONNECT_ADDRLEN, TP_SYS_EXIT_RET, UNIX_PATH_MAX,
+    TP_CONNECT_ADDR, TP_CONNECT_ADDRLEN, TP_CONNECT_FD, TP_SYS_EXIT_RET, UNIX_PATH_MAX,
 };
 
 use crate::{account, read::Reader};
@@ -30,12 +35,14 @@ const EINPROGRESS: i64 = 115;
 const SUN_PATH_OFFSET: usize = 2;
 
 /// What sys_enter_connect keeps for the exit of an AF_UNIX connect(): the
-/// path is only read when the call failed with EAGAIN.
+/// path is only read when the call failed with EAGAIN, the fd only when
+/// it succeeded (accept.rs's UNIX arrival).
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct UnixConnectArgs {
     addr: u64,
     addrlen: u64,
+    fd: u64,
 }
 
 /// connect() arguments between syscall entry and exit, per thread.
@@ -117,14 +124,19 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     if family != AF_UNIX {
         return 0;
     }
-    let args = UnixConnectArgs { addr, addrlen };
+    let fd = field::<{ TP_CONNECT_FD }>(&ctx) as u32 as u64;
+    let args = UnixConnectArgs { addr, addrlen, fd };
     let _ = UNIX_CONNECT_ARGS.insert(bpf_get_current_pid_tgid(), args, 0);
     0
 }
 
 /// Also runs for every connect(): the common non-blocking TCP answer,
 /// EINPROGRESS, leaves on the first comparison (a UNIX connect() never
-/// gives it, so no saved arguments are left behind by leaving).
+/// gives it, so no saved arguments are left behind by leaving); a TCP
+/// connect() that returns 0 leaves after one lookup that finds nothing.
+/// Success on AF_UNIX is the accept-queue wait's arrival (accept.rs),
+/// EAGAIN the UNIX backlog drop; one program does both, so that
+/// connect() pays for one program per tracepoint.
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let ret = field::<{ TP_SYS_EXIT_RET }>(&ctx) as i64;
@@ -132,7 +144,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    if ret != -EAGAIN {
+    if ret != 0 && ret != -EAGAIN {
         // Whatever this thread's entry saved (if anything) is done with.
         let _ = UNIX_CONNECT_ARGS.remove(pid_tgid);
         return 0;
@@ -140,6 +152,14 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let Some(args) = take(&UNIX_CONNECT_ARGS, pid_tgid) else {
         return 0;
     };
+    if ret == 0 {
+        crate::accept::unix_arrival(args.fd as u32);
+        return 0;
+    }
+    // Attached for the arrivals alone (see Config::unix_eagain).
+    if crate::config!(unix_eagain) == 0 {
+        return 0;
+    }
     let Some(key) = UNIX_KEY_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
@@ -242,6 +262,8 @@ pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
     if unsafe { ctx.read_at::<i64>(o.tp_sys_exit_ret as usize) } != Ok(0) {
         return 0;
     }
+    // The accept-queue side (a no-op without its offsets).
+    crate::accept::listened(args.fd);
     let mut event = ListenEvent {
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         socket_inode: 0,
