@@ -259,8 +259,18 @@ impl Sink {
         !matches!(self.resolver.lookup(inode, true, hint), Lookup::Pending)
     }
 
-    /// Writes every waiting event now, with what is known (at exit).
+    /// Writes every waiting event (at exit). Events still waiting for
+    /// their holders get the rest of their wait first, bounded by
+    /// ATTRIBUTION_WAIT, so that stopping right after a burst does not
+    /// print them without holders.
     pub fn release_all(&mut self) {
+        let deadline = Instant::now() + ATTRIBUTION_WAIT;
+        while !self.waiting.is_empty() && Instant::now() < deadline {
+            self.release(false);
+            if !self.waiting.is_empty() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         self.release(true);
         self.flush();
     }

@@ -319,7 +319,11 @@ impl SideBySide {
             return Some(format!("other events: {:?}", self.events(nobody)));
         }
         if self.summaries(nobody) != self.summaries(&self.root) {
-            return Some(format!("other summaries: {:?}", self.summaries(nobody)));
+            return Some(format!(
+                "other summaries: {:?} where root's are {:?}",
+                self.summaries(nobody),
+                self.summaries(&self.root)
+            ));
         }
         None
     }
