@@ -30,6 +30,14 @@ pub struct DistTarget {
     linker: Option<&'static str>,
 }
 
+impl DistTarget {
+    /// The environment variable and value that select this target's linker
+    /// for cargo, if it needs one other than the host's cc.
+    pub fn linker_override(&self) -> Option<(String, &'static str)> {
+        self.linker.map(|linker| (linker_env(self.triple), linker))
+    }
+}
+
 const EM_X86_64: u16 = 62;
 const EM_AARCH64: u16 = 183;
 const EM_BPF: u16 = 247;
@@ -62,8 +70,8 @@ pub fn build_agent(target: &DistTarget) -> Result<PathBuf> {
         "--target",
         target.triple,
     ]);
-    if let Some(linker) = target.linker {
-        cmd.env(linker_env(target.triple), linker);
+    if let Some((var, linker)) = target.linker_override() {
+        cmd.env(var, linker);
     }
     run(&mut cmd)?;
     Ok(workspace_root()

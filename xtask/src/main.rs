@@ -44,7 +44,8 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, then run the whole test suite: fmt, clippy, unit and
-    /// privileged host tests, and the guest kernel matrix.
+    /// privileged host tests, and the guest kernel matrix (x86_64, then
+    /// the aarch64 guest).
     Test {
         /// Skip the qemu guest matrix (host tests only).
         #[arg(long)]
@@ -155,7 +156,21 @@ fn test_all(no_vm: bool) -> Result<()> {
         "--test-threads=1",
     ]))?;
     if !no_vm {
-        vm::vm_test(&vm::VmTestOpts::default())?;
+        let x86 = vm::vm_test(&vm::VmTestOpts::default());
+        // The aarch64 build on Debian's arm64 6.12 (about 5.5 minutes under
+        // software emulation here), run even when an x86 guest failed so
+        // that one CI run shows both.
+        let arm = vm::vm_test(&vm::VmTestOpts {
+            arch: vm::Arch::Aarch64,
+            ..vm::VmTestOpts::default()
+        });
+        match (x86, arm) {
+            (Ok(()), Ok(())) => {}
+            (Err(err), Ok(())) | (Ok(()), Err(err)) => return Err(err),
+            (Err(x86), Err(arm)) => {
+                bail!("x86_64 guests: {x86:#}; aarch64 guest: {arm:#}")
+            }
+        }
     }
     Ok(())
 }

@@ -11,12 +11,17 @@
 //! Everything lands under `target/vm/`:
 //! - `apt/<suite>/`: private apt state for suites this machine does not
 //!   carry (bullseye for 5.10); lists are refreshed when older than a day.
+//! - `apt/<suite>-arm64/`: the same for arm64 packages (kernels and
+//!   busybox-static of the `--arch aarch64` guests), whatever suite.
+//! - `busybox/<arch>/busybox`: the guests' busybox for a foreign
+//!   architecture (the host's own busybox-static serves x86_64).
 //! - `kernels/<package>/vmlinuz`: extracted kernels. A kernel that is here
 //!   is never downloaded again. Resolution of the newest package still runs
 //!   on every invocation (a second or two from the local lists); when it
 //!   cannot (offline, no lists), the newest cached kernel of the series is
 //!   used with a warning.
-//! - `initramfs.cpio`: rebuilt on every run (cheap).
+//! - `initramfs-<arch>.cpio`: rebuilt on every run (cheap), and per
+//!   kernel `initramfs-<label>.cpio` with its modules appended.
 //! - `logs/<kernel>.log`: the serial console of each guest.
 
 mod apt;
@@ -38,6 +43,52 @@ use self::guest::{GuestOutcome, GuestRun};
 /// 6.12, and the newest Debian ships (7.3, trixie-backports), where all
 /// three hook families exist.
 const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "7.3"];
+
+/// The arm64 guest boots one series: under software emulation an arm64
+/// guest costs as much as two x86 ones, and 6.12 is the series both
+/// bookworm and the x86 matrix carry with every hook family.
+const DEFAULT_KERNELS_AARCH64: &[&str] = &["6.12"];
+
+/// The architecture of a guest: what the payload is built for, which
+/// Debian kernel and busybox it gets, and which qemu emulates it.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Arch {
+    #[default]
+    #[value(name = "x86_64")]
+    X86_64,
+    #[value(name = "aarch64")]
+    Aarch64,
+}
+
+impl Arch {
+    /// The static musl target the payload is built for (what `cargo xtask
+    /// dist` ships for this architecture).
+    pub fn dist_target(self) -> &'static crate::dist::DistTarget {
+        let triple = match self {
+            Arch::X86_64 => "x86_64-unknown-linux-musl",
+            Arch::Aarch64 => "aarch64-unknown-linux-musl",
+        };
+        crate::dist::TARGETS
+            .iter()
+            .find(|t| t.triple == triple)
+            .expect("dist builds every vm-test architecture")
+    }
+
+    /// Debian's name of the architecture (package names, APT::Architecture).
+    pub fn debian(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Aarch64 => "arm64",
+        }
+    }
+
+    pub fn qemu(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "qemu-system-x86_64",
+            Arch::Aarch64 => "qemu-system-aarch64",
+        }
+    }
+}
 
 /// Software emulation (TCG) boots in seconds but runs the tests slowly.
 const DEFAULT_TIMEOUT_SECS: u64 = 600;
@@ -66,6 +117,12 @@ pub struct VmTestOpts {
     /// [default: 600].
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
+
+    /// Architecture of the guests: x86_64, or aarch64 (the static arm64
+    /// agent and tests on Debian's arm64 cloud kernel, emulated by
+    /// qemu-system-aarch64; default kernel 6.12).
+    #[arg(long, value_enum, default_value_t = Arch::X86_64)]
+    pub arch: Arch,
 }
 
 pub fn vm_test(opts: &VmTestOpts) -> Result<()> {
@@ -76,32 +133,45 @@ pub fn vm_test(opts: &VmTestOpts) -> Result<()> {
     }
 
     // Parse every kernel name before spending minutes on builds.
+    let arch = opts.arch;
+    if arch != Arch::X86_64 && opts.bench {
+        // The figures compare with host runs of the same glibc build.
+        bail!("--bench runs x86_64 guests only");
+    }
     let names: Vec<&str> = if opts.kernel.is_empty() {
-        DEFAULT_KERNELS.to_vec()
+        match arch {
+            Arch::X86_64 => DEFAULT_KERNELS.to_vec(),
+            Arch::Aarch64 => DEFAULT_KERNELS_AARCH64.to_vec(),
+        }
     } else {
         opts.kernel.iter().map(String::as_str).collect()
     };
     let mut specs: Vec<KernelSpec> = Vec::new();
     for name in names {
-        let spec = KernelSpec::parse(name)?;
+        let spec = KernelSpec::parse(name, arch)?;
         if !specs.iter().any(|s| s.label == spec.label) {
             specs.push(spec);
         }
     }
 
-    crate::outside::locate("qemu-system-x86_64").map_err(anyhow::Error::msg)?;
+    crate::outside::locate(arch.qemu()).map_err(anyhow::Error::msg)?;
 
     let payload = if opts.bench {
         payload::build_bench()?
     } else if opts.test_bin.is_empty() {
-        payload::build_default()?
+        payload::build_default(arch.dist_target())?
     } else {
         payload::from_test_bins(&opts.test_bin)?
     };
 
-    let initrd = vm_dir.join("initramfs.cpio");
+    let mut apt = apt::Apt::new(&vm_dir)?;
+    let busybox = match arch {
+        Arch::X86_64 => crate::outside::locate("busybox").map_err(anyhow::Error::msg)?,
+        foreign => apt.busybox(foreign)?,
+    };
+    let initrd = vm_dir.join(format!("initramfs-{}.cpio", arch.debian()));
     let started = Instant::now();
-    initramfs::build(&payload, &initrd)?;
+    initramfs::build(&payload, &busybox, &initrd)?;
     println!(
         "vm-test: initramfs {} ({} MiB, {} test binaries) in {:.1}s",
         display_rel(&initrd),
@@ -113,7 +183,6 @@ pub fn vm_test(opts: &VmTestOpts) -> Result<()> {
     // Resolve and fetch every kernel first: a typo or a missing package is
     // reported before any guest spends minutes booting. A kernel that cannot
     // be fetched is a failed guest, not the end of the run.
-    let mut apt = apt::Apt::new(&vm_dir)?;
     let mut prepared: Vec<(KernelSpec, Result<ResolvedKernel>)> = Vec::new();
     for spec in specs {
         let kernel = apt.fetch(&spec);
@@ -146,6 +215,7 @@ pub fn vm_test(opts: &VmTestOpts) -> Result<()> {
                 guest::run(&GuestRun {
                     label: &spec.label,
                     package: &kernel.package,
+                    arch,
                     vmlinuz: &kernel.vmlinuz,
                     initrd: &kernel_initrd,
                     log: &log,

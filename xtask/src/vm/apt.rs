@@ -19,8 +19,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
+use super::Arch;
+
 /// A kernel series we know how to find: the package name is
-/// `prefix` + ABI or patch number + `suffix`.
+/// `prefix` + ABI or patch number + `suffix` + `-` + Debian architecture
+/// (amd64, arm64).
 pub struct Series {
     pub name: &'static str,
     suite: &'static str,
@@ -33,13 +36,13 @@ const SERIES: &[Series] = &[
         name: "5.10",
         suite: "bullseye",
         prefix: "linux-image-5.10.0-",
-        suffix: "-cloud-amd64",
+        suffix: "-cloud",
     },
     Series {
         name: "6.1",
         suite: "bookworm",
         prefix: "linux-image-6.1.0-",
-        suffix: "-cloud-amd64",
+        suffix: "-cloud",
     },
     // bookworm carries 6.12 (from bookworm-security) next to its 6.1; the
     // `+deb12` keeps trixie's and the backports' 6.12 builds out.
@@ -47,7 +50,7 @@ const SERIES: &[Series] = &[
         name: "6.12",
         suite: "bookworm",
         prefix: "linux-image-6.12.",
-        suffix: "+deb12-cloud-amd64",
+        suffix: "+deb12-cloud",
     },
     // The newest series Debian ships (checked 2026-11-30: trixie-backports
     // carries 7.3, sid 7.2): the first where fentry, kprobe and the
@@ -58,9 +61,14 @@ const SERIES: &[Series] = &[
         name: "7.3",
         suite: "trixie-backports",
         prefix: "linux-image-7.3.",
-        suffix: "+deb13-cloud-amd64",
+        suffix: "+deb13-cloud",
     },
 ];
+
+/// Where a foreign guest's busybox-static comes from: this machine's
+/// release, so that its applets are those the host's busybox-static lists
+/// (the initramfs links them; the foreign busybox cannot run here).
+const BUSYBOX_SUITE: &str = "bookworm";
 
 /// Suites searched, in this order, for a kernel given by full package name
 /// that the machine's own lists do not know.
@@ -93,9 +101,11 @@ const ARCHIVE_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 const PRIVATE_LISTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 pub struct KernelSpec {
-    /// What the user asked for; names the log file and the table row.
+    /// What the user asked for (with `-arm64` for an arm64 guest); names
+    /// the log file and the table row.
     pub label: String,
     what: What,
+    arch: Arch,
 }
 
 enum What {
@@ -104,7 +114,7 @@ enum What {
 }
 
 impl KernelSpec {
-    pub fn parse(name: &str) -> Result<Self> {
+    pub fn parse(name: &str, arch: Arch) -> Result<Self> {
         let what = if let Some(series) = SERIES.iter().find(|s| s.name == name) {
             What::Series(series)
         } else if name.starts_with("linux-image-")
@@ -112,6 +122,10 @@ impl KernelSpec {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-.+~".contains(&b))
         {
+            let suffix = format!("-{}", arch.debian());
+            if !name.ends_with(&suffix) {
+                bail!("kernel `{name}` is not an {} package (name ending in {suffix}): choose it with --arch", arch.debian());
+            }
             What::Package(name.to_owned())
         } else {
             let known: Vec<&str> = SERIES.iter().map(|s| s.name).collect();
@@ -120,10 +134,13 @@ impl KernelSpec {
                 known.join(", ")
             );
         };
-        Ok(Self {
-            label: name.to_owned(),
-            what,
-        })
+        // x86_64 labels stay as they were (the table rows and log names
+        // people know); other architectures are marked.
+        let label = match (arch, &what) {
+            (Arch::X86_64, _) | (_, What::Package(_)) => name.to_owned(),
+            (_, What::Series(_)) => format!("{name}-{}", arch.debian()),
+        };
+        Ok(Self { label, what, arch })
     }
 }
 
@@ -144,8 +161,13 @@ pub const GUEST_MODULES: [&str; 3] = ["inet_diag", "tcp_diag", "unix_diag"];
 enum AptState {
     /// The machine's own sources and lists.
     Host,
-    /// `target/vm/apt/<suite>/`.
-    Private { suite: String, dir: PathBuf },
+    /// `target/vm/apt/<suite>/`, or `<suite>-<arch>/` for a foreign
+    /// architecture (`arch` is then Some).
+    Private {
+        suite: String,
+        dir: PathBuf,
+        arch: Option<&'static str>,
+    },
 }
 
 impl AptState {
@@ -153,7 +175,7 @@ impl AptState {
     fn options(&self) -> Vec<String> {
         match self {
             AptState::Host => Vec::new(),
-            AptState::Private { dir, .. } => vec![
+            AptState::Private { dir, arch, .. } => [
                 format!(
                     "Dir::Etc::SourceList={}",
                     dir.join("sources.list").display()
@@ -167,6 +189,15 @@ impl AptState {
                 "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false".to_owned(),
             ]
             .into_iter()
+            // A foreign architecture replaces the native one (and the
+            // machine's foreign ones) in these lists only: the machine's
+            // dpkg configuration is left alone.
+            .chain(arch.iter().flat_map(|arch| {
+                [
+                    format!("APT::Architecture={arch}"),
+                    format!("APT::Architectures={arch}"),
+                ]
+            }))
             .flat_map(|opt| ["-o".to_owned(), opt])
             .collect(),
         }
@@ -175,7 +206,14 @@ impl AptState {
     fn describe(&self) -> String {
         match self {
             AptState::Host => "this machine's apt lists".to_owned(),
-            AptState::Private { suite, .. } => format!("private apt lists for {suite}"),
+            AptState::Private {
+                suite, arch: None, ..
+            } => format!("private apt lists for {suite}"),
+            AptState::Private {
+                suite,
+                arch: Some(arch),
+                ..
+            } => format!("private {arch} apt lists for {suite}"),
         }
     }
 }
@@ -188,6 +226,7 @@ struct Mirrors {
 
 pub struct Apt {
     apt_dir: PathBuf,
+    busybox_dir: PathBuf,
     kernels_dir: PathBuf,
     /// Suites the machine's sources carry (`bookworm`, `bookworm-security`).
     host_suites: HashSet<String>,
@@ -206,6 +245,7 @@ impl Apt {
             .collect();
         Ok(Self {
             apt_dir: vm_dir.join("apt"),
+            busybox_dir: vm_dir.join("busybox"),
             kernels_dir: vm_dir.join("kernels"),
             host_suites,
             // Only needed for suites the machine lacks; report it then.
@@ -217,11 +257,11 @@ impl Apt {
     /// Resolves the spec to a package and makes sure its vmlinuz is cached.
     pub fn fetch(&mut self, spec: &KernelSpec) -> Result<ResolvedKernel> {
         match &spec.what {
-            What::Series(series) => match self.newest(series) {
+            What::Series(series) => match self.newest(series, spec.arch) {
                 Ok((package, state)) => self.download(&package, &state),
                 // Offline, or the lists are gone: a cached kernel of the
                 // series still lets the tests run.
-                Err(err) => match self.newest_cached(series) {
+                Err(err) => match self.newest_cached(series, spec.arch) {
                     Some(kernel) => {
                         eprintln!(
                             "vm-test: warning: {}: {err:#}; using cached {}",
@@ -237,16 +277,71 @@ impl Apt {
                     println!("vm-test: {package}: cached");
                     return Ok(kernel);
                 }
-                let state = self.locate(package)?;
+                let state = self.locate(package, spec.arch)?;
                 self.download(package, &state)
             }
         }
     }
 
+    /// A static busybox for a foreign guest, from Debian's busybox-static
+    /// of [`BUSYBOX_SUITE`] for that architecture; downloaded once, then
+    /// cached under `target/vm/busybox/<arch>/`.
+    pub fn busybox(&mut self, arch: Arch) -> Result<PathBuf> {
+        let dir = self.busybox_dir.join(arch.debian());
+        let dest = dir.join("busybox");
+        if dest.is_file() {
+            return Ok(dest);
+        }
+        let state = self.state_for(BUSYBOX_SUITE, arch)?;
+        let work = dir.join(".partial");
+        if work.exists() {
+            fs::remove_dir_all(&work)
+                .with_context(|| format!("failed to remove {}", work.display()))?;
+        }
+        fs::create_dir_all(&work)
+            .with_context(|| format!("failed to create {}", work.display()))?;
+        let fetched = (|| -> Result<()> {
+            capture(
+                Command::new("apt-get")
+                    .args(state.options())
+                    .args(["-o", "APT::Sandbox::User=root"])
+                    .args(["-q", "download", "busybox-static"])
+                    .current_dir(&work),
+                &format!("apt-get download busybox-static ({})", state.describe()),
+            )?;
+            let deb = find_file(&work, |name| name.ends_with(".deb"))
+                .context("apt-get download busybox-static left no .deb")?;
+            let root = work.join("root");
+            capture(
+                Command::new("dpkg").arg("-x").arg(&deb).arg(&root),
+                &format!("dpkg -x {}", deb.display()),
+            )?;
+            let busybox = root.join("bin/busybox");
+            if !busybox.is_file() {
+                bail!("{} has no bin/busybox", deb.display());
+            }
+            fs::rename(&busybox, &dest)
+                .with_context(|| format!("failed to move {} into the cache", busybox.display()))
+        })();
+        if let Err(err) = fs::remove_dir_all(&work) {
+            eprintln!(
+                "vm-test: warning: failed to remove {}: {err}",
+                work.display()
+            );
+        }
+        fetched?;
+        println!(
+            "vm-test: busybox-static ({}) downloaded to {}",
+            arch.debian(),
+            super::display_rel(&dest)
+        );
+        Ok(dest)
+    }
+
     /// The newest package of the series and the apt state that knows it.
-    fn newest(&mut self, series: &Series) -> Result<(String, AptState)> {
-        let state = self.state_for(series.suite)?;
-        let mut names = self.package_names(&state, series)?;
+    fn newest(&mut self, series: &Series, arch: Arch) -> Result<(String, AptState)> {
+        let state = self.state_for(series.suite, arch)?;
+        let mut names = self.package_names(&state, series, arch)?;
         if names.is_empty() && self.refreshed.insert(state_key(&state)) {
             // Empty or outdated lists (a fresh container has none). A source
             // that fails to refresh (a third-party one on the machine, say)
@@ -254,14 +349,15 @@ impl Apt {
             if let Err(err) = self.update(&state) {
                 eprintln!("vm-test: warning: {err:#}");
             }
-            names = self.package_names(&state, series)?;
+            names = self.package_names(&state, series, arch)?;
         }
         names.sort_by(|a, b| natural_cmp(a, b));
         let newest = names.pop().ok_or_else(|| {
             anyhow!(
-                "no package {}<N>{} in {} ({})",
+                "no package {}<N>{}-{} in {} ({})",
                 series.prefix,
                 series.suffix,
+                arch.debian(),
                 series.suite,
                 state.describe()
             )
@@ -274,7 +370,7 @@ impl Apt {
         Ok((newest, state))
     }
 
-    fn package_names(&self, state: &AptState, series: &Series) -> Result<Vec<String>> {
+    fn package_names(&self, state: &AptState, series: &Series, arch: Arch) -> Result<Vec<String>> {
         let out = capture(
             Command::new("apt-cache")
                 .args(state.options())
@@ -285,14 +381,14 @@ impl Apt {
         // flavours share it.
         Ok(out
             .lines()
-            .filter(|name| series_matches(series, name))
+            .filter(|name| series_matches(series, arch, name))
             .map(str::to_owned)
             .collect())
     }
 
     /// Finds which apt state knows a package given by its full name.
-    fn locate(&mut self, package: &str) -> Result<AptState> {
-        if self.knows(&AptState::Host, package) {
+    fn locate(&mut self, package: &str, arch: Arch) -> Result<AptState> {
+        if arch == Arch::X86_64 && self.knows(&AptState::Host, package) {
             return Ok(AptState::Host);
         }
         // Try the suite the name points at first, to avoid refreshing
@@ -308,10 +404,10 @@ impl Apt {
         suites.extend(FALLBACK_SUITES.iter().filter(|s| **s != hint));
         let mut tried = Vec::new();
         for suite in suites {
-            if self.host_suites.contains(suite) {
+            if arch == Arch::X86_64 && self.host_suites.contains(suite) {
                 continue;
             }
-            let state = self.state_for(suite)?;
+            let state = self.state_for(suite, arch)?;
             if self.knows(&state, package) {
                 return Ok(state);
             }
@@ -337,12 +433,17 @@ impl Apt {
 
     /// The apt state for a suite: the machine's if it carries the suite, a
     /// private one (set up and refreshed when stale) otherwise.
-    fn state_for(&mut self, suite: &str) -> Result<AptState> {
-        if self.host_suites.contains(suite) {
+    fn state_for(&mut self, suite: &str, arch: Arch) -> Result<AptState> {
+        // The machine is amd64: its lists hold amd64 packages only.
+        let foreign = (arch != Arch::X86_64).then(|| arch.debian());
+        if foreign.is_none() && self.host_suites.contains(suite) {
             return Ok(AptState::Host);
         }
         let mirrors = self.mirrors.as_ref().map_err(|err| anyhow!("{err}"))?;
-        let dir = self.apt_dir.join(suite);
+        let dir = match foreign {
+            None => self.apt_dir.join(suite),
+            Some(arch) => self.apt_dir.join(format!("{suite}-{arch}")),
+        };
         for sub in ["lists/partial", "cache/archives/partial"] {
             fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("failed to create {}", dir.join(sub).display()))?;
@@ -377,6 +478,7 @@ impl Apt {
         let state = AptState::Private {
             suite: suite.to_owned(),
             dir: dir.clone(),
+            arch: foreign,
         };
         let stamp = dir.join("updated");
         let age = fs::metadata(&stamp)
@@ -435,11 +537,11 @@ impl Apt {
         })
     }
 
-    fn newest_cached(&self, series: &Series) -> Option<ResolvedKernel> {
+    fn newest_cached(&self, series: &Series, arch: Arch) -> Option<ResolvedKernel> {
         let mut names: Vec<String> = fs::read_dir(&self.kernels_dir)
             .ok()?
             .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
-            .filter(|name| series_matches(series, name))
+            .filter(|name| series_matches(series, arch, name))
             .collect();
         names.sort_by(|a, b| natural_cmp(a, b));
         names.iter().rev().find_map(|name| self.cached(name))
@@ -634,12 +736,14 @@ fn find_module(dir: &Path, name: &str) -> Option<PathBuf> {
 fn state_key(state: &AptState) -> String {
     match state {
         AptState::Host => String::new(),
-        AptState::Private { suite, .. } => suite.clone(),
+        AptState::Private { dir, .. } => dir.display().to_string(),
     }
 }
 
-fn series_matches(series: &Series, name: &str) -> bool {
+fn series_matches(series: &Series, arch: Arch, name: &str) -> bool {
     name.strip_prefix(series.prefix)
+        .and_then(|rest| rest.strip_suffix(arch.debian()))
+        .and_then(|rest| rest.strip_suffix('-'))
         .and_then(|rest| rest.strip_suffix(series.suffix))
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
@@ -804,23 +908,63 @@ mod tests {
         let s612 = &SERIES[2];
         assert!(series_matches(
             s612,
+            Arch::X86_64,
             "linux-image-6.12.117+deb12-cloud-amd64"
         ));
         assert!(!series_matches(
             s612,
+            Arch::X86_64,
             "linux-image-6.12.117+deb12-cloud-amd64-dbg"
         ));
-        assert!(!series_matches(s612, "linux-image-6.12.117+deb12-rt-amd64"));
         assert!(!series_matches(
             s612,
+            Arch::X86_64,
+            "linux-image-6.12.117+deb12-rt-amd64"
+        ));
+        assert!(!series_matches(
+            s612,
+            Arch::X86_64,
             "linux-image-6.12.38+deb13-cloud-amd64"
         ));
         let s510 = &SERIES[0];
-        assert!(series_matches(s510, "linux-image-5.10.0-46-cloud-amd64"));
+        assert!(series_matches(
+            s510,
+            Arch::X86_64,
+            "linux-image-5.10.0-46-cloud-amd64"
+        ));
         assert!(!series_matches(
             s510,
+            Arch::X86_64,
             "linux-image-5.10.0-46-cloud-amd64-unsigned"
         ));
+    }
+
+    #[test]
+    fn arm64_series_match_arm64_packages_only() {
+        let s612 = SERIES.iter().find(|s| s.name == "6.12").expect("6.12");
+        let arm = "linux-image-6.12.117+deb12-cloud-arm64";
+        assert!(series_matches(s612, Arch::Aarch64, arm));
+        assert!(!series_matches(s612, Arch::X86_64, arm));
+        assert!(!series_matches(
+            s612,
+            Arch::Aarch64,
+            "linux-image-6.12.117+deb12-cloud-amd64"
+        ));
+        assert!(!series_matches(
+            s612,
+            Arch::Aarch64,
+            "linux-image-6.12.117+deb12-arm64"
+        ));
+
+        let spec = KernelSpec::parse("6.12", Arch::Aarch64).expect("6.12 parses");
+        assert_eq!(spec.label, "6.12-arm64");
+        assert_eq!(
+            KernelSpec::parse("6.12", Arch::X86_64).expect("6.12").label,
+            "6.12"
+        );
+        assert!(KernelSpec::parse(arm, Arch::Aarch64).is_ok());
+        // An amd64 kernel would not boot in qemu-system-aarch64.
+        assert!(KernelSpec::parse("linux-image-6.1.0-50-cloud-amd64", Arch::Aarch64).is_err());
     }
 
     #[test]
@@ -837,9 +981,14 @@ Depends: dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool, linu
         );
         assert!(split_parts("Depends: kmod, linux-base (>= 4.3~)\n").is_empty());
         let s73 = SERIES.iter().find(|s| s.name == "7.3").expect("7.3 series");
-        assert!(series_matches(s73, "linux-image-7.3.4+deb13-cloud-amd64"));
+        assert!(series_matches(
+            s73,
+            Arch::X86_64,
+            "linux-image-7.3.4+deb13-cloud-amd64"
+        ));
         assert!(!series_matches(
             s73,
+            Arch::X86_64,
             "linux-image-7.3.4+deb13-cloud-amd64-dbg"
         ));
     }

@@ -24,9 +24,8 @@ pub const MARK_KERNEL: &str = "BACKLOG-VM-KERNEL";
 pub const MARK_TEST: &str = "BACKLOG-VM-TEST";
 pub const MARK_RESULT: &str = "BACKLOG-VM-RESULT rc=";
 
-pub fn build(payload: &Payload, out: &Path) -> Result<()> {
-    let busybox = crate::outside::locate("busybox").map_err(anyhow::Error::msg)?;
-
+/// `busybox` is a static busybox for the guest's architecture.
+pub fn build(payload: &Payload, busybox: &Path, out: &Path) -> Result<()> {
     if let Some(dir) = out.parent() {
         fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     }
@@ -68,7 +67,8 @@ pub fn build(payload: &Payload, out: &Path) -> Result<()> {
 
     // Every executable and the shared libraries it loads, at the paths the
     // dynamic loader will look for them.
-    let mut executables: Vec<(PathBuf, String)> = vec![(busybox.clone(), "/bin/busybox".into())];
+    let mut executables: Vec<(PathBuf, String)> =
+        vec![(busybox.to_path_buf(), "/bin/busybox".into())];
     executables.extend(
         payload
             .files
@@ -81,10 +81,9 @@ pub fn build(payload: &Payload, out: &Path) -> Result<()> {
         if payload.static_only && !needs.is_empty() {
             bail!(
                 "{} is dynamically linked ({}), but this guest must hold no libc: \
-                 build it for {}",
+                 build it static (musl)",
                 host.display(),
                 needs.join(", "),
-                super::payload::GUEST_TARGET
             );
         }
         libraries.extend(needs);
@@ -96,7 +95,7 @@ pub fn build(payload: &Payload, out: &Path) -> Result<()> {
             .with_context(|| format!("failed to add {lib} to {}", tmp.display()))?;
     }
 
-    for applet in busybox_applets(&busybox)? {
+    for applet in busybox_applets()? {
         cpio.symlink(&applet, "/bin/busybox")
             .with_context(write_err)?;
     }
@@ -210,9 +209,13 @@ fn shell_quote(word: &str) -> String {
 }
 
 /// Applet paths (`bin/sh`, `sbin/poweroff`, ...) to link to busybox.
-fn busybox_applets(busybox: &Path) -> Result<Vec<String>> {
+/// They come from the host's busybox-static even for a foreign guest
+/// (whose busybox cannot run here): both are the same Debian package built
+/// from one configuration, so they carry the same applets.
+fn busybox_applets() -> Result<Vec<String>> {
+    let busybox = crate::outside::locate("busybox").map_err(anyhow::Error::msg)?;
     let out = super::apt::capture(
-        Command::new(busybox).arg("--list-full"),
+        Command::new(&busybox).arg("--list-full"),
         "busybox --list-full",
     )?;
     Ok(out

@@ -7,6 +7,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::dist::DistTarget;
+
 /// An executable copied into the initramfs.
 pub struct PayloadFile {
     pub host: PathBuf,
@@ -28,10 +30,9 @@ pub struct Payload {
     pub static_only: bool,
 }
 
-/// The guests run what `cargo xtask dist` ships for x86_64: a static musl
-/// build, in an initramfs without glibc, so a missing library or a glibc
-/// assumption fails there and not on a customer's box.
-pub const GUEST_TARGET: &str = "x86_64-unknown-linux-musl";
+// The guests run what `cargo xtask dist` ships for their architecture: a
+// static musl build, in an initramfs without glibc, so a missing library or
+// a glibc assumption fails there and not on a customer's box.
 
 /// Where the integration tests expect the agent (they read
 /// BACKLOG_AGENT_BIN, which /init sets to this).
@@ -44,29 +45,36 @@ pub const AGENT_GUEST_PATH: &str = "/bin/backlog-agent";
 const HOST_ONLY_TESTS: [&str; 3] = ["real_servers", "prometheus", "deploy"];
 
 /// Builds backlog-agent and its integration tests (the `tests/*.rs`
-/// targets), static, for [`GUEST_TARGET`]. Unit tests of the lib and bin
-/// stay on the host: they need no particular kernel.
-pub fn build_default() -> Result<Payload> {
-    let agent_artifacts = cargo_artifacts(&[
-        "build",
-        "--package",
-        "backlog-agent",
-        "--target",
-        GUEST_TARGET,
-    ])?;
+/// targets), static, for `target`. Unit tests of the lib and bin stay on
+/// the host: they need no particular kernel.
+pub fn build_default(target: &DistTarget) -> Result<Payload> {
+    let linker = target.linker_override();
+    let agent_artifacts = cargo_artifacts(
+        &[
+            "build",
+            "--package",
+            "backlog-agent",
+            "--target",
+            target.triple,
+        ],
+        linker.as_ref(),
+    )?;
     let agent = agent_artifacts
         .iter()
         .find(|a| a.name == "backlog-agent" && a.kinds.iter().any(|k| k == "bin"))
         .context("cargo build --package backlog-agent reported no backlog-agent executable")?;
 
-    let test_artifacts = cargo_artifacts(&[
-        "test",
-        "--package",
-        "backlog-agent",
-        "--no-run",
-        "--target",
-        GUEST_TARGET,
-    ])?;
+    let test_artifacts = cargo_artifacts(
+        &[
+            "test",
+            "--package",
+            "backlog-agent",
+            "--no-run",
+            "--target",
+            target.triple,
+        ],
+        linker.as_ref(),
+    )?;
     let mut files = vec![PayloadFile {
         host: agent.executable.clone(),
         guest: AGENT_GUEST_PATH.to_owned(),
@@ -105,19 +113,23 @@ pub fn build_default() -> Result<Payload> {
 /// The flood benchmark (`benches/flood.rs`) and a release agent, for
 /// `vm-test --bench`: figures from a kernel where every kind is traced.
 pub fn build_bench() -> Result<Payload> {
-    let agent_artifacts = cargo_artifacts(&["build", "--release", "--package", "backlog-agent"])?;
+    let agent_artifacts =
+        cargo_artifacts(&["build", "--release", "--package", "backlog-agent"], None)?;
     let agent = agent_artifacts
         .iter()
         .find(|a| a.name == "backlog-agent" && a.kinds.iter().any(|k| k == "bin"))
         .context("cargo build --release reported no backlog-agent executable")?;
-    let bench_artifacts = cargo_artifacts(&[
-        "bench",
-        "--package",
-        "backlog-agent",
-        "--bench",
-        "flood",
-        "--no-run",
-    ])?;
+    let bench_artifacts = cargo_artifacts(
+        &[
+            "bench",
+            "--package",
+            "backlog-agent",
+            "--bench",
+            "flood",
+            "--no-run",
+        ],
+        None,
+    )?;
     let bench = bench_artifacts
         .iter()
         .find(|a| a.name == "flood" && a.kinds.iter().any(|k| k == "bench"))
@@ -208,12 +220,17 @@ struct Artifact {
 
 /// Runs cargo with JSON messages on stdout and collects the executables it
 /// produced. Diagnostics are rendered for humans on stderr, which is
-/// inherited so build errors show as usual.
-fn cargo_artifacts(args: &[&str]) -> Result<Vec<Artifact>> {
+/// inherited so build errors show as usual. `linker` is the target's
+/// linker override (rust-lld for aarch64, as in `cargo xtask dist`).
+fn cargo_artifacts(args: &[&str], linker: Option<&(String, &str)>) -> Result<Vec<Artifact>> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let shown = format!("cargo {}", args.join(" "));
     println!("vm-test: {shown}");
-    let mut child = Command::new(&cargo)
+    let mut command = Command::new(&cargo);
+    if let Some((var, linker)) = linker {
+        command.env(var, linker);
+    }
+    let mut child = command
         .args(args)
         .arg("--message-format=json-render-diagnostics")
         .current_dir(crate::workspace_root())
