@@ -234,20 +234,9 @@ fn unprivileged_run_fails_with_one_clear_line() {
     if !privileged("unprivileged_run_fails_with_one_clear_line") {
         return;
     }
-    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
-    // nobody must reach the binary wherever the clone lives (a clone in
-    // /root, mode 0700, is out of its reach): a copy in a directory of
-    // its own that everyone may enter.
-    // /tmp, not $TMPDIR: a TMPDIR under /root would be out of reach too.
-    let dir = tempfile::Builder::new()
-        .tempdir_in("/tmp")
-        .expect("temporary directory in /tmp");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod 0755 the temporary directory");
-    let agent = dir.path().join("backlog-agent");
-    std::fs::copy(common::agent_bin(), &agent).expect("copy the agent");
-    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755))
-        .expect("chmod 0755 the agent copy");
+    use std::os::unix::process::CommandExt;
+    // nobody must reach the binary wherever the clone lives.
+    let (_dir, agent) = common::agent_for_any_user();
     let out = Command::new(&agent)
         .arg("--duration=1")
         .uid(65534)

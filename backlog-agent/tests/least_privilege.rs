@@ -21,8 +21,8 @@ use std::{
 
 use backlog_agent::caps::{self, MINIMAL};
 use common::{
-    agent_bin, counter_delta, in_new_netns, matrix, netns_inode, privileged, scenarios, serial,
-    set_sysctl, tcp_ext, Agent, AgentRun, Started,
+    counter_delta, in_new_netns, matrix, netns_inode, privileged, scenarios, serial, set_sysctl,
+    tcp_ext, Agent, AgentRun, Started,
 };
 use socket2::{Domain, Socket, Type};
 
@@ -42,8 +42,10 @@ fn minimal_mask() -> u64 {
 /// effective) capabilities: what `setpriv --reuid=65534 --regid=65534
 /// --clear-groups --inh-caps=... --ambient-caps=...` does, done here so
 /// that the busybox-only guests need no util-linux.
-fn as_nobody(caps: u64, args: &[&str]) -> Command {
-    let mut command = Command::new(agent_bin());
+/// `agent` must be a copy nobody can reach (common::agent_for_any_user):
+/// the clone may live where nobody cannot enter.
+fn as_nobody(agent: &std::path::Path, caps: u64, args: &[&str]) -> Command {
+    let mut command = Command::new(agent);
     command.args(args);
     // SAFETY: the closure only makes async-signal-safe syscalls (prctl,
     // setgroups, setresgid, setresuid, capset) between fork and exec.
@@ -191,7 +193,8 @@ impl SideBySide {
     fn run(caps: u64) -> SideBySide {
         let args = ["--output", "json"];
         let root = Agent::expect_ready(&args);
-        let nobody = match Agent::start_command(as_nobody(caps, &args)) {
+        let (_dir, agent) = common::agent_for_any_user();
+        let nobody = match Agent::start_command(as_nobody(&agent, caps, &args)) {
             Started::Ready(agent) => Ok(agent),
             Started::Exited(run) => Err(run),
         };
@@ -398,11 +401,12 @@ fn attached_agent_keeps_only_run_time_capabilities() {
         return;
     }
     let _serial = serial();
+    let (_dir, copy) = common::agent_for_any_user();
     for (who, agent) in [
         ("root", Agent::expect_ready(&[])),
         (
             "nobody",
-            match Agent::start_command(as_nobody(minimal_mask(), &[])) {
+            match Agent::start_command(as_nobody(&copy, minimal_mask(), &[])) {
                 Started::Ready(agent) => agent,
                 Started::Exited(run) => panic!("{}", run.stderr),
             },
@@ -483,11 +487,13 @@ fn too_few_capabilities_are_named() {
         (&["CAP_SYS_PTRACE"], "no CAP_SYS_PTRACE:"),
         (&["CAP_SYS_ADMIN"], "no CAP_SYS_ADMIN:"),
     ];
+    let (_dir, agent) = common::agent_for_any_user();
     for (removed, expected) in cases {
-        let run = match Agent::start_command(as_nobody(without(removed), &["--duration", "1"])) {
-            Started::Ready(agent) => agent.stop(),
-            Started::Exited(run) => run,
-        };
+        let run =
+            match Agent::start_command(as_nobody(&agent, without(removed), &["--duration", "1"])) {
+                Started::Ready(agent) => agent.stop(),
+                Started::Exited(run) => run,
+            };
         let fatal = expected.starts_with("error:");
         assert_eq!(
             !run.status.success(),

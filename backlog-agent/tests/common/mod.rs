@@ -132,6 +132,24 @@ pub fn agent_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_backlog-agent")))
 }
 
+/// A copy of the agent that any user can run, wherever the clone lives:
+/// a clone in /root (mode 0700) is out of nobody's reach. The copy lives
+/// in a directory of its own under /tmp (not $TMPDIR, which may be under
+/// /root too) that everyone may enter; it goes when the TempDir drops.
+pub fn agent_for_any_user() -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .tempdir_in("/tmp")
+        .expect("temporary directory in /tmp");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
+        .expect("chmod 0755 the temporary directory");
+    let agent = dir.path().join("backlog-agent");
+    fs::copy(agent_bin(), &agent).expect("copy the agent");
+    fs::set_permissions(&agent, fs::Permissions::from_mode(0o755))
+        .expect("chmod 0755 the agent copy");
+    (dir, agent)
+}
+
 pub fn kernel_release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
