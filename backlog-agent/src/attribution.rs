@@ -133,6 +133,11 @@ pub fn held_by(proc_root: &Path, pid: u32, inode: u64) -> Option<Process> {
     })
 }
 
+/// The name of process `pid` (its main thread's comm), if it still runs.
+pub fn process_comm(proc_root: &Path, pid: u32) -> Option<String> {
+    read_comm(&proc_root.join(pid.to_string()))
+}
+
 /// Socket inodes behind `/proc/PID/fd/*`, deduplicated.
 pub(crate) fn socket_inodes(pid_dir: &Path) -> io::Result<Vec<u64>> {
     let mut inodes = Vec::new();

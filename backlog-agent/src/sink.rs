@@ -220,9 +220,14 @@ impl Sink {
         };
         if processes.is_empty() && listen_known {
             if let Some(call) = self.listens.get(&inode) {
+                // The process's name while it lives, as a /proc walk would
+                // give it: the listen() record holds the calling thread's,
+                // which may differ (a named thread).
+                let comm = crate::attribution::process_comm(Path::new("/proc"), call.pid)
+                    .unwrap_or_else(|| call.comm.clone());
                 processes.push(Process {
                     pid: call.pid,
-                    comm: call.comm.clone(),
+                    comm,
                     cmdline: None,
                 });
             }
