@@ -198,6 +198,21 @@ pub enum RowListener {
 }
 
 impl RowListener {
+    /// The listener's netns and socket inode (0 while unknown).
+    pub fn netns_and_inode(&self) -> (u32, u64) {
+        match *self {
+            RowListener::Tcp {
+                netns,
+                socket_inode,
+                ..
+            }
+            | RowListener::Unix {
+                netns,
+                socket_inode,
+            } => (netns, socket_inode),
+        }
+    }
+
     fn of(key: &AcceptKey, stats: &AcceptStats) -> Option<RowListener> {
         match key.kind {
             ACCEPT_KEY_TCP => Some(RowListener::Tcp {

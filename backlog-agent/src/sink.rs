@@ -654,11 +654,7 @@ impl Sink {
         let waiting = std::mem::take(&mut self.near_full_waiting);
         let mut written = false;
         for (crossing, until) in waiting {
-            let inode = match crossing.listener {
-                RowListener::Tcp { socket_inode, .. } | RowListener::Unix { socket_inode, .. } => {
-                    socket_inode
-                }
-            };
+            let (_, inode) = crossing.listener.netns_and_inode();
             let hint = self.listens.get(&inode).map(|call| call.pid);
             let pending =
                 inode != 0 && matches!(self.resolver.lookup(inode, true, hint), Lookup::Pending);
@@ -675,17 +671,7 @@ impl Sink {
     }
 
     fn near_full(&mut self, crossing: &NearFull) {
-        let (netns, inode) = match crossing.listener {
-            RowListener::Tcp {
-                netns,
-                socket_inode,
-                ..
-            }
-            | RowListener::Unix {
-                netns,
-                socket_inode,
-            } => (netns, socket_inode),
-        };
+        let (netns, inode) = crossing.listener.netns_and_inode();
         let processes = if inode != 0 {
             self.processes(inode)
         } else {
@@ -745,17 +731,7 @@ impl Sink {
             if matched || !figures.worth_reporting() {
                 continue;
             }
-            let (netns, socket_inode) = match row {
-                RowListener::Tcp {
-                    netns,
-                    socket_inode,
-                    ..
-                }
-                | RowListener::Unix {
-                    netns,
-                    socket_inode,
-                } => (netns, socket_inode),
-            };
+            let (netns, socket_inode) = row.netns_and_inode();
             let processes = if socket_inode != 0 {
                 self.processes(socket_inode)
             } else {
