@@ -74,9 +74,10 @@ impl Filters {
             ..Filters::default()
         };
         for &pid in &filters.pids {
-            let inodes =
-                crate::attribution::socket_inodes(&Path::new("/proc").join(pid.to_string()))
-                    .map_err(|source| FilterError::Pid { pid, source })?;
+            let inodes = crate::enrich::attribution::socket_inodes(
+                &Path::new("/proc").join(pid.to_string()),
+            )
+            .map_err(|source| FilterError::Pid { pid, source })?;
             filters.sockets.extend(inodes);
         }
         for path in dedup(&cli.cgroup) {
@@ -261,7 +262,7 @@ fn cgroup_dir(path: &Path) -> Result<PathBuf, FilterError> {
         return Ok(path.to_owned());
     }
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let root = crate::context::cgroup2_mount_point(&mountinfo)
+    let root = crate::enrich::context::cgroup2_mount_point(&mountinfo)
         .ok_or_else(|| FilterError::NoCgroup2(path.to_owned()))?;
     let below = root.join(path.strip_prefix("/").unwrap_or(path));
     if is_cgroup2(&below) {
@@ -412,15 +413,15 @@ impl RowFilter {
         self.flags == 0
     }
 
-    pub fn wants(&self, row: &crate::accept_wait::RowListener) -> bool {
+    pub fn wants(&self, row: &crate::enrich::accept_wait::RowListener) -> bool {
         match *row {
-            crate::accept_wait::RowListener::Tcp {
+            crate::enrich::accept_wait::RowListener::Tcp {
                 netns,
                 port,
                 socket_inode,
                 ..
             } => self.wants_tcp(netns, port, socket_inode),
-            crate::accept_wait::RowListener::Unix { .. } => self.wants_unix(),
+            crate::enrich::accept_wait::RowListener::Unix { .. } => self.wants_unix(),
         }
     }
 }

@@ -24,7 +24,7 @@ use tokio::{
     time::timeout,
 };
 
-use crate::metrics::{self, Snapshot};
+use crate::report::metrics::{self, Snapshot};
 
 /// The largest request head read; Prometheus sends a few hundred bytes.
 pub const MAX_HEAD: usize = 8 * 1024;

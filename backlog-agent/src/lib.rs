@@ -11,31 +11,16 @@
 //! - `output`, `summary`, `clock`: what the user sees.
 //! - `metrics`, `http`, `bpfstats`: the Prometheus endpoint (`--metrics-addr`).
 
-pub mod accept_wait;
-pub mod advice;
-pub mod attribution;
-pub mod bpfstats;
-pub mod btf;
 pub mod caps;
 pub mod cli;
 pub mod clock;
-pub mod context;
-pub mod counted;
 pub mod decode;
-pub mod diagnosis;
+pub mod enrich;
 pub mod filter;
 pub mod flood;
 pub mod http;
-pub mod kallsyms;
-pub mod metrics;
-pub mod offsets;
-pub mod output;
-pub mod preflight;
-pub mod probes;
-pub mod resolver;
+pub mod kernel;
+pub mod report;
 pub mod sink;
-pub mod sockdiag;
-pub mod summary;
 #[cfg(test)]
 mod testing;
-pub mod tracefs;

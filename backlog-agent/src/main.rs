@@ -12,19 +12,19 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use backlog_agent::{
-    accept_wait::AcceptWait,
-    btf::Btf,
     caps,
     cli::Cli,
-    counted,
+    enrich::accept_wait::AcceptWait,
+    enrich::counted,
     filter::Filters,
     flood::Aggregator,
     http,
-    metrics::Metrics,
-    preflight,
-    probes::{self, KernelCounters, Outcome},
+    kernel::btf::Btf,
+    kernel::preflight,
+    kernel::probes::{self, KernelCounters, Outcome},
+    kernel::tracefs,
+    report::metrics::Metrics,
     sink::{Options, Sink},
-    tracefs,
 };
 use backlog_common::DropKind;
 use clap::Parser as _;

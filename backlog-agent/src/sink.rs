@@ -14,21 +14,21 @@ use backlog_common::DropKind;
 use serde::Serialize;
 
 use crate::{
-    accept_wait::{self, AcceptWait, NearFull, RowListener},
-    advice::{self, Advice},
-    attribution::Process,
     cli::OutputFormat,
     clock::{self, MonotonicToWall, Rfc3339Cache},
-    context::{self, CgroupResolver, NetnsSysctls},
-    counted::{self, NetnsDelta},
     decode::{decode_record, DecodeError, Event, ListenCall, Record, UnixConnect},
-    diagnosis::{self, diagnose, ListenerFacts},
+    enrich::accept_wait::{self, AcceptWait, NearFull, RowListener},
+    enrich::advice::{self, Advice},
+    enrich::attribution::Process,
+    enrich::context::{self, CgroupResolver, NetnsSysctls},
+    enrich::counted::{self, NetnsDelta},
+    enrich::resolver::{Lookup, Resolver},
+    enrich::sockdiag::{self, UnixListenerInfo},
     filter::RowFilter,
     flood::{Aggregate, FloodListener},
-    output::{self, Placement, UnixListenerView},
-    resolver::{Lookup, Resolver},
-    sockdiag::{self, UnixListenerInfo},
-    summary::{ListenerAddr, ListenerKey, ListenerStats, Summary},
+    report::diagnosis::{self, diagnose, ListenerFacts},
+    report::output::{self, Placement, UnixListenerView},
+    report::summary::{ListenerAddr, ListenerKey, ListenerStats, Summary},
 };
 
 /// How long a near-full warning waits for its listener's holders.
@@ -223,7 +223,7 @@ impl Sink {
                 // The process's name while it lives, as a /proc walk would
                 // give it: the listen() record holds the calling thread's,
                 // which may differ (a named thread).
-                let comm = crate::attribution::process_comm(Path::new("/proc"), call.pid)
+                let comm = crate::enrich::attribution::process_comm(Path::new("/proc"), call.pid)
                     .unwrap_or_else(|| call.comm.clone());
                 processes.push(Process {
                     pid: call.pid,

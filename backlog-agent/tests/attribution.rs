@@ -95,7 +95,7 @@ fn overflow(port: u16, wave: i32) {
 fn wait_for_queue(port: u16, n: u32) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let listeners = backlog_agent::sockdiag::tcp_listeners().expect("sock_diag");
+        let listeners = backlog_agent::enrich::sockdiag::tcp_listeners().expect("sock_diag");
         let len = listeners
             .iter()
             .find(|l| l.port == port)
@@ -118,7 +118,7 @@ fn wait_for_queue(port: u16, n: u32) {
 fn overflow_group(port: u16, backlog: u32, group: &[(u64, u64)]) {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let queue_lens = || -> Vec<u32> {
-        let listeners = backlog_agent::sockdiag::tcp_listeners().expect("sock_diag");
+        let listeners = backlog_agent::enrich::sockdiag::tcp_listeners().expect("sock_diag");
         group
             .iter()
             .filter_map(|(inode, _)| listeners.iter().find(|l| l.inode == *inode))

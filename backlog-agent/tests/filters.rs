@@ -231,7 +231,7 @@ struct TestCgroup(PathBuf);
 impl TestCgroup {
     fn new() -> TestCgroup {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let root = backlog_agent::context::cgroup2_mount_point(&mountinfo)
+        let root = backlog_agent::enrich::context::cgroup2_mount_point(&mountinfo)
             .expect("a cgroup2 mount (the agent needs one for --cgroup)");
         let dir = root.join(format!("backlog-filter-test-{}", std::process::id()));
         let _ = std::fs::remove_dir(&dir);

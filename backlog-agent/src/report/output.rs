@@ -8,10 +8,10 @@ use std::{fmt::Write as _, io::Write as _, net::SocketAddr, time::SystemTime};
 use serde::Serialize;
 
 use crate::{
-    attribution::Process,
     clock,
-    context::Workload,
     decode::{Event, UnixConnect},
+    enrich::attribution::Process,
+    enrich::context::Workload,
     flood::{Aggregate, FloodListener},
 };
 

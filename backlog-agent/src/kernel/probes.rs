@@ -17,10 +17,10 @@ use backlog_common::{
 use thiserror::Error;
 
 use crate::{
-    btf::Btf,
     cli::AttachMode,
-    offsets::{self, OffsetError},
-    tracefs::EventFormat,
+    kernel::btf::Btf,
+    kernel::offsets::{self, OffsetError},
+    kernel::tracefs::EventFormat,
 };
 
 /// The eBPF object built by build.rs (empty when the build was skipped).
@@ -438,10 +438,10 @@ pub fn start(
         )),
         None => Err("tcp_v4_syn_recv_sock is not in the kernel's BTF".into()),
     };
-    let snmp_counters = crate::kallsyms::read()
+    let snmp_counters = crate::kernel::kallsyms::read()
         .and_then(|kallsyms| offsets::apply_snmp_counters(&mut kernel_offsets, btf, &kallsyms));
     let accept_offsets =
-        crate::accept_wait::resolve(&kernel_offsets, btf, tracefs, near_full_percent);
+        crate::enrich::accept_wait::resolve(&kernel_offsets, btf, tracefs, near_full_percent);
     let preconditions = Preconditions {
         kfree_skb,
         syscalls,

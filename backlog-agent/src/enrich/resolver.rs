@@ -29,7 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::attribution::{held_by, Process, ScanStats, SocketOwners};
+use crate::enrich::attribution::{held_by, Process, ScanStats, SocketOwners};
 
 type Owners = HashMap<u64, Vec<Process>>;
 

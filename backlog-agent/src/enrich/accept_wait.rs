@@ -21,7 +21,7 @@ use backlog_common::{
     ACCEPT_KEY_UNIX, AF_UNIX, WAIT_BUCKETS,
 };
 
-use crate::{btf::Btf, decode::ip, tracefs::EventFormat};
+use crate::{decode::ip, kernel::btf::Btf, kernel::tracefs::EventFormat};
 
 /// Near-full threshold when `--near-full` is not given, in percent.
 pub const DEFAULT_NEAR_FULL_PERCENT: u32 = 80;
@@ -378,7 +378,7 @@ pub fn near_full_text(
     time: std::time::SystemTime,
     percent: u32,
     netns: u32,
-    processes: &[crate::attribution::Process],
+    processes: &[crate::enrich::attribution::Process],
 ) -> String {
     let listener = match crossing.listener.socket_addr() {
         Some(addr) => addr.to_string(),
@@ -390,7 +390,7 @@ pub fn near_full_text(
         crate::clock::rfc3339(time),
         crossing.queue_len,
         crossing.queue_max,
-        crate::output::process_list(processes),
+        crate::report::output::process_list(processes),
     )
 }
 
@@ -403,7 +403,7 @@ pub fn near_full_json(
     percent: u32,
     netns: u32,
     socket_inode: u64,
-    processes: &[crate::attribution::Process],
+    processes: &[crate::enrich::attribution::Process],
 ) -> String {
     let listener = crossing
         .listener

@@ -23,7 +23,7 @@ use std::{
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::sockdiag::SockDiagError;
+use crate::enrich::sockdiag::SockDiagError;
 
 /// Where systemd (pure v2) mounts the cgroup2 hierarchy.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -399,7 +399,7 @@ pub fn read_sysctls_in(netns_file: &Path) -> Result<NetnsSysctls, ContextError> 
     // One mechanism for entering a namespace: sockdiag's, which opens the
     // file on the calling thread (so the caller's view of /proc decides
     // what the path means) and setns()es a scoped thread.
-    crate::sockdiag::in_netns(netns_file, read_sysctls_here).map_err(|err| match err {
+    crate::enrich::sockdiag::in_netns(netns_file, read_sysctls_here).map_err(|err| match err {
         SockDiagError::OpenNetns { path, error } => ContextError::OpenNetns {
             path,
             source: error,

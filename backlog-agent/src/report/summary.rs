@@ -9,10 +9,10 @@ use std::{
 use backlog_common::{DropCounts, DropKind, DropTotalKey, UnixTotalKey};
 
 use crate::{
-    attribution::Process,
     decode::Event,
+    enrich::attribution::Process,
     flood::{self, Aggregate, FloodListener},
-    output::process_list,
+    report::output::process_list,
 };
 
 /// Where a listener listens: a TCP address or a UNIX socket path.
@@ -67,9 +67,9 @@ pub struct ListenerStats {
     pub peers: BTreeMap<IpAddr, u64>,
     pub cgroup_id: u64,
     /// Accept-queue wait and rates (accept_wait.rs), set at each report.
-    pub accept: Option<crate::accept_wait::AcceptFigures>,
+    pub accept: Option<crate::enrich::accept_wait::AcceptFigures>,
     /// Backlog advice from those figures, set at each report.
-    pub advice: Option<crate::advice::Advice>,
+    pub advice: Option<crate::enrich::advice::Advice>,
 }
 
 impl ListenerStats {

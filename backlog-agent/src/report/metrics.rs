@@ -27,11 +27,11 @@ use prometheus_client::{
 };
 
 use crate::{
-    bpfstats::{self, ProgramStats},
-    counted,
-    probes::{KernelCounters, Outcome},
+    enrich::counted,
+    kernel::bpfstats::{self, ProgramStats},
+    kernel::probes::{KernelCounters, Outcome},
+    report::summary::ListenerAddr,
     sink::Sink,
-    summary::ListenerAddr,
 };
 
 /// The drops of one listener (all its sockets on one address in one
@@ -193,7 +193,7 @@ impl Metrics {
             cap: SeriesCap::new(max_listeners),
             counted_before,
             hooks,
-            kernel: crate::preflight::kernel_release(),
+            kernel: crate::kernel::preflight::kernel_release(),
             warned: HashSet::new(),
         }
     }

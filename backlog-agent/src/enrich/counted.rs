@@ -18,7 +18,7 @@ use std::{
 
 use backlog_common::DropKind;
 
-use crate::sockdiag;
+use crate::enrich::sockdiag;
 
 /// The TcpExt counters that tell listen-queue drops apart.
 pub const COUNTERS: [&str; 4] = [

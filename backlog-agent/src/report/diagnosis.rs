@@ -146,10 +146,10 @@ pub fn diagnose(f: &ListenerFacts) -> String {
 /// close it came to full, and what backlog fits (one line, no newline).
 pub fn accept_queue_note(
     f: &ListenerFacts,
-    figures: &crate::accept_wait::AcceptFigures,
-    advice: Option<&crate::advice::Advice>,
+    figures: &crate::enrich::accept_wait::AcceptFigures,
+    advice: Option<&crate::enrich::advice::Advice>,
 ) -> String {
-    use crate::advice::Action;
+    use crate::enrich::advice::Action;
     let mut parts = Vec::new();
     if let Some(w) = figures.wait_ms {
         parts.push(format!(

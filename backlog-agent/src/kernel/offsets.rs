@@ -6,8 +6,8 @@ use backlog_common::{KernelOffsets, OFFSET_ABSENT};
 use thiserror::Error;
 
 use crate::{
-    btf::{Btf, BtfError, Field},
-    tracefs::EventFormat,
+    kernel::btf::{Btf, BtfError, Field},
+    kernel::tracefs::EventFormat,
 };
 
 #[derive(Debug, Error)]
@@ -224,7 +224,7 @@ pub fn apply_snmp_counters(o: &mut KernelOffsets, btf: &Btf, kallsyms: &str) -> 
     o.mib_listen_drops = index("LINUX_MIB_LISTENDROPS")?;
     o.mib_reqq_full_drop = index("LINUX_MIB_TCPREQQFULLDROP")?;
     o.mib_reqq_full_do_cookies = index("LINUX_MIB_TCPREQQFULLDOCOOKIES")?;
-    o.per_cpu_offset_addr = crate::kallsyms::address(kallsyms, "__per_cpu_offset")?;
+    o.per_cpu_offset_addr = crate::kernel::kallsyms::address(kallsyms, "__per_cpu_offset")?;
     o.net_mib_net_statistics = stats.offset;
     Ok(())
 }
