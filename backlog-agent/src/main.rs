@@ -251,7 +251,7 @@ async fn run(cli: Cli) -> Result<()> {
                 guard.clear_ready();
             }
         }
-        if sink.stdout_closed {
+        if sink.stdout_closed() {
             note("stdout was closed; stopping");
             break;
         }

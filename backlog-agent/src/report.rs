@@ -1,8 +1,198 @@
-//! Every format the user sees, in one wing: event lines (`output`), the
-//! per-listener summary table (`summary`) and its diagnoses (`diagnosis`),
-//! and the Prometheus metrics (`metrics`).
+//! Every format the user sees, in one wing, each a renderer of the model
+//! (model.rs): readable lines (`text`), JSON lines (`json`) and Prometheus
+//! metrics (`metrics`), with the diagnoses they show (`diagnosis`).
+//! [`Reporter`] writes the first two to stdout and stderr.
 
 pub mod diagnosis;
+pub mod json;
 pub mod metrics;
-pub mod output;
-pub mod summary;
+pub mod text;
+
+use std::{
+    io::{BufWriter, Write},
+    time::SystemTime,
+};
+
+use crate::{
+    cli::OutputFormat,
+    clock::{self, Rfc3339Cache},
+    model::{
+        AggregateRecord, CountedNetns, DropEvent, ListenerReport, NearFullWarning, Summary,
+        UnixDrop,
+    },
+};
+
+const OUT_BUFFER: usize = 256 * 1024;
+
+/// What the renderers need besides the model.
+pub struct ReportOptions {
+    pub format: OutputFormat,
+    /// The kernel's rate limit, named in aggregate records.
+    pub max_events_per_sec: u32,
+    /// `--near-full`, shown in the warning.
+    pub near_full_percent: u32,
+}
+
+/// Writes model values in the `--output` format: events on stdout,
+/// summaries on stderr (and, as JSON lines, on stdout too). With
+/// `--output none` (metrics only) stdout stays silent.
+pub struct Reporter {
+    options: ReportOptions,
+    out: BufWriter<Box<dyn Write + Send>>,
+    /// The JSON line being written, reused.
+    line: Vec<u8>,
+    times: Rfc3339Cache,
+    /// Set once a write to stdout failed (a closed pipe): the agent stops.
+    pub closed: bool,
+}
+
+impl Reporter {
+    pub fn new(options: ReportOptions, out: Box<dyn Write + Send>) -> Self {
+        Reporter {
+            options,
+            // Large enough that a flood is written in few syscalls.
+            out: BufWriter::with_capacity(OUT_BUFFER, out),
+            line: Vec::with_capacity(1024),
+            times: Rfc3339Cache::default(),
+            closed: false,
+        }
+    }
+
+    pub fn flush(&mut self) {
+        if !self.closed && self.out.flush().is_err() {
+            self.closed = true;
+        }
+    }
+
+    fn write_line(&mut self, line: &str) {
+        if !self.closed && writeln!(self.out, "{line}").is_err() {
+            self.closed = true;
+        }
+    }
+
+    /// The hot path: a flood writes a million of these a second.
+    pub fn drop_event(&mut self, drop: &DropEvent) {
+        self.line.clear();
+        match self.options.format {
+            OutputFormat::Text => {
+                self.line
+                    .extend_from_slice(text::drop_line(drop).as_bytes());
+                self.line.push(b'\n');
+            }
+            OutputFormat::Json => {
+                json::write_drop(&mut self.line, drop, self.times.format(drop.time))
+            }
+            OutputFormat::None => return,
+        }
+        if !self.closed && self.out.write_all(&self.line).is_err() {
+            self.closed = true;
+        }
+    }
+
+    pub fn unix_drop(&mut self, drop: &UnixDrop) {
+        let line = match self.options.format {
+            OutputFormat::Text => text::unix_line(drop),
+            OutputFormat::Json => json::unix_line(drop),
+            OutputFormat::None => return,
+        };
+        self.write_line(&line);
+    }
+
+    pub fn aggregate(&mut self, record: &AggregateRecord) {
+        let line = match self.options.format {
+            OutputFormat::Text => text::aggregate_line(record),
+            OutputFormat::Json => json::aggregate_line(record, self.options.max_events_per_sec),
+            OutputFormat::None => return,
+        };
+        self.write_line(&line);
+    }
+
+    pub fn near_full(&mut self, warning: &NearFullWarning) {
+        let percent = self.options.near_full_percent;
+        let line = match self.options.format {
+            OutputFormat::Text => text::near_full_line(warning, percent),
+            OutputFormat::Json => json::near_full_line(warning, percent),
+            OutputFormat::None => return,
+        };
+        self.write_line(&line);
+    }
+
+    /// The per-listener summary: a table and diagnoses on stderr, and with
+    /// `--output json` one `listener_summary` line per listener on stdout.
+    pub fn listener_summary(
+        &mut self,
+        heading: &str,
+        summary: &Summary,
+        reports: &[ListenerReport],
+    ) {
+        if self.options.format == OutputFormat::Json {
+            let time = clock::rfc3339(SystemTime::now());
+            for report in reports {
+                self.write_line(&json::listener_summary_line(&time, report));
+            }
+        }
+        self.flush();
+        eprint!("{}", text::listener_summary(heading, summary, reports));
+    }
+
+    /// Drops counted by the kernel during the run in namespaces where they
+    /// could not be traced: on stderr, and as JSON lines on stdout.
+    pub fn counted(&mut self, namespaces: &[CountedNetns]) {
+        if self.options.format == OutputFormat::Json {
+            let time = clock::rfc3339(SystemTime::now());
+            for counted in namespaces {
+                self.write_line(&json::counted_line(&time, counted));
+            }
+        }
+        self.flush();
+        eprint!("{}", text::counted(namespaces));
+    }
+}
+
+/// Values the renderers' unit tests share.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use backlog_common::DropKind;
+
+    use crate::{decode::Event, enrich::attribution::Process};
+
+    pub(crate) fn event() -> Event {
+        Event {
+            kind: DropKind::AckDroppedAcceptQueueFull,
+            timestamp_ns: 1,
+            cpu: 1,
+            listener: "[::]:8080".parse().unwrap(),
+            local: Some("127.0.0.1:8080".parse().unwrap()),
+            peer: Some("127.0.0.1:40000".parse().unwrap()),
+            accept_queue_len: 9,
+            accept_queue_max: 8,
+            syn_queue_len: 2,
+            netns_inode: 4026531840,
+            socket_inode: 555,
+            cgroup_id: 77,
+            partial: false,
+            reset_sent: false,
+        }
+    }
+
+    pub(crate) fn procs() -> Vec<Process> {
+        vec![
+            Process {
+                pid: 10,
+                comm: "nginx".into(),
+                cmdline: None,
+            },
+            Process {
+                pid: 11,
+                comm: "nginx".into(),
+                cmdline: None,
+            },
+        ]
+    }
+
+    pub(crate) fn time() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_795_316_400)
+    }
+}

@@ -3,32 +3,35 @@
 //! with a diagnosis at `--interval` and at exit.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
-    io::{self, BufWriter, Write},
-    net::IpAddr,
+    collections::{HashMap, HashSet, VecDeque},
+    io::{self, Write},
     path::{Path, PathBuf},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use backlog_common::DropKind;
-use serde::Serialize;
 
 use crate::{
     cli::OutputFormat,
-    clock::{self, MonotonicToWall, Rfc3339Cache},
+    clock::MonotonicToWall,
     decode::{decode_record, DecodeError, Event, ListenCall, Record, UnixConnect},
-    enrich::accept_wait::{self, AcceptWait, NearFull, RowListener},
-    enrich::advice::{self, Advice},
-    enrich::attribution::Process,
-    enrich::context::{self, CgroupResolver, NetnsSysctls},
-    enrich::counted::{self, NetnsDelta},
-    enrich::resolver::{Lookup, Resolver},
-    enrich::sockdiag::{self, UnixListenerInfo},
+    enrich::{
+        accept_wait::{self, AcceptWait, NearFull, RowListener},
+        advice::{self, Advice},
+        attribution::Process,
+        context::{self, CgroupResolver, NetnsSysctls},
+        counted::{self, NetnsDelta},
+        resolver::{Lookup, Resolver},
+        sockdiag::{self, UnixListenerInfo},
+    },
     filter::RowFilter,
     flood::{Aggregate, FloodListener},
-    report::diagnosis::{self, diagnose, ListenerFacts},
-    report::output::{self, Placement, UnixListenerView},
-    report::summary::{ListenerAddr, ListenerKey, ListenerStats, Summary},
+    model::{
+        AggregateRecord, CountedNetns, DropEvent, ListenerAddr, ListenerContext, ListenerKey,
+        ListenerReport, ListenerStats, NearFullWarning, Placement, Summary, UnixDrop,
+        UnixListenerView,
+    },
+    report::{diagnosis, ReportOptions, Reporter},
 };
 
 /// How long a near-full warning waits for its listener's holders.
@@ -54,10 +57,6 @@ const MAX_WAITING: usize = 65536;
 /// burst of EAGAINs one dump serves a while.
 const UNIX_DUMP_TTL: Duration = Duration::from_millis(200);
 
-const TOP_PEERS: usize = 5;
-
-const OUT_BUFFER: usize = 256 * 1024;
-
 /// How long a listener's holders are reused before they are looked up
 /// again (workers come and go); shorter while none is found.
 const FRAGMENT_TTL: Duration = Duration::from_secs(5);
@@ -66,8 +65,7 @@ const FRAGMENT_TTL_UNATTRIBUTED: Duration = Duration::from_secs(1);
 const MAX_FRAGMENTS: usize = 16384;
 
 struct ListenerFragment {
-    processes: Vec<Process>,
-    json: String,
+    context: ListenerContext,
     until: Instant,
 }
 
@@ -88,7 +86,7 @@ pub struct Options {
 
 pub struct Sink {
     options: Options,
-    out: BufWriter<Box<dyn Write + Send>>,
+    reporter: Reporter,
     clock: MonotonicToWall,
     pub resolver: Resolver,
     /// Events waiting (at most ATTRIBUTION_WAIT) for their listener's
@@ -112,16 +110,12 @@ pub struct Sink {
     /// UNIX listeners as their events found them, by (client netns, path):
     /// what an aggregate of the same path is attributed to.
     unix_seen: HashMap<(u32, String), (Option<u64>, Vec<Process>)>,
-    /// Per listener (socket, netns, cgroup): its holders and the JSON
-    /// fragment they render to, reused by every event for a while.
+    /// Per listener (socket, netns, cgroup): its holders and placement,
+    /// reused by every event for a while.
     fragments: HashMap<(u64, u32, u64), ListenerFragment>,
-    /// The JSON line being written, reused.
-    line: Vec<u8>,
-    times: Rfc3339Cache,
     /// Listeners and kinds for which flood mode engaged (told once).
     flooded: HashSet<(FloodListener, DropKind)>,
     pub summary: Summary,
-    pub stdout_closed: bool,
     /// Accept-queue figures, when the accept hooks are attached.
     pub accept: Option<AcceptWait>,
     /// The in-kernel filters, as they apply to accept-queue rows, which
@@ -146,10 +140,17 @@ impl Sink {
                 None
             }
         };
+        let reporter = Reporter::new(
+            ReportOptions {
+                format: options.format,
+                max_events_per_sec: options.max_events_per_sec,
+                near_full_percent: options.near_full_percent,
+            },
+            out,
+        );
         Sink {
             options,
-            // Large enough that a flood is written in few syscalls.
-            out: BufWriter::with_capacity(OUT_BUFFER, out),
+            reporter,
             clock: MonotonicToWall::now(),
             resolver: Resolver::start("/proc", URGENT_WALK, RELAXED_WALK),
             waiting: VecDeque::new(),
@@ -163,11 +164,8 @@ impl Sink {
             unix_dumps: HashMap::new(),
             unix_seen: HashMap::new(),
             fragments: HashMap::new(),
-            line: Vec::with_capacity(1024),
-            times: Rfc3339Cache::default(),
             flooded: HashSet::new(),
             summary: Summary::default(),
-            stdout_closed: false,
             accept: None,
             row_filter: RowFilter::default(),
             near_full_waiting: Vec::new(),
@@ -198,15 +196,12 @@ impl Sink {
     }
 
     pub fn flush(&mut self) {
-        if !self.stdout_closed && self.out.flush().is_err() {
-            self.stdout_closed = true;
-        }
+        self.reporter.flush();
     }
 
-    fn write_line(&mut self, line: &str) {
-        if !self.stdout_closed && writeln!(self.out, "{line}").is_err() {
-            self.stdout_closed = true;
-        }
+    /// Whether stdout was closed (the agent then stops).
+    pub fn stdout_closed(&self) -> bool {
+        self.reporter.closed
     }
 
     /// Holders of socket `inode` as far as known now: from the last /proc
@@ -357,8 +352,7 @@ impl Sink {
             self.fragments.insert(
                 key,
                 ListenerFragment {
-                    json: output::json_listener_fragment(&processes, &placement),
-                    processes,
+                    context: ListenerContext::new(processes, placement),
                     until: now + ttl,
                 },
             );
@@ -366,28 +360,12 @@ impl Sink {
         let Some(fragment) = self.fragments.get(&key) else {
             return;
         };
-        let time = self.clock.wall(event.timestamp_ns);
-        self.line.clear();
-        match self.options.format {
-            OutputFormat::Text => {
-                self.line.extend_from_slice(
-                    output::text_line(event, time, &fragment.processes).as_bytes(),
-                );
-                self.line.push(b'\n');
-            }
-            OutputFormat::Json => output::write_json_event(
-                &mut self.line,
-                event,
-                self.times.format(time),
-                &fragment.json,
-            ),
-            // --output none (metrics only): nothing on stdout.
-            OutputFormat::None => {}
-        }
-        if !self.stdout_closed && self.out.write_all(&self.line).is_err() {
-            self.stdout_closed = true;
-        }
-        self.summary.record(event, &fragment.processes);
+        self.reporter.drop_event(&DropEvent {
+            event,
+            time: self.clock.wall(event.timestamp_ns),
+            listener: &fragment.context,
+        });
+        self.summary.record(event, &fragment.context.processes);
     }
 
     fn unix_connect(&mut self, event: &UnixConnect) {
@@ -410,15 +388,12 @@ impl Sink {
             Some(l) => self.processes(l.inode),
             None => Vec::new(),
         };
-        let time = self.clock.wall(event.timestamp_ns);
-        let line = match self.options.format {
-            OutputFormat::Text => Some(output::unix_text_line(event, time, &view, &processes)),
-            OutputFormat::Json => Some(output::unix_json_line(event, time, &view, &processes)),
-            OutputFormat::None => None,
-        };
-        if let Some(line) = line {
-            self.write_line(&line);
-        }
+        self.reporter.unix_drop(&UnixDrop {
+            event,
+            time: self.clock.wall(event.timestamp_ns),
+            listener: &view,
+            processes: &processes,
+        });
         self.unix_seen.insert(
             (
                 view.netns.unwrap_or(0),
@@ -506,19 +481,11 @@ impl Sink {
                     self.options.max_events_per_sec,
                 ));
             }
-            let line = match self.options.format {
-                OutputFormat::Text => Some(output::aggregate_text_line(aggregate, &processes)),
-                OutputFormat::Json => Some(output::aggregate_json_line(
-                    aggregate,
-                    socket_inode,
-                    &processes,
-                    self.options.max_events_per_sec,
-                )),
-                OutputFormat::None => None,
-            };
-            if let Some(line) = line {
-                self.write_line(&line);
-            }
+            self.reporter.aggregate(&AggregateRecord {
+                aggregate,
+                socket_inode,
+                processes: &processes,
+            });
             self.summary
                 .record_aggregate(aggregate, socket_inode.unwrap_or(0));
         }
@@ -556,85 +523,65 @@ impl Sink {
     /// `--output json` one `listener_summary` line per listener on stdout.
     pub fn report(&mut self, heading: &str) {
         self.merge_accept_figures();
-        let mut text = format!("{heading}\n{}", self.summary.render());
-        let listeners: Vec<(ListenerKey, ListenerStats)> = self
+        let keys: Vec<ListenerKey> = self.summary.listeners.keys().cloned().collect();
+        let mut reports = Vec::with_capacity(keys.len());
+        for key in keys {
+            let processes = self.summary.listeners[&key].processes.clone();
+            self.remember_sysctls(key.netns, key.socket_inode, &processes);
+            let mut report = self.listener_report(key);
+            report.diagnosis = Some(diagnosis::of(&report));
+            reports.push(report);
+        }
+        self.reporter
+            .listener_summary(heading, &self.summary, &reports);
+    }
+
+    /// The model of one listener of the summary, as far as known now.
+    fn listener_report(&mut self, key: ListenerKey) -> ListenerReport {
+        let stats = self
             .summary
             .listeners
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let time = clock::rfc3339(SystemTime::now());
-        for (key, stats) in &listeners {
-            self.remember_sysctls(key.netns, key.socket_inode, &stats.processes);
+            .get(&key)
+            .cloned()
+            .unwrap_or_default();
+        ListenerReport {
+            backlog_requested: self
+                .listens
+                .get(&key.socket_inode)
+                .map(|call| call.backlog_requested),
+            placement: self.placement(stats.cgroup_id, key.netns),
             // Unknown values stay unknown (None), never invented.
-            let sysctls = self
+            sysctls: self
                 .netns_sysctls
                 .get(&(key.netns, key.socket_inode))
                 .copied()
-                .unwrap_or_default();
-            let requested = self
-                .listens
-                .get(&key.socket_inode)
-                .map(|call| call.backlog_requested);
-            let facts = ListenerFacts {
-                kind_counts: stats
-                    .kind_counts()
-                    .into_iter()
-                    .map(|(kind, count)| (kind.as_str().to_owned(), count))
-                    .collect(),
-                // listen() takes an int: -1 reads as u32::MAX, which the
-                // diagnosis knows.
-                backlog_requested: requested.map(|r| r as u32),
-                backlog_limit: stats.accept_queue_limit,
-                somaxconn: sysctls.somaxconn,
-                tcp_max_syn_backlog: sysctls.tcp_max_syn_backlog,
-                syncookies: sysctls.tcp_syncookies,
-                abort_on_overflow: sysctls.tcp_abort_on_overflow,
-                netns: u64::from(key.netns),
-                process_name: stats.processes.first().map(|p| p.comm.clone()),
-                max_accept_queue_seen: stats.max_accept_queue_seen,
-                host_netns: self.host_netns.map(|host| host == u64::from(key.netns)),
-                holder_pid: stats.processes.first().map(|p| p.pid),
-                runtime: self.runtime(stats.cgroup_id, key.netns),
-            };
-            let drops = diagnose(&facts);
-            let diagnosis = match (&stats.accept, &stats.advice) {
-                (Some(figures), advice) if figures.worth_reporting() || advice.is_some() => {
-                    let note = diagnosis::accept_queue_note(&facts, figures, advice.as_ref());
-                    if facts.kind_counts.iter().any(|(_, count)| *count > 0) {
-                        format!("{drops}; {note}")
-                    } else {
-                        note
-                    }
-                }
-                _ => drops,
-            };
-            text.push_str(&format!("  {}: {diagnosis}\n", key.listener));
-            if self.options.format == OutputFormat::Json {
-                let placement = self.placement(stats.cgroup_id, key.netns);
-                let line =
-                    summary_json(&time, key, stats, &facts, requested, &placement, &diagnosis);
-                self.write_line(&line);
-            }
+                .unwrap_or_default(),
+            accept_queue_max_since_scrape: 0,
+            diagnosis: None,
+            key,
+            stats,
         }
-        self.flush();
-        eprint!("{text}");
+    }
+
+    /// Every listener's model for a metrics scrape; takes the per-scrape
+    /// maxima, so that each scrape shows the fullest queue since the last.
+    pub fn scrape_reports(&mut self) -> Vec<ListenerReport> {
+        let keys: Vec<ListenerKey> = self.summary.listeners.keys().cloned().collect();
+        keys.into_iter()
+            .map(|key| {
+                let taken = self.summary.listeners.get_mut(&key).map_or(0, |stats| {
+                    std::mem::take(&mut stats.max_accept_queue_since_scrape)
+                });
+                let mut report = self.listener_report(key);
+                report.accept_queue_max_since_scrape = taken;
+                report
+            })
+            .collect()
     }
 }
 
 // ---- accept-queue wait, rates, advice and near-full warnings ----
 impl Sink {
-    /// "docker", "podman", "kubernetes" (a container of a pod), ... for the
-    /// somaxconn fix of a listener outside the host's netns.
-    fn runtime(&mut self, cgroup_id: u64, netns: u32) -> Option<String> {
-        let container = self.placement(cgroup_id, netns).container?;
-        Some(if container.pod.is_some() {
-            "kubernetes".to_owned()
-        } else {
-            container.runtime.to_owned()
-        })
-    }
-
     /// Prints the near-full crossings the kernel recorded since the last
     /// poll, one line each.
     /// Reads new near-full crossings and writes the warnings whose
@@ -677,27 +624,13 @@ impl Sink {
         } else {
             Vec::new()
         };
-        let time = self.clock.wall(crossing.timestamp_ns);
-        let line = match self.options.format {
-            OutputFormat::Text => accept_wait::near_full_text(
-                crossing,
-                time,
-                self.options.near_full_percent,
-                netns,
-                &processes,
-            ),
-            OutputFormat::Json => accept_wait::near_full_json(
-                crossing,
-                time,
-                self.options.near_full_percent,
-                netns,
-                inode,
-                &processes,
-            ),
-            // --output none (metrics only): nothing on stdout.
-            OutputFormat::None => return,
-        };
-        self.write_line(&line);
+        self.reporter.near_full(&NearFullWarning {
+            crossing,
+            time: self.clock.wall(crossing.timestamp_ns),
+            netns,
+            socket_inode: inode,
+            processes: &processes,
+        });
     }
 
     /// Attaches the accept figures and advice to the summary's listeners,
@@ -841,240 +774,25 @@ impl Sink {
     /// could not be traced: per-kind totals derived from TcpExt, and each
     /// listener's sk_drops growth.
     pub fn report_counted(&mut self, deltas: &[NetnsDelta]) {
-        let mut text = String::from(
-            "counted by the kernel, not traced (this kernel cannot trace SYN-stage drops):\n",
-        );
-        if deltas.is_empty() {
-            text.push_str("  no listen-queue counter moved in any network namespace\n");
-        }
-        let time = clock::rfc3339(SystemTime::now());
-        for delta in deltas {
-            let counter = |name: &str| delta.counters.get(name).copied().unwrap_or(0);
-            let [(_, syn_queue_full), (_, cookies), (_, accept_queue_full)] =
-                counted::kind_counts(delta, self.traced_acks(delta.netns));
-            let kinds = CountedKinds {
-                syn_dropped_syn_queue_full: syn_queue_full,
-                syn_cookie_sent: cookies,
-                syn_dropped_accept_queue_full: accept_queue_full,
-            };
-            text.push_str(&format!(
-                "  netns {}: syn_dropped_syn_queue_full={} syn_cookie_sent={} \
-                 syn_dropped_accept_queue_full={} (ListenOverflows +{}, ListenDrops +{})\n",
-                delta.netns,
-                kinds.syn_dropped_syn_queue_full,
-                kinds.syn_cookie_sent,
-                kinds.syn_dropped_accept_queue_full,
-                counter("ListenOverflows"),
-                counter("ListenDrops"),
-            ));
-            for l in &delta.listeners {
-                text.push_str(&format!(
-                    "    {}:{} socket {}: sk_drops +{}\n",
-                    l.addr, l.port, l.inode, l.drops
-                ));
-            }
-            if self.options.format == OutputFormat::Json {
-                let json = CountedJson {
-                    kind: "netns_counters",
-                    time: &time,
-                    traced: false,
-                    netns: delta.netns,
+        let namespaces: Vec<CountedNetns> = deltas
+            .iter()
+            .map(|delta| {
+                let [(_, syn_queue_full), (_, cookies), (_, accept_queue_full)] =
+                    counted::kind_counts(delta, self.traced_acks(delta.netns));
+                CountedNetns {
+                    delta,
+                    syn_dropped_syn_queue_full: syn_queue_full,
+                    syn_cookie_sent: cookies,
+                    syn_dropped_accept_queue_full: accept_queue_full,
                     host_netns: self.host_netns.map(|host| host == delta.netns),
-                    counters: &delta.counters,
-                    counts: kinds,
-                    listeners: delta
-                        .listeners
-                        .iter()
-                        .map(|l| CountedListenerJson {
-                            addr: l.addr,
-                            port: l.port,
-                            socket_inode: l.inode,
-                            sk_drops: l.drops,
-                        })
-                        .collect(),
-                };
-                let line = serde_json::to_string(&json).unwrap_or_default();
-                self.write_line(&line);
-            }
-        }
-        self.flush();
-        eprint!("{text}");
+                }
+            })
+            .collect();
+        self.reporter.counted(&namespaces);
     }
 }
 
-#[derive(Serialize)]
-struct CountedKinds {
-    syn_dropped_syn_queue_full: u64,
-    syn_cookie_sent: u64,
-    syn_dropped_accept_queue_full: u64,
-}
-
-#[derive(Serialize)]
-struct CountedListenerJson {
-    addr: IpAddr,
-    port: u16,
-    socket_inode: u64,
-    /// Upper bound of the listener's drops: the kernel also counts
-    /// segments it discards there.
-    sk_drops: u64,
-}
-
-#[derive(Serialize)]
-struct CountedJson<'a> {
-    kind: &'static str,
-    time: &'a str,
-    /// Always false: counted by the kernel, not seen as events.
-    traced: bool,
-    netns: u64,
-    host_netns: Option<bool>,
-    /// The TcpExt counters' growth during the run.
-    counters: &'a BTreeMap<String, u64>,
-    /// Drops per kind derived from those counters.
-    counts: CountedKinds,
-    listeners: Vec<CountedListenerJson>,
-}
-
-#[derive(Serialize)]
-#[serde(untagged)]
-enum ListenerJson<'a> {
-    Inet { addr: String, port: u16 },
-    Unix { path: &'a str },
-}
-
-#[derive(Serialize)]
-struct AccountingJson {
-    total: u64,
-    events: u64,
-    aggregated: u64,
-    lost: u64,
-}
-
-#[derive(Serialize)]
-struct PeerJson {
-    addr: IpAddr,
-    count: u64,
-}
-
-#[derive(Serialize)]
-struct ProcessJson<'a> {
-    pid: u32,
-    comm: &'a str,
-}
-
-#[derive(Serialize)]
-struct SummaryJson<'a> {
-    kind: &'static str,
-    time: &'a str,
-    listener: ListenerJson<'a>,
-    netns: u32,
-    socket_inode: u64,
-    processes: Vec<ProcessJson<'a>>,
-    /// Drops by kind: the kernel's exact totals where it keeps them.
-    counts: BTreeMap<&'static str, u64>,
-    /// Per kind, where the drops went: `events` (own lines), `aggregated`
-    /// (inside aggregate records), `lost` (ring buffer full); their sum is
-    /// `total`, the kernel's count.
-    accounting: BTreeMap<&'static str, AccountingJson>,
-    backlog_requested: Option<i32>,
-    backlog_limit: u32,
-    somaxconn: Option<u32>,
-    tcp_max_syn_backlog: Option<u32>,
-    syncookies: Option<u32>,
-    abort_on_overflow: Option<u32>,
-    max_accept_queue_seen: u32,
-    top_peers: Vec<PeerJson>,
-    #[serde(flatten)]
-    placement: &'a Placement,
-    diagnosis: &'a str,
-    /// Null when no accepted connection's arrival was seen.
-    accept_wait_ms: Option<accept_wait::WaitMs>,
-    accept_rate_per_s: Option<f64>,
-    arrival_rate_per_s: Option<f64>,
-    backlog_advice: Option<&'a Advice>,
-    near_full_warnings: u64,
-}
-
-fn summary_json(
-    time: &str,
-    key: &ListenerKey,
-    stats: &ListenerStats,
-    facts: &ListenerFacts,
-    requested: Option<i32>,
-    placement: &Placement,
-    diagnosis: &str,
-) -> String {
-    let json = SummaryJson {
-        kind: "listener_summary",
-        time,
-        listener: match &key.listener {
-            ListenerAddr::Inet(addr) => ListenerJson::Inet {
-                addr: addr.ip().to_string(),
-                port: addr.port(),
-            },
-            ListenerAddr::Unix(path) => ListenerJson::Unix { path },
-        },
-        netns: key.netns,
-        socket_inode: key.socket_inode,
-        processes: stats
-            .processes
-            .iter()
-            .map(|p| ProcessJson {
-                pid: p.pid,
-                comm: &p.comm,
-            })
-            .collect(),
-        counts: stats
-            .kind_counts()
-            .into_iter()
-            .map(|(kind, count)| (kind.as_str(), count))
-            .collect(),
-        accounting: stats
-            .accounting
-            .iter()
-            .map(|(kind, c)| {
-                (
-                    kind.as_str(),
-                    AccountingJson {
-                        total: c.total,
-                        events: c.sent,
-                        aggregated: c.suppressed,
-                        lost: c.lost,
-                    },
-                )
-            })
-            .collect(),
-        backlog_requested: requested,
-        backlog_limit: stats.accept_queue_limit,
-        somaxconn: facts.somaxconn,
-        tcp_max_syn_backlog: facts.tcp_max_syn_backlog,
-        syncookies: facts.syncookies,
-        abort_on_overflow: facts.abort_on_overflow,
-        max_accept_queue_seen: stats.max_accept_queue_seen,
-        top_peers: stats
-            .top_peers(TOP_PEERS)
-            .into_iter()
-            .map(|(addr, count)| PeerJson { addr, count })
-            .collect(),
-        placement,
-        diagnosis,
-        accept_wait_ms: stats.accept.as_ref().and_then(|a| a.wait_ms),
-        accept_rate_per_s: stats.accept.as_ref().map(|a| a.accept_rate_per_s),
-        arrival_rate_per_s: stats.accept.as_ref().and_then(|a| a.arrival_rate_per_s),
-        backlog_advice: stats.advice.as_ref(),
-        near_full_warnings: stats.accept.as_ref().map_or(0, |a| a.near_full_warnings),
-    };
-    serde_json::to_string(&json).unwrap_or_default()
-}
-
-// --- metrics (issue 9): what the metrics snapshot needs from the sink ---
 impl Sink {
-    /// The backlog the process asked for in listen(), when the call was seen.
-    pub fn backlog_requested(&self, socket_inode: u64) -> Option<i32> {
-        self.listens
-            .get(&socket_inode)
-            .map(|call| call.backlog_requested)
-    }
-
     /// Final-ACK overflows traced in `netns`: the part of ListenOverflows
     /// that was not a SYN.
     pub fn traced_acks(&self, netns: u64) -> u64 {
@@ -1084,10 +802,5 @@ impl Sink {
             .filter(|(key, _)| u64::from(key.netns) == netns)
             .map(|(_, stats)| stats.count(DropKind::AckDroppedAcceptQueueFull))
             .sum()
-    }
-
-    /// Cgroup, container or unit, and pod of a listener, as events show them.
-    pub fn placement_of(&mut self, cgroup_id: u64, netns: u32) -> Placement {
-        self.placement(cgroup_id, netns)
     }
 }

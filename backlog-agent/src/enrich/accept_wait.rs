@@ -372,61 +372,6 @@ fn figures_of(
     }
 }
 
-/// The warning as a text line, like the drop events.
-pub fn near_full_text(
-    crossing: &NearFull,
-    time: std::time::SystemTime,
-    percent: u32,
-    netns: u32,
-    processes: &[crate::enrich::attribution::Process],
-) -> String {
-    let listener = match crossing.listener.socket_addr() {
-        Some(addr) => addr.to_string(),
-        None => "unix".to_owned(),
-    };
-    format!(
-        "{} accept_queue_near_full listener={listener} accept_queue={}/{} threshold={percent}% \
-         netns={netns} processes={}",
-        crate::clock::rfc3339(time),
-        crossing.queue_len,
-        crossing.queue_max,
-        crate::report::output::process_list(processes),
-    )
-}
-
-/// The warning as a JSON line: `kind`, `time`, `listener` {`addr`,
-/// `port`}, `accept_queue` {`len`, `max`}, `threshold_percent`, `netns`,
-/// `socket_inode`, `processes`, `warnings` (crossings since the last line).
-pub fn near_full_json(
-    crossing: &NearFull,
-    time: std::time::SystemTime,
-    percent: u32,
-    netns: u32,
-    socket_inode: u64,
-    processes: &[crate::enrich::attribution::Process],
-) -> String {
-    let listener = crossing
-        .listener
-        .socket_addr()
-        .map(|addr| serde_json::json!({ "addr": addr.ip().to_string(), "port": addr.port() }));
-    let processes: Vec<_> = processes
-        .iter()
-        .map(|p| serde_json::json!({ "pid": p.pid, "comm": p.comm }))
-        .collect();
-    serde_json::json!({
-        "kind": "accept_queue_near_full",
-        "time": crate::clock::rfc3339(time),
-        "listener": listener,
-        "accept_queue": { "len": crossing.queue_len, "max": crossing.queue_max },
-        "threshold_percent": percent,
-        "netns": netns,
-        "socket_inode": socket_inode,
-        "processes": processes,
-        "warnings": crossing.new_warnings,
-    })
-    .to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use backlog_common::wait_bucket;

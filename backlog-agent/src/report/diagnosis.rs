@@ -11,6 +11,8 @@
 use backlog_common::DropKind;
 use serde::Serialize;
 
+use crate::model::ListenerReport;
+
 /// Everything known about one listener at report time.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ListenerFacts {
@@ -140,6 +142,58 @@ pub fn diagnose(f: &ListenerFacts) -> String {
         );
     }
     "no drops recorded".to_owned()
+}
+
+/// What the diagnosis reads of a listener's report.
+pub fn facts(report: &ListenerReport) -> ListenerFacts {
+    let (key, stats, sysctls) = (&report.key, &report.stats, &report.sysctls);
+    ListenerFacts {
+        kind_counts: stats
+            .kind_counts()
+            .into_iter()
+            .map(|(kind, count)| (kind.as_str().to_owned(), count))
+            .collect(),
+        // listen() takes an int: -1 reads as u32::MAX, which the
+        // diagnosis knows.
+        backlog_requested: report.backlog_requested.map(|r| r as u32),
+        backlog_limit: stats.accept_queue_limit,
+        somaxconn: sysctls.somaxconn,
+        tcp_max_syn_backlog: sysctls.tcp_max_syn_backlog,
+        syncookies: sysctls.tcp_syncookies,
+        abort_on_overflow: sysctls.tcp_abort_on_overflow,
+        netns: u64::from(key.netns),
+        process_name: stats.processes.first().map(|p| p.comm.clone()),
+        max_accept_queue_seen: stats.max_accept_queue_seen,
+        host_netns: report.placement.host_netns,
+        holder_pid: stats.processes.first().map(|p| p.pid),
+        // For the somaxconn fix of a listener outside the host's netns.
+        runtime: report.placement.container.as_ref().map(|container| {
+            if container.pod.is_some() {
+                "kubernetes".to_owned()
+            } else {
+                container.runtime.to_owned()
+            }
+        }),
+    }
+}
+
+/// A listener's line in the summary: the diagnosis of its drops, then,
+/// when its accept queue made connections wait or got close to full, what
+/// was measured there and the backlog advice.
+pub fn of(report: &ListenerReport) -> String {
+    let facts = facts(report);
+    let drops = diagnose(&facts);
+    match (&report.stats.accept, &report.stats.advice) {
+        (Some(figures), advice) if figures.worth_reporting() || advice.is_some() => {
+            let note = accept_queue_note(&facts, figures, advice.as_ref());
+            if facts.kind_counts.iter().any(|(_, count)| *count > 0) {
+                format!("{drops}; {note}")
+            } else {
+                note
+            }
+        }
+        _ => drops,
+    }
 }
 
 /// Before the drop: how long connections waited in the accept queue, how

@@ -30,7 +30,7 @@ use crate::{
     enrich::counted,
     kernel::bpfstats::{self, ProgramStats},
     kernel::probes::{KernelCounters, Outcome},
-    report::summary::ListenerAddr,
+    model::{ListenerAddr, ListenerReport},
     sink::Sink,
 };
 
@@ -222,58 +222,8 @@ impl Metrics {
         }
         let drops_untracked = counters.totals_full().unwrap_or(0);
 
-        // All sockets on one address in one namespace are one listener
-        // here (SO_REUSEPORT groups, a restarted server): one series each.
-        let mut merged: BTreeMap<(u32, String), ListenerMetrics> = BTreeMap::new();
-        let keys: Vec<_> = sink.summary.listeners.keys().cloned().collect();
-        for key in keys {
-            let requested = sink.backlog_requested(key.socket_inode);
-            let (cgroup_id, comm) = {
-                let stats = &sink.summary.listeners[&key];
-                (
-                    stats.cgroup_id,
-                    stats.processes.first().map(|p| p.comm.clone()),
-                )
-            };
-            let placement = sink.placement_of(cgroup_id, key.netns);
-            let Some(stats) = sink.summary.listeners.get_mut(&key) else {
-                continue;
-            };
-            let label = match &key.listener {
-                ListenerAddr::Inet(addr) => addr.to_string(),
-                ListenerAddr::Unix(_) => key.listener.to_string(),
-            };
-            let entry =
-                merged
-                    .entry((key.netns, label.clone()))
-                    .or_insert_with(|| ListenerMetrics {
-                        listener: label,
-                        netns: key.netns,
-                        ..ListenerMetrics::default()
-                    });
-            for (kind, count) in stats.kind_counts() {
-                *entry.drops.entry(kind.as_str()).or_default() += count;
-            }
-            if entry.comm.is_none() {
-                entry.comm = comm;
-            }
-            if let Some(workload) = placement.container {
-                if entry.container.is_none() && entry.unit.is_none() {
-                    if workload.runtime == "systemd" {
-                        entry.unit = Some(workload.id);
-                    } else {
-                        entry.container = Some(workload.id);
-                    }
-                    entry.pod = workload.pod;
-                }
-            }
-            entry.accept_queue_limit = entry.accept_queue_limit.max(stats.accept_queue_limit);
-            entry.backlog_requested = entry.backlog_requested.max(requested.map(i64::from));
-            entry.accept_queue_max_seen = entry
-                .accept_queue_max_seen
-                .max(std::mem::take(&mut stats.max_accept_queue_since_scrape));
-        }
-        let (listeners, other) = self.cap.apply(merged.into_values().collect());
+        let series = listener_series(&sink.scrape_reports());
+        let (listeners, other) = self.cap.apply(series);
 
         let counted = self.counted(sink);
         let losses = sink.summary.losses;
@@ -324,6 +274,50 @@ impl Metrics {
         }
         out
     }
+}
+
+/// One series per listener: all sockets on one address in one namespace
+/// are one listener here (SO_REUSEPORT groups, a restarted server).
+fn listener_series(reports: &[ListenerReport]) -> Vec<ListenerMetrics> {
+    let mut merged: BTreeMap<(u32, String), ListenerMetrics> = BTreeMap::new();
+    for report in reports {
+        let (key, stats) = (&report.key, &report.stats);
+        let label = match &key.listener {
+            ListenerAddr::Inet(addr) => addr.to_string(),
+            ListenerAddr::Unix(_) => key.listener.to_string(),
+        };
+        let entry = merged
+            .entry((key.netns, label.clone()))
+            .or_insert_with(|| ListenerMetrics {
+                listener: label,
+                netns: key.netns,
+                ..ListenerMetrics::default()
+            });
+        for (kind, count) in stats.kind_counts() {
+            *entry.drops.entry(kind.as_str()).or_default() += count;
+        }
+        if entry.comm.is_none() {
+            entry.comm = stats.processes.first().map(|p| p.comm.clone());
+        }
+        if let Some(workload) = &report.placement.container {
+            if entry.container.is_none() && entry.unit.is_none() {
+                if workload.runtime == "systemd" {
+                    entry.unit = Some(workload.id.clone());
+                } else {
+                    entry.container = Some(workload.id.clone());
+                }
+                entry.pod = workload.pod.clone();
+            }
+        }
+        entry.accept_queue_limit = entry.accept_queue_limit.max(stats.accept_queue_limit);
+        entry.backlog_requested = entry
+            .backlog_requested
+            .max(report.backlog_requested.map(i64::from));
+        entry.accept_queue_max_seen = entry
+            .accept_queue_max_seen
+            .max(report.accept_queue_max_since_scrape);
+    }
+    merged.into_values().collect()
 }
 
 fn note(message: impl std::fmt::Display) {

@@ -1,8 +1,8 @@
-//! Per-listener totals for the exit summary.
+//! The running per-listener totals: what every drop, aggregate and
+//! kernel total adds up to, for summaries and scrapes.
 
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
     net::{IpAddr, SocketAddr},
 };
 
@@ -12,7 +12,6 @@ use crate::{
     decode::Event,
     enrich::attribution::Process,
     flood::{self, Aggregate, FloodListener},
-    report::output::process_list,
 };
 
 /// Where a listener listens: a TCP address or a UNIX socket path.
@@ -271,99 +270,12 @@ impl Summary {
             .entry(aggregate.kind)
             .or_default() += aggregate.count;
     }
-
-    /// The table printed to stderr at exit.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        if self.listeners.is_empty() {
-            out.push_str("no drops seen\n");
-        } else {
-            let _ = writeln!(
-                out,
-                "{:<28} {:>10} {:>9} {:<32} {:>8} {:>27}  PROCESSES",
-                "LISTENER", "NETNS", "ACCEPTQ", "KIND", "COUNT", "WAIT ms p50/p90/p99/max"
-            );
-            for (key, stats) in &self.listeners {
-                let wait = stats.accept.as_ref().and_then(|a| a.wait_ms).map_or_else(
-                    || "-".to_owned(),
-                    |w| format!("{:.1}/{:.1}/{:.1}/{:.1}", w.p50, w.p90, w.p99, w.max),
-                );
-                let mut kinds: Vec<(Option<DropKind>, u64)> = stats
-                    .kind_counts()
-                    .into_iter()
-                    .map(|(kind, count)| (Some(kind), count))
-                    .collect();
-                // A slow acceptor with no drops still gets its row.
-                if kinds.is_empty() {
-                    kinds.push((None, 0));
-                }
-                for (kind, count) in kinds {
-                    let reported = kind
-                        .and_then(|kind| stats.counts.get(&kind).copied())
-                        .unwrap_or(0);
-                    // Say where the drops that are not their own line went:
-                    // the count is the kernel's, the lines fewer.
-                    let unreported = if reported < count {
-                        let aggregated = kind
-                            .and_then(|kind| stats.aggregated.get(&kind).copied())
-                            .unwrap_or(0);
-                        let lost = kind
-                            .and_then(|kind| stats.accounting.get(&kind))
-                            .map_or(0, |c| c.lost);
-                        format!(" ({reported} events, {aggregated} aggregated, {lost} lost)")
-                    } else {
-                        String::new()
-                    };
-                    let _ = writeln!(
-                        out,
-                        "{:<28} {:>10} {:>9} {:<32} {:>8} {:>27}  {}{unreported}",
-                        key.listener.to_string(),
-                        key.netns,
-                        format!(
-                            "{}/{}",
-                            stats.max_accept_queue_seen, stats.accept_queue_limit
-                        ),
-                        kind.map_or("-", DropKind::as_str),
-                        count,
-                        wait,
-                        process_list(&stats.processes)
-                    );
-                }
-            }
-        }
-        let l = self.losses;
-        let _ = writeln!(
-            out,
-            "events: {} reported, {} lost in the kernel (ring buffer full), {} undecodable, {} partial",
-            self.events, l.lost_in_kernel, l.undecodable, l.partial
-        );
-        let f = self.flood;
-        if f.suppressed_in_kernel > 0 || f.records > 0 {
-            let engaged: Vec<String> =
-                self.listeners
-                    .iter()
-                    .flat_map(|(key, stats)| {
-                        stats.aggregated.iter().map(move |(kind, n)| {
-                            format!("{} {} ({n})", key.listener, kind.as_str())
-                        })
-                    })
-                    .collect();
-            let _ = writeln!(
-                out,
-                "flood mode: {} drops over the rate limit, {} of them in {} aggregate records; engaged for {}",
-                f.suppressed_in_kernel,
-                f.aggregated,
-                f.records,
-                if engaged.is_empty() { "none".to_owned() } else { engaged.join(", ") }
-            );
-        }
-        out
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::text::summary_table;
 
     fn event(kind: DropKind, port: u16, inode: u64) -> Event {
         Event {
@@ -410,7 +322,7 @@ mod tests {
         };
         s.apply_accounting(&[(key, c(5, 1)), (other, c(2, 2))], &[]);
         assert_eq!(s.listeners.len(), 1, "totals merge into the same listener");
-        let table = s.render();
+        let table = summary_table(&s);
         assert!(
             table.contains(
                 "syn_cookie_sent                         5                           -  ?"
@@ -442,7 +354,7 @@ mod tests {
         s.record(&event(DropKind::AckDroppedAcceptQueueFull, 81, 11), &[]);
         assert_eq!(s.events, 5);
         assert_eq!(s.listeners.len(), 2);
-        let table = s.render();
+        let table = summary_table(&s);
         assert!(
             table.contains(
                 "ack_dropped_accept_queue_full           3                           -  5/srv"

@@ -1,0 +1,294 @@
+//! The text renderer: one readable line per event on stdout, and on
+//! stderr the per-listener table with its diagnoses and the counts the
+//! kernel kept where it could not trace.
+
+use std::fmt::Write as _;
+
+use backlog_common::DropKind;
+
+use crate::{
+    clock,
+    enrich::attribution::Process,
+    flood::FloodListener,
+    model::{
+        AggregateRecord, CountedNetns, DropEvent, ListenerReport, NearFullWarning, Summary,
+        UnixDrop,
+    },
+};
+
+/// `pid/comm` list, or `?` when no holder was found.
+pub fn process_list(processes: &[Process]) -> String {
+    if processes.is_empty() {
+        return "?".into();
+    }
+    let mut out = String::new();
+    for (i, p) in processes.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{}/{}", p.pid, p.comm);
+    }
+    out
+}
+
+pub fn drop_line(drop: &DropEvent) -> String {
+    let event = drop.event;
+    let mut line = format!(
+        "{} {} listener={} peer={} accept_queue={}/{} syn_queue={} netns={} processes={}",
+        clock::rfc3339(drop.time),
+        event.kind.as_str(),
+        event.listener,
+        event
+            .peer
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "?".into()),
+        event.accept_queue_len,
+        event.accept_queue_max,
+        event.syn_queue_len,
+        event.netns_inode,
+        process_list(&drop.listener.processes),
+    );
+    if event.reset_sent {
+        line.push_str(" rst_sent");
+    }
+    if event.partial {
+        line.push_str(" (partial: some kernel fields were unreadable)");
+    }
+    line
+}
+
+pub fn unix_line(drop: &UnixDrop) -> String {
+    format!(
+        "{} {} listener=unix:{} client={}/{} accept_queue={} processes={}",
+        clock::rfc3339(drop.time),
+        DropKind::UnixConnectBacklogFull.as_str(),
+        drop.event.path.as_deref().unwrap_or("?"),
+        drop.event.pid,
+        drop.event.comm,
+        drop.listener
+            .queue
+            .map_or_else(|| "?".to_owned(), |(len, max)| format!("{len}/{max}")),
+        process_list(drop.processes),
+    )
+}
+
+pub fn aggregate_line(record: &AggregateRecord) -> String {
+    let aggregate = record.aggregate;
+    let seconds = aggregate
+        .end
+        .duration_since(aggregate.start)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let mut line = format!(
+        "{} {} aggregated count={} over {seconds:.1}s listener={} netns={}",
+        clock::rfc3339(aggregate.end),
+        aggregate.kind.as_str(),
+        aggregate.count,
+        aggregate.listener,
+        match &aggregate.listener {
+            FloodListener::Inet { netns, .. } | FloodListener::Unix { netns, .. } => *netns,
+        },
+    );
+    if !aggregate.top_peers.is_empty() {
+        line.push_str(" top_peers=");
+        for (i, (addr, count)) in aggregate.top_peers.iter().enumerate() {
+            if i > 0 {
+                line.push(',');
+            }
+            let _ = write!(line, "{addr}x{count}");
+        }
+    }
+    let _ = write!(line, " processes={}", process_list(record.processes));
+    line
+}
+
+/// The warning as a text line, like the drop events.
+pub fn near_full_line(warning: &NearFullWarning, percent: u32) -> String {
+    let crossing = warning.crossing;
+    let listener = match crossing.listener.socket_addr() {
+        Some(addr) => addr.to_string(),
+        None => "unix".to_owned(),
+    };
+    format!(
+        "{} accept_queue_near_full listener={listener} accept_queue={}/{} threshold={percent}% \
+         netns={} processes={}",
+        clock::rfc3339(warning.time),
+        crossing.queue_len,
+        crossing.queue_max,
+        warning.netns,
+        process_list(warning.processes),
+    )
+}
+/// The table printed to stderr at exit.
+pub fn summary_table(summary: &Summary) -> String {
+    let mut out = String::new();
+    if summary.listeners.is_empty() {
+        out.push_str("no drops seen\n");
+    } else {
+        let _ = writeln!(
+            out,
+            "{:<28} {:>10} {:>9} {:<32} {:>8} {:>27}  PROCESSES",
+            "LISTENER", "NETNS", "ACCEPTQ", "KIND", "COUNT", "WAIT ms p50/p90/p99/max"
+        );
+        for (key, stats) in &summary.listeners {
+            let wait = stats.accept.as_ref().and_then(|a| a.wait_ms).map_or_else(
+                || "-".to_owned(),
+                |w| format!("{:.1}/{:.1}/{:.1}/{:.1}", w.p50, w.p90, w.p99, w.max),
+            );
+            let mut kinds: Vec<(Option<DropKind>, u64)> = stats
+                .kind_counts()
+                .into_iter()
+                .map(|(kind, count)| (Some(kind), count))
+                .collect();
+            // A slow acceptor with no drops still gets its row.
+            if kinds.is_empty() {
+                kinds.push((None, 0));
+            }
+            for (kind, count) in kinds {
+                let reported = kind
+                    .and_then(|kind| stats.counts.get(&kind).copied())
+                    .unwrap_or(0);
+                // Say where the drops that are not their own line went:
+                // the count is the kernel's, the lines fewer.
+                let unreported = if reported < count {
+                    let aggregated = kind
+                        .and_then(|kind| stats.aggregated.get(&kind).copied())
+                        .unwrap_or(0);
+                    let lost = kind
+                        .and_then(|kind| stats.accounting.get(&kind))
+                        .map_or(0, |c| c.lost);
+                    format!(" ({reported} events, {aggregated} aggregated, {lost} lost)")
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<28} {:>10} {:>9} {:<32} {:>8} {:>27}  {}{unreported}",
+                    key.listener.to_string(),
+                    key.netns,
+                    format!(
+                        "{}/{}",
+                        stats.max_accept_queue_seen, stats.accept_queue_limit
+                    ),
+                    kind.map_or("-", DropKind::as_str),
+                    count,
+                    wait,
+                    process_list(&stats.processes)
+                );
+            }
+        }
+    }
+    let l = summary.losses;
+    let _ = writeln!(
+        out,
+        "events: {} reported, {} lost in the kernel (ring buffer full), {} undecodable, {} partial",
+        summary.events, l.lost_in_kernel, l.undecodable, l.partial
+    );
+    let f = summary.flood;
+    if f.suppressed_in_kernel > 0 || f.records > 0 {
+        let engaged: Vec<String> = summary
+            .listeners
+            .iter()
+            .flat_map(|(key, stats)| {
+                stats
+                    .aggregated
+                    .iter()
+                    .map(move |(kind, n)| format!("{} {} ({n})", key.listener, kind.as_str()))
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "flood mode: {} drops over the rate limit, {} of them in {} aggregate records; engaged for {}",
+            f.suppressed_in_kernel,
+            f.aggregated,
+            f.records,
+            if engaged.is_empty() { "none".to_owned() } else { engaged.join(", ") }
+        );
+    }
+    out
+}
+
+/// The summary for stderr: `heading`, the table, then each listener's
+/// diagnosis.
+pub fn listener_summary(heading: &str, summary: &Summary, reports: &[ListenerReport]) -> String {
+    let mut text = format!("{heading}\n{}", summary_table(summary));
+    for report in reports {
+        let _ = writeln!(
+            text,
+            "  {}: {}",
+            report.key.listener,
+            report.diagnosis.as_deref().unwrap_or_default()
+        );
+    }
+    text
+}
+
+/// Drops counted by the kernel where they could not be traced: per-kind
+/// totals derived from TcpExt, and each listener's sk_drops growth.
+pub fn counted(namespaces: &[CountedNetns]) -> String {
+    let mut text = String::from(
+        "counted by the kernel, not traced (this kernel cannot trace SYN-stage drops):\n",
+    );
+    if namespaces.is_empty() {
+        text.push_str("  no listen-queue counter moved in any network namespace\n");
+    }
+    for counted in namespaces {
+        let delta = counted.delta;
+        let counter = |name: &str| delta.counters.get(name).copied().unwrap_or(0);
+        let _ = writeln!(
+            text,
+            "  netns {}: syn_dropped_syn_queue_full={} syn_cookie_sent={} \
+             syn_dropped_accept_queue_full={} (ListenOverflows +{}, ListenDrops +{})",
+            delta.netns,
+            counted.syn_dropped_syn_queue_full,
+            counted.syn_cookie_sent,
+            counted.syn_dropped_accept_queue_full,
+            counter("ListenOverflows"),
+            counter("ListenDrops"),
+        );
+        for l in &delta.listeners {
+            let _ = writeln!(
+                text,
+                "    {}:{} socket {}: sk_drops +{}",
+                l.addr, l.port, l.inode, l.drops
+            );
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        decode::Event,
+        model::{ListenerContext, Placement},
+        report::fixtures::{event, procs, time},
+    };
+
+    fn line(event: &Event, processes: &[Process]) -> String {
+        let context = ListenerContext::new(processes.to_vec(), Placement::default());
+        drop_line(&DropEvent {
+            event,
+            time: time(),
+            listener: &context,
+        })
+    }
+
+    #[test]
+    fn text_line_reads_well() {
+        assert_eq!(
+            line(&event(), &procs()),
+            "2026-11-22T03:00:00.000000Z ack_dropped_accept_queue_full listener=[::]:8080 \
+             peer=127.0.0.1:40000 accept_queue=9/8 syn_queue=2 netns=4026531840 \
+             processes=10/nginx,11/nginx"
+        );
+        let mut e = event();
+        e.peer = None;
+        e.partial = true;
+        let line = line(&e, &[]);
+        assert!(line.contains("peer=? "), "{line}");
+        assert!(line.contains("processes=?"), "{line}");
+        assert!(line.ends_with("(partial: some kernel fields were unreadable)"));
+    }
+}
