@@ -15,6 +15,7 @@
 //! - `report/`: text, JSON lines, metrics and diagnoses: every format;
 //!   `http`: serves the metrics (`--metrics-addr`); `clock`: wall times.
 
+pub mod agent;
 pub mod caps;
 pub mod cli;
 pub mod clock;

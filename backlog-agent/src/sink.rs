@@ -1,6 +1,9 @@
-//! From ring-buffer records to what the user sees: event lines on stdout,
-//! attributed to processes, cgroup and netns, and the per-listener summary
-//! with a diagnosis at `--interval` and at exit.
+//! The drain: ring-buffer records are decoded, enriched (holders through
+//! the resolver, cgroup and container, namespace sysctls, UNIX listeners
+//! by path) and turned into model values (model.rs), which a reporter
+//! writes (report/). Holds the running per-listener totals that summaries
+//! and metrics scrapes read, and makes events wait briefly for their
+//! listener's holders so that a new listener's first lines name them.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},

@@ -13,10 +13,7 @@
 //! the others are added up under `listener="other"`, so every counter
 //! stays monotonic. No series has a pid label.
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    path::Path,
-};
+use std::collections::{BTreeMap, HashSet};
 
 use backlog_common::DropKind;
 use prometheus_client::{
@@ -27,11 +24,9 @@ use prometheus_client::{
 };
 
 use crate::{
-    enrich::counted,
     kernel::bpfstats::{self, ProgramStats},
-    kernel::probes::{KernelCounters, Outcome},
+    kernel::probes::Outcome,
     model::{ListenerAddr, ListenerReport},
-    sink::Sink,
 };
 
 /// The drops of one listener (all its sockets on one address in one
@@ -160,8 +155,6 @@ impl SeriesCap {
 /// The metrics side of the agent's loop.
 pub struct Metrics {
     cap: SeriesCap,
-    /// TcpExt counters at start, where SYN-stage drops are only counted.
-    counted_before: Option<counted::Snapshot>,
     hooks: Vec<HookInfo>,
     kernel: String,
     /// Problems already reported.
@@ -169,11 +162,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(
-        max_listeners: usize,
-        outcomes: &[(DropKind, Outcome)],
-        counted_before: Option<counted::Snapshot>,
-    ) -> Self {
+    pub fn new(max_listeners: usize, outcomes: &[(DropKind, Outcome)]) -> Self {
         let hooks = outcomes
             .iter()
             .map(|(kind, outcome)| match outcome {
@@ -191,56 +180,29 @@ impl Metrics {
             .collect();
         Metrics {
             cap: SeriesCap::new(max_listeners),
-            counted_before,
             hooks,
             kernel: crate::kernel::preflight::kernel_release(),
             warned: HashSet::new(),
         }
     }
 
-    /// Reads the kernel's totals into the summary and takes a snapshot;
-    /// resets the per-scrape maxima. A map that cannot be read leaves its
-    /// numbers as they were (said once on stderr).
-    pub fn scrape(
+    /// The snapshot of one scrape, from the listeners' model and the
+    /// agent's totals; the series cap is applied here.
+    pub fn snapshot(
         &mut self,
-        sink: &mut Sink,
-        counters: &KernelCounters,
-        ebpf: &aya::Ebpf,
+        listeners: &[ListenerReport],
+        health: Health,
+        counted: Vec<CountedDrops>,
+        programs: Vec<ProgramStats>,
     ) -> Snapshot {
-        // The kernel's exact per-listener accounting (issue 11): totals
-        // for TCP listeners and UNIX paths alike, whatever was rate-limited
-        // or lost on the way to the agent.
-        match (counters.totals(), counters.unix_totals()) {
-            (Ok(inet), Ok(unix)) => sink.summary.apply_accounting(&inet, &unix),
-            (Err(err), _) | (_, Err(err)) => {
-                self.warn(format!("cannot read per-listener totals: {err}"))
-            }
-        }
-        match counters.events_lost() {
-            Ok(lost) => sink.summary.losses.lost_in_kernel = lost,
-            Err(err) => self.warn(format!("cannot read lost events: {err}")),
-        }
-        let drops_untracked = counters.totals_full().unwrap_or(0);
-
-        let series = listener_series(&sink.scrape_reports());
-        let (listeners, other) = self.cap.apply(series);
-
-        let counted = self.counted(sink);
-        let losses = sink.summary.losses;
+        let (listeners, other) = self.cap.apply(listener_series(listeners));
         Snapshot {
             listeners,
             other,
             counted,
-            health: Health {
-                events: sink.summary.events,
-                events_lost: losses.lost_in_kernel,
-                events_undecodable: losses.undecodable,
-                events_partial: losses.partial,
-                drops_untracked,
-                events_aggregated: sink.summary.flood.aggregated,
-            },
+            health,
             bpf_stats_sysctl: bpfstats::sysctl_enabled(),
-            programs: bpfstats::accounted(ebpf),
+            programs,
             hooks: self.hooks.clone(),
             version: env!("CARGO_PKG_VERSION"),
             kernel: self.kernel.clone(),
@@ -248,31 +210,10 @@ impl Metrics {
     }
 
     /// Says what went wrong once, not at every scrape.
-    fn warn(&mut self, message: String) {
+    pub fn warn(&mut self, message: String) {
         if self.warned.insert(message.clone()) {
             note(format_args!("metrics: {message}"));
         }
-    }
-
-    /// SYN-stage drops counted by the kernel since start, per namespace,
-    /// where they cannot be traced.
-    fn counted(&self, sink: &Sink) -> Vec<CountedDrops> {
-        let Some(before) = &self.counted_before else {
-            return Vec::new();
-        };
-        let after = counted::snapshot(Path::new("/proc"));
-        let mut out = Vec::new();
-        for delta in counted::deltas(before, &after) {
-            let traced_acks = sink.traced_acks(delta.netns);
-            for (kind, count) in counted::kind_counts(&delta, traced_acks) {
-                out.push(CountedDrops {
-                    netns: delta.netns,
-                    kind: kind.as_str(),
-                    count,
-                });
-            }
-        }
-        out
     }
 }
 

@@ -10,6 +10,7 @@ use crate::{
     clock,
     enrich::attribution::Process,
     flood::FloodListener,
+    kernel::probes::Outcome,
     model::{
         AggregateRecord, CountedNetns, DropEvent, ListenerReport, NearFullWarning, Summary,
         UnixDrop,
@@ -257,9 +258,42 @@ pub fn counted(namespaces: &[CountedNetns]) -> String {
     text
 }
 
+/// Tells, per drop kind, which hook serves it or why none can, grouping
+/// kinds that share an outcome (the five SYN-stage kinds share one hook):
+/// the lines of the start-up notes.
+pub fn outcomes(outcomes: &[(DropKind, Outcome)]) -> Vec<String> {
+    let mut groups: Vec<(Vec<&'static str>, &Outcome)> = Vec::new();
+    for (kind, outcome) in outcomes {
+        match groups.iter_mut().find(|(_, o)| *o == outcome) {
+            Some((kinds, _)) => kinds.push(kind.as_str()),
+            None => groups.push((vec![kind.as_str()], outcome)),
+        }
+    }
+    let mut lines = Vec::new();
+    for (kinds, outcome) in groups {
+        let kinds = kinds.join(", ");
+        match outcome {
+            Outcome::Attached { hook, skipped, .. } => {
+                lines.push(format!("{kinds}: {hook}"));
+                for reason in skipped {
+                    lines.push(format!("  skipped: {reason}"));
+                }
+            }
+            Outcome::NotObservable { reason } => {
+                lines.push(format!("{kinds}: not observable: {reason}"));
+            }
+        }
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
+
+    use backlog_common::{DropCounts, DropTotalKey};
+
     use crate::{
         decode::Event,
         model::{ListenerContext, Placement},
@@ -290,5 +324,101 @@ mod tests {
         assert!(line.contains("peer=? "), "{line}");
         assert!(line.contains("processes=?"), "{line}");
         assert!(line.ends_with("(partial: some kernel fields were unreadable)"));
+    }
+
+    // The table, from what the running totals add up to.
+
+    fn drop_at(kind: DropKind, port: u16, inode: u64) -> Event {
+        Event {
+            kind,
+            timestamp_ns: 0,
+            cpu: 0,
+            listener: SocketAddr::from(([0, 0, 0, 0], port)),
+            local: None,
+            peer: None,
+            accept_queue_len: 9,
+            accept_queue_max: 8,
+            syn_queue_len: 0,
+            netns_inode: 1,
+            socket_inode: inode,
+            cgroup_id: 0,
+            partial: false,
+            reset_sent: false,
+        }
+    }
+
+    #[test]
+    fn kernel_totals_win_and_losses_show() {
+        let mut s = Summary::default();
+        s.record(&drop_at(DropKind::SynCookieSent, 80, 10), &[]);
+        let mut key = DropTotalKey {
+            socket_inode: 10,
+            netns_inode: 1,
+            kind: DropKind::SynCookieSent as u32,
+            listener_addr: [0; 16],
+            listener_port: 80,
+            listener_family: backlog_common::AF_INET,
+            _pad0: 0,
+        };
+        let other = DropTotalKey {
+            kind: DropKind::SynDroppedOther as u32,
+            ..key
+        };
+        key.listener_addr[..4].copy_from_slice(&[0, 0, 0, 0]);
+        let c = |total, sent| DropCounts {
+            total,
+            sent,
+            suppressed: 0,
+            lost: total - sent,
+        };
+        s.apply_accounting(&[(key, c(5, 1)), (other, c(2, 2))], &[]);
+        assert_eq!(s.listeners.len(), 1, "totals merge into the same listener");
+        let table = summary_table(&s);
+        assert!(
+            table.contains(
+                "syn_cookie_sent                         5                           -  ?"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("(1 events, 0 aggregated, 4 lost)"),
+            "{table}"
+        );
+        assert!(
+            table.contains("syn_dropped_other                       2"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn counts_per_listener_and_kind() {
+        let mut s = Summary::default();
+        let p = [Process {
+            pid: 5,
+            comm: "srv".into(),
+            cmdline: None,
+        }];
+        for _ in 0..3 {
+            s.record(&drop_at(DropKind::AckDroppedAcceptQueueFull, 80, 10), &p);
+        }
+        s.record(&drop_at(DropKind::SynDroppedAcceptQueueFull, 80, 10), &p);
+        s.record(&drop_at(DropKind::AckDroppedAcceptQueueFull, 81, 11), &[]);
+        assert_eq!(s.events, 5);
+        assert_eq!(s.listeners.len(), 2);
+        let table = summary_table(&s);
+        assert!(
+            table.contains(
+                "ack_dropped_accept_queue_full           3                           -  5/srv"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "syn_dropped_accept_queue_full           1                           -  5/srv"
+            ),
+            "{table}"
+        );
+        assert!(table.contains("0.0.0.0:81"), "{table}");
+        assert!(table.contains("events: 5 reported, 0 lost"), "{table}");
     }
 }

@@ -1,0 +1,408 @@
+//! Start and stop: everything the agent does before `ready` and after its
+//! loop, so that main.rs holds the loop only. Start-up checks what must
+//! hold, attaches a hook per drop kind and tells which (or why none), then
+//! gives up the capabilities it no longer needs; stopping detaches, reads
+//! what is still queued and writes the final summary.
+
+use std::{
+    io,
+    path::Path,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+use backlog_common::DropKind;
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    sync::mpsc,
+};
+
+use crate::{
+    caps,
+    cli::Cli,
+    enrich::{accept_wait::AcceptWait, counted},
+    filter::Filters,
+    flood::Aggregator,
+    http,
+    kernel::bpfstats,
+    kernel::{
+        btf::Btf,
+        preflight,
+        probes::{self, KernelCounters, Outcome, Probes},
+        tracefs,
+    },
+    report::{
+        metrics::{CountedDrops, Health, Metrics, Snapshot},
+        text,
+    },
+    sink::{Options, Sink},
+};
+
+fn note(message: impl std::fmt::Display) {
+    eprintln!("backlog-agent: {message}");
+}
+
+/// What the loop works with, from `start` to `stop`.
+pub struct Running {
+    pub started: Instant,
+    /// Dropped first at `stop`: detaching ends the flow of events.
+    pub probes: Probes,
+    pub ring: AsyncFd<RingBuf<MapData>>,
+    pub counters: KernelCounters,
+    pub sink: Sink,
+    pub aggregator: Aggregator,
+    /// The metrics state and the scrapes to answer (`--metrics-addr`).
+    pub metrics: Option<(Metrics, mpsc::Receiver<http::Scrape>)>,
+    /// TcpExt counters at start, where SYN-stage drops are only counted.
+    pub counted_before: Option<counted::Snapshot>,
+    pub filters: Filters,
+}
+
+/// Everything up to `ready`: checks, hooks, filters, capabilities, the
+/// sink and the metrics endpoint. Says on stderr what is observed and how.
+pub async fn start(cli: &Cli) -> Result<Running> {
+    let started = Instant::now();
+    let caps = caps::effective(&preflight::self_status());
+    caps::check_start_up(caps)?;
+    preflight::check_btf()?;
+    for warning in caps::warnings(caps) {
+        note(warning);
+    }
+    if let Err(err) = preflight::raise_memlock_limit(&preflight::kernel_release()) {
+        note(format_args!(
+            "could not raise RLIMIT_MEMLOCK ({err}); maps may fail to load before 5.11"
+        ));
+    }
+    let tracefs = tracefs::ensure_mounted()?;
+    let btf = Btf::from_file(Path::new(preflight::VMLINUX_BTF))?;
+    let filters = Filters::resolve(cli)?;
+    let config = probes::config(cli.max_events_per_sec, cli.ring_buffer_kib);
+    let (mut probes, absent) = probes::start(
+        cli.attach,
+        cli.ring_buffer_kib,
+        &config,
+        cli.near_full,
+        &filters.config(),
+        &btf,
+        &tracefs,
+    )?;
+    // Until the maps are filled an active filter matches nothing: no
+    // event slips through before `ready`.
+    filters.install(&mut probes.ebpf)?;
+    if let Some(line) = filters.describe() {
+        note(line);
+    }
+    drop(btf);
+    for field in absent {
+        note(format_args!(
+            "this kernel has no {field}; the event field it feeds stays 0"
+        ));
+    }
+    for line in text::outcomes(&probes.outcomes) {
+        note(line);
+    }
+    match &probes.listen_calls {
+        Ok(hook) => note(format_args!("listen() calls: {hook}")),
+        Err(reason) => note(format_args!(
+            "listen() calls: not observable ({reason}); requested backlogs stay unknown"
+        )),
+    }
+    // Accept-queue wait and rates (accept_wait.rs): optional, told either way.
+    let accept_stats = match &probes.accept_wait {
+        Ok(hook) => {
+            note(format_args!("accept-queue wait and rates: {hook}"));
+            match probes.take_accept_stats() {
+                Ok(map) => Some(AcceptWait::new(map)),
+                Err(err) => {
+                    note(format_args!("accept-queue wait and rates: {err}"));
+                    None
+                }
+            }
+        }
+        Err(reason) => {
+            note(format_args!(
+                "accept-queue wait and rates: not observable ({reason})"
+            ));
+            None
+        }
+    };
+    // Where SYN-stage drops cannot be traced, count them from the kernel's
+    // own counters over the run instead.
+    let untraced_syn_stage = probes.outcomes.iter().any(|(kind, outcome)| {
+        *kind != DropKind::AckDroppedAcceptQueueFull
+            && *kind != DropKind::UnixConnectBacklogFull
+            && matches!(outcome, Outcome::NotObservable { .. })
+    });
+    // The kernel counts per namespace: a filter narrower than that
+    // cannot be applied to its counters.
+    let untraced_syn_stage = untraced_syn_stage && {
+        let splittable = !filters.narrower_than_netns();
+        if !splittable {
+            note(
+                "SYN-stage drops are not traced on this kernel, and the kernel's counters \
+                 cannot be split by port, pid, cgroup or path: not reported with this filter",
+            );
+        }
+        splittable
+    };
+    let counted_before = untraced_syn_stage.then(|| {
+        note("SYN-stage drops will be counted from kernel counters, not traced");
+        counted::snapshot(Path::new("/proc"))
+    });
+    match cli.max_events_per_sec {
+        0 => note("rate limit: none (--max-events-per-sec 0): one line per drop"),
+        n => note(format_args!(
+            "rate limit: {n} events per second per listener and kind; beyond it (flood mode) \
+             drops are counted exactly and written as one aggregate per listener and kind per second"
+        )),
+    }
+    let ring = probes.take_events()?;
+    let counters = probes.take_counters()?;
+    // Everything that needed CAP_BPF, CAP_PERFMON or CAP_SYSLOG is done:
+    // keep only what attribution and setns need (caps.rs).
+    let kept = caps::run_time_set(caps);
+    caps::drop_all_but(kept, caps)?;
+    note(format_args!(
+        "capabilities: kept {}; gave up the others",
+        match kept.names().join(", ") {
+            names if names.is_empty() => "none".to_owned(),
+            names => names,
+        }
+    ));
+    // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged,
+    // for as long as it lives, and the AsyncFd owns the ring buffer.
+    let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(io::Error::from)
+        .context("cannot poll the ring buffer")?;
+    // Before `ready`: setting up the sink may have things to say.
+    let mut sink = Sink::new(Options {
+        format: cli.output,
+        show_cmdline: cli.show_cmdline,
+        max_events_per_sec: cli.max_events_per_sec,
+        near_full_percent: cli.near_full,
+        client_timeout: cli.client_timeout,
+    });
+    let aggregator = Aggregator::new(SystemTime::now());
+    sink.accept = accept_stats;
+    sink.row_filter = filters.row_filter();
+    // --- metrics (issue 9): the endpoint, before `ready` so a scraper
+    // can rely on it from then on ---
+    let metrics = match cli.metrics_addr {
+        Some(addr) => {
+            let (bound, scrapes) = http::serve(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?;
+            note(format_args!("metrics: serving http://{bound}/metrics"));
+            let metrics = Metrics::new(cli.metrics_max_listeners, &probes.outcomes);
+            Some((metrics, scrapes))
+        }
+        None => None,
+    };
+    Ok(Running {
+        started,
+        probes,
+        ring,
+        counters,
+        sink,
+        aggregator,
+        metrics,
+        counted_before,
+        filters,
+    })
+}
+
+/// Tells the user the agent is ready, and how much of it watches.
+pub fn ready(running: &Running) {
+    let outcomes = &running.probes.outcomes;
+    let attached = outcomes
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Attached { .. }))
+        .count();
+    note(format_args!(
+        "ready: watching {attached} of {} drop kinds; Ctrl-C to stop",
+        outcomes.len()
+    ));
+}
+
+/// Detaches, writes what is still queued and the final summary.
+pub fn stop(running: Running) {
+    // Detach first so that nothing new arrives, then read what is queued
+    // and what was counted since the last aggregate.
+    let Running {
+        started,
+        probes,
+        mut ring,
+        mut counters,
+        mut sink,
+        mut aggregator,
+        counted_before,
+        filters,
+        ..
+    } = running;
+    drop(probes);
+    drain(ring.get_mut(), &mut sink);
+    sink.release_all();
+    aggregate(&mut counters, &mut aggregator, &mut sink);
+    sink.poll_near_full(true);
+    note("detached");
+
+    match counters.events_lost() {
+        Ok(lost) => sink.summary.losses.lost_in_kernel = lost,
+        Err(err) => note(format_args!("cannot read the lost-event counter: {err}")),
+    }
+    apply_accounting(&counters, &mut sink);
+    match counters.events_suppressed() {
+        Ok(n) => sink.summary.flood.suppressed_in_kernel = n,
+        Err(err) => note(format_args!(
+            "cannot read the suppressed-event counter: {err}"
+        )),
+    }
+    if let Ok(full) = counters.totals_full() {
+        if full > 0 {
+            note(format_args!(
+                "{full} drops could not be added to per-listener totals (too many listeners)"
+            ));
+        }
+    }
+    if let Ok(errors) = counters.read_errors() {
+        if errors > 0 {
+            note(format_args!(
+                "{errors} events had unreadable kernel fields (flagged partial)"
+            ));
+        }
+    }
+    sink.report(&summary_heading(started));
+    if let Some(before) = counted_before {
+        let after = counted::snapshot(Path::new("/proc"));
+        let mut deltas = counted::deltas(&before, &after);
+        deltas.retain(|delta| filters.wants_netns(delta.netns));
+        sink.report_counted(&deltas);
+    }
+    if let Some(errors) = sink
+        .accept
+        .as_ref()
+        .map(|a| a.read_errors)
+        .filter(|&e| e > 0)
+    {
+        note(format_args!(
+            "{errors} accept-queue rows could not be read (removed while being read)"
+        ));
+    }
+    let scans = sink.resolver.stats();
+    if scans.vanished + scans.unreadable > 0 {
+        note(format_args!(
+            "attribution: {} /proc scans; {} processes exited mid-scan, {} unreadable",
+            scans.scans, scans.vanished, scans.unreadable
+        ));
+    }
+}
+
+/// How often the ring buffer is read when the kernel did not wake us.
+pub const POLL: Duration = Duration::from_millis(5);
+/// The interval of aggregate records.
+pub const AGGREGATE_WINDOW: Duration = Duration::from_secs(1);
+
+/// Writes the aggregates of the window that ends now.
+pub fn aggregate(counters: &mut KernelCounters, aggregator: &mut Aggregator, sink: &mut Sink) {
+    let (inet, unix) = match (counters.totals(), counters.unix_totals()) {
+        (Ok(inet), Ok(unix)) => (inet, unix),
+        (Err(err), _) | (_, Err(err)) => {
+            note(format_args!("cannot read the per-listener counts: {err}"));
+            return;
+        }
+    };
+    let peers = counters.take_peers();
+    let aggregates = aggregator.window(&inet, &unix, &peers, SystemTime::now());
+    sink.aggregates(&aggregates);
+}
+
+fn apply_accounting(counters: &KernelCounters, sink: &mut Sink) {
+    match (counters.totals(), counters.unix_totals()) {
+        (Ok(inet), Ok(unix)) => sink.summary.apply_accounting(&inet, &unix),
+        (Err(err), _) | (_, Err(err)) => {
+            note(format_args!("cannot read the per-listener totals: {err}"));
+        }
+    }
+}
+
+pub fn drain(ring: &mut RingBuf<MapData>, sink: &mut Sink) {
+    while let Some(record) = ring.next() {
+        sink.handle(&record);
+    }
+    sink.release_waiting();
+    sink.flush();
+}
+
+/// The summary at `--interval`, with the kernel's totals as of now.
+pub fn summary(running: &mut Running) {
+    apply_accounting(&running.counters, &mut running.sink);
+    running.sink.report(&summary_heading(running.started));
+}
+
+fn summary_heading(started: Instant) -> String {
+    format!(
+        "backlog-agent: summary after {:.1} s:",
+        started.elapsed().as_secs_f64()
+    )
+}
+
+/// Answers a metrics scrape: reads the kernel's totals into the summary,
+/// then renders the listeners' model and the agent's totals as a snapshot
+/// (taking the per-scrape maxima). A map that cannot be read leaves its
+/// numbers as they were (said once on stderr).
+pub fn scrape(
+    metrics: &mut Metrics,
+    sink: &mut Sink,
+    counters: &KernelCounters,
+    ebpf: &aya::Ebpf,
+    counted_before: Option<&counted::Snapshot>,
+) -> Snapshot {
+    // The kernel's exact per-listener accounting (issue 11): totals for
+    // TCP listeners and UNIX paths alike, whatever was rate-limited or
+    // lost on the way to the agent.
+    match (counters.totals(), counters.unix_totals()) {
+        (Ok(inet), Ok(unix)) => sink.summary.apply_accounting(&inet, &unix),
+        (Err(err), _) | (_, Err(err)) => {
+            metrics.warn(format!("cannot read per-listener totals: {err}"))
+        }
+    }
+    match counters.events_lost() {
+        Ok(lost) => sink.summary.losses.lost_in_kernel = lost,
+        Err(err) => metrics.warn(format!("cannot read lost events: {err}")),
+    }
+    let drops_untracked = counters.totals_full().unwrap_or(0);
+    let listeners = sink.scrape_reports();
+    let counted = counted_drops(counted_before, sink);
+    let losses = sink.summary.losses;
+    let health = Health {
+        events: sink.summary.events,
+        events_lost: losses.lost_in_kernel,
+        events_undecodable: losses.undecodable,
+        events_partial: losses.partial,
+        drops_untracked,
+        events_aggregated: sink.summary.flood.aggregated,
+    };
+    metrics.snapshot(&listeners, health, counted, bpfstats::accounted(ebpf))
+}
+
+/// SYN-stage drops counted by the kernel since start, per namespace,
+/// where they cannot be traced.
+fn counted_drops(before: Option<&counted::Snapshot>, sink: &Sink) -> Vec<CountedDrops> {
+    let Some(before) = before else {
+        return Vec::new();
+    };
+    let after = counted::snapshot(Path::new("/proc"));
+    let mut out = Vec::new();
+    for delta in counted::deltas(before, &after) {
+        let traced_acks = sink.traced_acks(delta.netns);
+        for (kind, count) in counted::kind_counts(&delta, traced_acks) {
+            out.push(CountedDrops {
+                netns: delta.netns,
+                kind: kind.as_str(),
+                count,
+            });
+        }
+    }
+    out
+}
