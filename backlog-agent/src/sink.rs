@@ -8,7 +8,7 @@
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     io::{self, Write},
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -25,7 +25,7 @@ use crate::{
         context::{self, CgroupResolver, NetnsSysctls},
         counted::{self, NetnsDelta},
         resolver::{Lookup, Resolver},
-        sockdiag::{self, UnixListenerInfo},
+        unix_listeners::UnixListeners,
     },
     filter::RowFilter,
     flood::{Aggregate, FloodListener},
@@ -55,10 +55,6 @@ const RELAXED_WALK: Duration = Duration::from_secs(5);
 const ATTRIBUTION_WAIT: Duration = Duration::from_millis(100);
 /// Beyond this many waiting events, new ones are written unattributed.
 const MAX_WAITING: usize = 65536;
-
-/// UNIX listeners are looked up by path with a sock_diag dump; under a
-/// burst of EAGAINs one dump serves a while.
-const UNIX_DUMP_TTL: Duration = Duration::from_millis(200);
 
 /// How long a listener's holders are reused before they are looked up
 /// again (workers come and go); shorter while none is found.
@@ -109,7 +105,7 @@ pub struct Sink {
     /// namespace may be gone by the time the summary is written. Keyed by
     /// listener, not netns inode: a dead namespace's number is reused.
     netns_sysctls: HashMap<(u32, u64), NetnsSysctls>,
-    unix_dumps: HashMap<u64, (Instant, Vec<UnixListenerInfo>)>,
+    unix_listeners: UnixListeners,
     /// UNIX listeners as their events found them, by (client netns, path):
     /// what an aggregate of the same path is attributed to.
     unix_seen: HashMap<(u32, String), (Option<u64>, Vec<Process>)>,
@@ -151,6 +147,7 @@ impl Sink {
             },
             out,
         );
+        let own_netns = context::netns_inode(Path::new("/proc/self/ns/net"));
         Sink {
             options,
             reporter,
@@ -161,10 +158,10 @@ impl Sink {
             listens: HashMap::new(),
             cgroups,
             host_netns: context::host_netns_inode(),
-            own_netns: context::netns_inode(Path::new("/proc/self/ns/net")),
+            own_netns,
             cmdlines: HashMap::new(),
             netns_sysctls: HashMap::new(),
-            unix_dumps: HashMap::new(),
+            unix_listeners: UnixListeners::new(own_netns),
             unix_seen: HashMap::new(),
             fragments: HashMap::new(),
             flooded: HashSet::new(),
@@ -373,7 +370,7 @@ impl Sink {
 
     fn unix_connect(&mut self, event: &UnixConnect) {
         let (netns, listener) = match event.path.as_deref() {
-            Some(path) => self.unix_listener(event.pid, path),
+            Some(path) => self.unix_listeners.for_client(event.pid, path),
             None => (None, None),
         };
         // The kernel's view of the client's namespace first: the client
@@ -411,46 +408,6 @@ impl Sink {
             view.queue,
             &processes,
         );
-    }
-
-    /// The UNIX listener at `path` as seen from the client's network
-    /// namespace (abstract names are per namespace), with its netns inode.
-    fn unix_listener(
-        &mut self,
-        client_pid: u32,
-        path: &str,
-    ) -> (Option<u64>, Option<UnixListenerInfo>) {
-        let netns_file = PathBuf::from(format!("/proc/{client_pid}/ns/net"));
-        // A client that exited already: look in our own namespace.
-        let (netns, netns_file) = match context::netns_inode(&netns_file) {
-            Some(inode) => (Some(inode), Some(netns_file)),
-            None => (self.own_netns, None),
-        };
-        let key = netns.unwrap_or(0);
-        let fresh = |dump: &(Instant, Vec<UnixListenerInfo>)| {
-            dump.0.elapsed() < UNIX_DUMP_TTL
-                && dump.1.iter().any(|l| l.path.as_deref() == Some(path))
-        };
-        if !self.unix_dumps.get(&key).is_some_and(fresh) {
-            let dump = match &netns_file {
-                Some(file) if netns != self.own_netns => {
-                    sockdiag::in_netns(file, sockdiag::unix_listeners).and_then(|r| r)
-                }
-                _ => sockdiag::unix_listeners(),
-            };
-            match dump {
-                Ok(listeners) => {
-                    self.unix_dumps.insert(key, (Instant::now(), listeners));
-                }
-                Err(err) => note(format_args!("cannot list UNIX listeners: {err}")),
-            }
-        }
-        let found = self
-            .unix_dumps
-            .get(&key)
-            .and_then(|(_, listeners)| listeners.iter().find(|l| l.path.as_deref() == Some(path)))
-            .cloned();
-        (netns, found)
     }
 
     /// Writes one aggregate record per listener and kind that went over
@@ -514,7 +471,7 @@ impl Sink {
         } else {
             processes
                 .iter()
-                .filter_map(|p| task_in_netns(p.pid, netns))
+                .filter_map(|p| context::task_in_netns(p.pid, netns))
                 .find_map(|file| context::read_sysctls_in(&file).ok())
         };
         if let Some(sysctls) = sysctls {
@@ -676,7 +633,8 @@ impl Sink {
             let listener = match row.socket_addr() {
                 Some(addr) => ListenerAddr::Inet(addr),
                 None => ListenerAddr::Unix(
-                    self.unix_path(netns, socket_inode, &processes)
+                    self.unix_listeners
+                        .path_of(netns, socket_inode, &processes)
                         .unwrap_or_else(|| format!("socket:[{socket_inode}]")),
                 ),
             };
@@ -700,24 +658,6 @@ impl Sink {
             }
             stats.advice = advice_for(stats, figures, timeout);
         }
-    }
-}
-
-impl Sink {
-    /// The path of the UNIX listener with socket `inode`, from a sock_diag
-    /// dump of its namespace (entered through a holder's thread).
-    fn unix_path(&mut self, netns: u32, inode: u64, processes: &[Process]) -> Option<String> {
-        let dump = if self.own_netns == Some(u64::from(netns)) {
-            sockdiag::unix_listeners().ok()?
-        } else {
-            let file = processes.iter().find_map(|p| task_in_netns(p.pid, netns))?;
-            sockdiag::in_netns(&file, sockdiag::unix_listeners)
-                .ok()?
-                .ok()?
-        };
-        dump.into_iter()
-            .find(|l| l.inode == inode)
-            .and_then(|l| l.path)
     }
 }
 
@@ -761,15 +701,6 @@ fn advice_for(
         client_timeout_s: timeout_s,
         interval_s: figures.interval_s,
     }))
-}
-
-/// `/proc/PID/task/TID/ns/net` of a thread of `pid` that lives in `netns`.
-fn task_in_netns(pid: u32, netns: u32) -> Option<PathBuf> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    tasks.flatten().find_map(|task| {
-        let file = task.path().join("ns/net");
-        (context::netns_inode(&file) == Some(u64::from(netns))).then_some(file)
-    })
 }
 
 impl Sink {

@@ -376,6 +376,16 @@ pub struct NetnsSysctls {
     pub tcp_abort_on_overflow: Option<u32>,
 }
 
+/// `/proc/PID/task/TID/ns/net` of a thread of `pid` that lives in `netns`:
+/// a process's threads may live in different namespaces.
+pub fn task_in_netns(pid: u32, netns: u32) -> Option<PathBuf> {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks.flatten().find_map(|task| {
+        let file = task.path().join("ns/net");
+        (netns_inode(&file) == Some(u64::from(netns))).then_some(file)
+    })
+}
+
 /// The sysctls as the calling thread's network namespace sees them.
 pub fn read_sysctls_here() -> NetnsSysctls {
     let read = |path: &str| -> Option<u32> { fs::read_to_string(path).ok()?.trim().parse().ok() };
