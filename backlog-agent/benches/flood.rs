@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{counter_delta, in_new_netns, tcp_ext, Agent};
+use common::{bench::process_cpu, counter_delta, in_new_netns, tcp_ext, Agent};
 use socket2::{Domain, Socket, Type};
 
 const BACKLOG: i32 = 1024;
@@ -111,23 +111,6 @@ fn syn_flood() -> Flood {
         drop(listener);
         measured(&before, started)
     })
-}
-
-/// CPU time (user + system) a process has used so far.
-fn process_cpu(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the ")" that closes comm: utime and stime are 14 and 15.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: u64 = fields
-        .get(11..13)
-        .map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_micros(ticks * 1_000_000 / hz)
 }
 
 /// Counts the events of one flood's namespace in the agent's output.
