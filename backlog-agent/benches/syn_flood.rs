@@ -19,7 +19,7 @@ mod common;
 use std::{thread, time::Duration};
 
 use common::{
-    bench::{bpf_costs, bpf_programs, print_costs, process_cpu},
+    bench::{accounted, bpf_costs, bpf_programs, print_costs, process_cpu},
     synflood::{counter_and_kind, syn_flood, SynFlood},
     Agent,
 };
@@ -27,34 +27,6 @@ use common::{
 const FLOOD: Duration = Duration::from_secs(3);
 const MAX_SYNS: u64 = 3_000_000;
 const COOKIES: [&str; 2] = ["0", "1"];
-
-/// Where one flood's drops went, from the agent's JSON output.
-#[derive(Default)]
-struct Accounted {
-    events: u64,
-    aggregated: u64,
-    lost: u64,
-    total: u64,
-}
-
-fn accounted(records: &[serde_json::Value], kind: &str, netns: u64) -> Accounted {
-    let mut a = Accounted::default();
-    for r in records
-        .iter()
-        .filter(|r| r["netns"].as_u64() == Some(netns))
-    {
-        if r["kind"] == "listener_summary" {
-            let c = &r["accounting"][kind];
-            a.lost += c["lost"].as_u64().unwrap_or(0);
-            a.total += c["total"].as_u64().unwrap_or(0);
-        } else if r["kind"] == kind && r["aggregated"] == true {
-            a.aggregated += r["count"].as_u64().unwrap_or(0);
-        } else if r["kind"] == kind {
-            a.events += 1;
-        }
-    }
-    a
-}
 
 fn main() {
     if !common::privileged("bench syn_flood") {
@@ -118,17 +90,8 @@ fn main() {
             println!("    {kind} is counted, not traced, on this kernel: {line}");
             continue;
         }
-        let a = accounted(&records, kind, flood.netns);
-        let holds = a.events + a.aggregated + a.lost == flood.drops && a.total == flood.drops;
-        println!(
-            "    {kind}: events printed {}, aggregated {}, lost {}; kernel total {}; {counter} {}: identity {}",
-            a.events,
-            a.aggregated,
-            a.lost,
-            a.total,
-            flood.drops,
-            if holds { "holds" } else { "BROKEN" }
-        );
+        let a = accounted(&records, &[kind], flood.netns);
+        println!("    {kind}: {}", a.line(counter, flood.drops));
     }
     println!(
         "(c) bpftrace on the SYN stage needs kprobes or fentry on tcp_conn_request: this host has neither, and the guests carry no bpftrace; the side-by-side bpftrace figures are the UNIX storm's (benches/storm.rs)"
