@@ -17,7 +17,6 @@
 mod common;
 
 use std::{
-    collections::HashMap,
     fs,
     net::{SocketAddr, TcpListener},
     path::Path,
@@ -26,66 +25,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{storm, Agent};
+use common::{
+    bench::{bpf_costs, bpf_programs, print_costs, process_cpu},
+    storm, Agent,
+};
 
 const STORM: Duration = Duration::from_secs(3);
 const TCP_CONNECTS: u64 = 200_000;
-
-/// (name, run_time_ns, run_cnt) of every loaded BPF program, by id.
-fn bpf_programs() -> HashMap<u32, (String, u64, u64)> {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .map(|p| {
-            (
-                p.id(),
-                (
-                    p.name_as_str().unwrap_or("?").to_owned(),
-                    p.run_time().as_nanos() as u64,
-                    p.run_count(),
-                ),
-            )
-        })
-        .collect()
-}
-
-/// Per program that ran between the two snapshots: name, calls, ns/call.
-fn bpf_costs(
-    before: &HashMap<u32, (String, u64, u64)>,
-    after: &HashMap<u32, (String, u64, u64)>,
-) -> Vec<(String, u64, f64)> {
-    let mut out: Vec<(String, u64, f64)> = after
-        .iter()
-        .filter_map(|(id, (name, ns, cnt))| {
-            let (ns0, cnt0) = before.get(id).map_or((0, 0), |(_, n, c)| (*n, *c));
-            let calls = cnt - cnt0;
-            (calls > 0).then(|| (name.clone(), calls, (ns - ns0) as f64 / calls as f64))
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
-fn print_costs(what: &str, costs: &[(String, u64, f64)]) {
-    for (name, calls, ns) in costs {
-        println!("    {what}: {name}: {calls} calls, {ns:.0} ns per call");
-    }
-}
-
-/// CPU time (user + system) a process has used so far.
-fn process_cpu(pid: u32) -> Duration {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: u64 = fields
-        .get(11..13)
-        .map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_micros(ticks * 1_000_000 / hz)
-}
 
 /// One storm against a fresh full listener in `dir`.
 fn one_storm(dir: &Path, name: &str) -> (storm::Storm, String) {
@@ -208,116 +154,6 @@ fn report_many(what: &str, m: &ManyListeners) {
     );
 }
 
-/// (a) A spoofed-source SYN flood over a raw socket, inside a private
-/// namespace (recipe: kernel-notes.md, "Floods at real rates"): the
-/// listener on 198.18.0.1 never accepts, the SYN-ACKs to the spoofed
-/// 198.19.x.y sources are routed into lo and lost, so the SYN queue stays
-/// full and every further SYN is TCPReqQFullDrop (cookies 0) or
-/// TCPReqQFullDoCookies (cookies 1). Returns the counter's growth per
-/// second, and the counter's growth.
-const SYN_FLOOD: Duration = Duration::from_secs(3);
-
-fn checksum(words: impl Iterator<Item = u16>) -> u16 {
-    let mut sum: u32 = words.map(u32::from).sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// An IPv4 SYN from `src:sport` to 198.18.0.1:`dport`, checksummed.
-fn syn_packet(src: [u8; 4], sport: u16, dport: u16, seq: u32) -> [u8; 40] {
-    let mut p = [0u8; 40];
-    p[0] = 0x45; // IPv4, 5 words of header
-    p[2..4].copy_from_slice(&40u16.to_be_bytes());
-    p[8] = 64; // TTL
-    p[9] = libc::IPPROTO_TCP as u8;
-    p[12..16].copy_from_slice(&src);
-    p[16..20].copy_from_slice(&[198, 18, 0, 1]);
-    // The kernel fills in the IP header checksum (IP_HDRINCL).
-    let tcp = 20;
-    p[tcp..tcp + 2].copy_from_slice(&sport.to_be_bytes());
-    p[tcp + 2..tcp + 4].copy_from_slice(&dport.to_be_bytes());
-    p[tcp + 4..tcp + 8].copy_from_slice(&seq.to_be_bytes());
-    p[tcp + 12] = 5 << 4; // 5 words of header
-    p[tcp + 13] = 0x02; // SYN
-    p[tcp + 14..tcp + 16].copy_from_slice(&65535u16.to_be_bytes());
-    let pseudo = [
-        u16::from_be_bytes([src[0], src[1]]),
-        u16::from_be_bytes([src[2], src[3]]),
-        u16::from_be_bytes([198, 18]),
-        u16::from_be_bytes([0, 1]),
-        libc::IPPROTO_TCP as u16,
-        20,
-    ];
-    let segment: Vec<u16> = p[tcp..]
-        .chunks(2)
-        .map(|c| u16::from_be_bytes([c[0], c[1]]))
-        .collect();
-    let sum = checksum(pseudo.into_iter().chain(segment));
-    p[tcp + 16..tcp + 18].copy_from_slice(&sum.to_be_bytes());
-    p
-}
-
-fn ip(args: &str) {
-    let status = Command::new(common::outside("ip"))
-        .args(args.split_whitespace())
-        .status()
-        .expect("run ip (iproute2)");
-    assert!(status.success(), "ip {args} failed");
-}
-
-fn syn_flood(cookies: &'static str) -> (f64, u64) {
-    common::in_new_netns(move || {
-        common::set_sysctl("net.ipv4.tcp_syncookies", cookies);
-        ip("addr add 198.18.0.1/32 dev lo");
-        ip("route add 198.19.0.0/16 dev lo");
-        let listener = TcpListener::bind("198.18.0.1:80").expect("bind 198.18.0.1:80");
-        // SAFETY: listen on a valid socket fd.
-        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 64) };
-        // SAFETY: a raw socket; closed below.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-        // SAFETY: sockaddr_in for 198.18.0.1, the only destination.
-        let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-        to.sin_family = libc::AF_INET as libc::sa_family_t;
-        to.sin_addr.s_addr = u32::from_ne_bytes([198, 18, 0, 1]);
-        let counter = if cookies == "0" {
-            "TCPReqQFullDrop"
-        } else {
-            "TCPReqQFullDoCookies"
-        };
-        let before = common::tcp_ext();
-        let started = Instant::now();
-        let mut i: u32 = 0;
-        while started.elapsed() < SYN_FLOOD {
-            for _ in 0..256 {
-                i = i.wrapping_add(1);
-                let src = [198, 19, (i >> 8) as u8, i as u8];
-                let packet = syn_packet(src, 1024 + (i % 50_000) as u16, 80, i);
-                // SAFETY: a valid buffer and sockaddr_in of the right size.
-                unsafe {
-                    libc::sendto(
-                        fd,
-                        packet.as_ptr().cast(),
-                        packet.len(),
-                        0,
-                        (&to as *const libc::sockaddr_in).cast(),
-                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                    )
-                };
-            }
-        }
-        let elapsed = started.elapsed();
-        let after = common::tcp_ext();
-        // SAFETY: closing the raw socket opened above.
-        unsafe { libc::close(fd) };
-        drop(listener);
-        let n = common::counter_delta(&before, &after, counter);
-        (n as f64 / elapsed.as_secs_f64(), n)
-    })
-}
-
 fn main() {
     if !common::privileged("bench storm") {
         return;
@@ -330,18 +166,11 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     println!("backlog storm bench on {}", common::kernel_release());
 
-    let syn_without: Vec<(f64, u64)> = ["0", "1"].into_iter().map(syn_flood).collect();
     let (without, _) = one_storm(dir.path(), "none.sock");
     let tcp_without = tcp_connects(false);
     let tcp_nb_without = tcp_connects(true);
 
     let agent = Agent::expect_ready(&["--output", "json"]);
-    let syn_cpu0 = process_cpu(agent.pid());
-    let syn_p0 = bpf_programs();
-    let syn_with: Vec<(f64, u64)> = ["0", "1"].into_iter().map(syn_flood).collect();
-    let syn_p1 = bpf_programs();
-    thread::sleep(Duration::from_millis(1200));
-    let syn_cpu = process_cpu(agent.pid()).saturating_sub(syn_cpu0);
     let cpu0 = process_cpu(agent.pid());
     let p0 = bpf_programs();
     let (with, path) = one_storm(dir.path(), "agent.sock");
@@ -396,25 +225,6 @@ fn main() {
         }
     };
 
-    println!(
-        "(a) spoofed-source SYN flood over a raw socket, {} s per phase, listener backlog 64:",
-        SYN_FLOOD.as_secs()
-    );
-    for (i, cookies) in ["0", "1"].iter().enumerate() {
-        println!(
-            "  tcp_syncookies={cookies}: without agent {:.0} drops/s, with {:.0}/s ({:.3}x)",
-            syn_without[i].0,
-            syn_with[i].0,
-            syn_with[i].0 / syn_without[i].0
-        );
-    }
-    let syn_drops: u64 = syn_with.iter().map(|(_, n)| n).sum();
-    println!(
-        "  agent CPU: {:.3} s for {syn_drops} SYNs ({:.2} us per SYN); kernel cost:",
-        syn_cpu.as_secs_f64(),
-        syn_cpu.as_secs_f64() * 1e6 / syn_drops.max(1) as f64
-    );
-    print_costs("agent", &bpf_costs(&syn_p0, &syn_p1));
     println!(
         "(b) UNIX EAGAIN storm, {} s per phase, one client looping non-blocking connect() to a full listener:",
         STORM.as_secs()

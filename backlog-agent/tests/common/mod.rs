@@ -7,9 +7,11 @@
 //! must mean the kernel paths were really exercised.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod bench;
 pub mod http;
 pub mod scenarios;
 pub mod storm;
+pub mod synflood;
 
 /// The table of outside programs, shared with xtask (one file, one parser).
 #[path = "../../../xtask/src/outside.rs"]

@@ -110,8 +110,12 @@ pub fn build_default(target: &DistTarget) -> Result<Payload> {
     })
 }
 
-/// The flood benchmark (`benches/flood.rs`) and a release agent, for
-/// `vm-test --bench`: figures from a kernel where every kind is traced.
+/// The benchmarks that need a kernel where the SYN stage is traced
+/// (`benches/flood.rs`, `benches/syn_flood.rs`).
+const GUEST_BENCHES: [&str; 2] = ["flood", "syn_flood"];
+
+/// The guest benchmarks and a release agent, for `vm-test --bench`:
+/// figures from kernels where every kind is traced.
 pub fn build_bench() -> Result<Payload> {
     let agent_artifacts =
         cargo_artifacts(&["build", "--release", "--package", "backlog-agent"], None)?;
@@ -119,37 +123,35 @@ pub fn build_bench() -> Result<Payload> {
         .iter()
         .find(|a| a.name == "backlog-agent" && a.kinds.iter().any(|k| k == "bin"))
         .context("cargo build --release reported no backlog-agent executable")?;
-    let bench_artifacts = cargo_artifacts(
-        &[
-            "bench",
-            "--package",
-            "backlog-agent",
-            "--bench",
-            "flood",
-            "--no-run",
-        ],
-        None,
-    )?;
-    let bench = bench_artifacts
-        .iter()
-        .find(|a| a.name == "flood" && a.kinds.iter().any(|k| k == "bench"))
-        .context("cargo bench --no-run reported no flood benchmark")?;
-    Ok(Payload {
-        files: vec![
-            PayloadFile {
-                host: agent.executable.clone(),
-                guest: AGENT_GUEST_PATH.to_owned(),
-            },
-            PayloadFile {
-                host: bench.executable.clone(),
-                guest: "/tests/flood".to_owned(),
-            },
-        ],
-        runs: vec![TestRun {
-            name: "flood".to_owned(),
-            guest: "/tests/flood".to_owned(),
+    let mut args = vec!["bench", "--package", "backlog-agent", "--no-run"];
+    for bench in GUEST_BENCHES {
+        args.extend(["--bench", bench]);
+    }
+    let bench_artifacts = cargo_artifacts(&args, None)?;
+    let mut files = vec![PayloadFile {
+        host: agent.executable.clone(),
+        guest: AGENT_GUEST_PATH.to_owned(),
+    }];
+    let mut runs = Vec::new();
+    for name in GUEST_BENCHES {
+        let bench = bench_artifacts
+            .iter()
+            .find(|a| a.name == name && a.kinds.iter().any(|k| k == "bench"))
+            .with_context(|| format!("cargo bench --no-run reported no {name} benchmark"))?;
+        let guest = format!("/tests/{name}");
+        files.push(PayloadFile {
+            host: bench.executable.clone(),
+            guest: guest.clone(),
+        });
+        runs.push(TestRun {
+            name: name.to_owned(),
+            guest,
             args: vec!["--bench".to_owned()],
-        }],
+        });
+    }
+    Ok(Payload {
+        files,
+        runs,
         // The figures compare with host runs of the same glibc build.
         static_only: false,
     })

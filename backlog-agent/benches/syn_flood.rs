@@ -1,0 +1,99 @@
+//! `cargo xtask bench` (and `cargo xtask vm-test --bench` in the guests,
+//! where the SYN stage can be traced): a spoofed-source SYN flood over a
+//! raw socket in a private network namespace (tests/common/synflood.rs),
+//! tcp_syncookies 0 then 1, without a tracer and with the agent at its
+//! default settings, printing
+//! 1. the flood's drop rate with the agent divided by the rate without;
+//! 2. kernel ns per call of every program that ran (kernel.bpf_stats:
+//!    run_time_ns / run_cnt) and the agent's CPU per SYN;
+//! 3. events printed, aggregated and lost, and whether
+//!    events + aggregated + lost = the namespace's TcpExt counter
+//!    (TCPReqQFullDrop, TCPReqQFullDoCookies).
+//!
+//! Figures from one run on one machine, not assertions. Bounded: each
+//! phase sends at most MAX_SYNS SYNs for at most FLOOD.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::{thread, time::Duration};
+
+use common::{
+    bench::{accounted, bpf_costs, bpf_programs, print_costs, process_cpu},
+    synflood::{counter_and_kind, syn_flood, SynFlood},
+    Agent,
+};
+
+const FLOOD: Duration = Duration::from_secs(3);
+const MAX_SYNS: u64 = 3_000_000;
+const COOKIES: [&str; 2] = ["0", "1"];
+
+fn main() {
+    if !common::privileged("bench syn_flood") {
+        return;
+    }
+    // Run-time statistics for every BPF program while this fd is open.
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime);
+    if let Err(err) = &stats {
+        println!("kernel.bpf_stats unavailable ({err}): no ns per call");
+    }
+    println!("backlog SYN flood bench on {}", common::kernel_release());
+    let without: Vec<SynFlood> = COOKIES
+        .into_iter()
+        .map(|c| syn_flood(c, FLOOD, MAX_SYNS))
+        .collect();
+
+    let agent = Agent::expect_ready(&["--output", "json"]);
+    let not_traced: Vec<String> = agent
+        .startup()
+        .lines()
+        .filter(|l| l.contains("not observable"))
+        .map(str::to_owned)
+        .collect();
+    let mut with = Vec::new();
+    for cookies in COOKIES {
+        let cpu0 = process_cpu(agent.pid());
+        let p0 = bpf_programs();
+        let flood = syn_flood(cookies, FLOOD, MAX_SYNS);
+        let p1 = bpf_programs();
+        // The agent's last aggregate window and drain are part of its cost.
+        thread::sleep(Duration::from_millis(1200));
+        let cpu = process_cpu(agent.pid()).saturating_sub(cpu0);
+        with.push((flood, cpu, bpf_costs(&p0, &p1)));
+    }
+    let run = agent.stop();
+    assert!(run.status.success(), "agent failed:\n{}", run.stderr);
+    let records = run.json_events();
+    drop(stats);
+
+    println!(
+        "(a) spoofed-source SYN flood over a raw socket, at most {} s and {MAX_SYNS} SYNs per phase, listener backlog 64, agent at default settings:",
+        FLOOD.as_secs()
+    );
+    for (i, cookies) in COOKIES.iter().enumerate() {
+        let (counter, kind) = counter_and_kind(cookies);
+        let (flood, cpu, costs) = &with[i];
+        println!(
+            "  tcp_syncookies={cookies}: {counter} without agent {:.0}/s, with {:.0}/s ({:.3}x)",
+            without[i].rate(),
+            flood.rate(),
+            flood.rate() / without[i].rate().max(1.0)
+        );
+        println!(
+            "    agent CPU {:.3} s for {} drops ({:.3} us per drop); kernel cost:",
+            cpu.as_secs_f64(),
+            flood.drops,
+            cpu.as_secs_f64() * 1e6 / flood.drops.max(1) as f64
+        );
+        print_costs("agent", costs);
+        if let Some(line) = not_traced.iter().find(|l| l.contains(kind)) {
+            println!("    {kind} is counted, not traced, on this kernel: {line}");
+            continue;
+        }
+        let a = accounted(&records, &[kind], flood.netns);
+        println!("    {kind}: {}", a.line(counter, flood.drops));
+    }
+    println!(
+        "(c) bpftrace on the SYN stage needs kprobes or fentry on tcp_conn_request: this host has neither, and the guests carry no bpftrace; the side-by-side bpftrace figures are the UNIX storm's (benches/storm.rs)"
+    );
+}

@@ -1,0 +1,121 @@
+//! What the benchmarks measure besides the kernel's counters: a process's
+//! CPU time, and each BPF program's run time and run count from
+//! kernel.bpf_stats (enabled by the bench while it holds the stats fd).
+
+use std::{collections::HashMap, fs, time::Duration};
+
+/// CPU time (user + system) a process has used so far; zero once it has
+/// exited (the bench reads it while the process runs).
+pub fn process_cpu(pid: u32) -> Duration {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the ")" that closes comm: utime and stime are 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+/// (name, run_time_ns, run_cnt) of every loaded BPF program, by id.
+pub type BpfSnapshot = HashMap<u32, (String, u64, u64)>;
+
+pub fn bpf_programs() -> BpfSnapshot {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| {
+            (
+                p.id(),
+                (
+                    p.name_as_str().unwrap_or("?").to_owned(),
+                    p.run_time().as_nanos() as u64,
+                    p.run_count(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Per program that ran between the two snapshots: name, calls, ns/call.
+pub fn bpf_costs(before: &BpfSnapshot, after: &BpfSnapshot) -> Vec<(String, u64, f64)> {
+    let mut out: Vec<(String, u64, f64)> = after
+        .iter()
+        .filter_map(|(id, (name, ns, cnt))| {
+            let (ns0, cnt0) = before.get(id).map_or((0, 0), |(_, n, c)| (*n, *c));
+            let calls = cnt.saturating_sub(cnt0);
+            (calls > 0).then(|| {
+                (
+                    name.clone(),
+                    calls,
+                    ns.saturating_sub(ns0) as f64 / calls as f64,
+                )
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+pub fn print_costs(what: &str, costs: &[(String, u64, f64)]) {
+    if costs.is_empty() {
+        println!("    {what}: no BPF program ran");
+    }
+    for (name, calls, ns) in costs {
+        println!("    {what}: {name}: {calls} calls, {ns:.0} ns per call");
+    }
+}
+
+/// Where the drops of some kinds in one network namespace went, from the
+/// agent's JSON output: events printed, inside aggregates, lost, and the
+/// kernel's own total from the listener summaries.
+#[derive(Debug, Default)]
+pub struct Accounted {
+    pub events: u64,
+    pub aggregated: u64,
+    pub lost: u64,
+    pub total: u64,
+}
+
+impl Accounted {
+    /// events + aggregated + lost = `counter` = the kernel's total.
+    pub fn holds(&self, counter: u64) -> bool {
+        self.events + self.aggregated + self.lost == counter && self.total == counter
+    }
+
+    pub fn line(&self, counter_name: &str, counter: u64) -> String {
+        format!(
+            "events printed {}, aggregated {}, lost {}; kernel total {}; {counter_name} {counter}: identity {}",
+            self.events,
+            self.aggregated,
+            self.lost,
+            self.total,
+            if self.holds(counter) { "holds" } else { "BROKEN" }
+        )
+    }
+}
+
+pub fn accounted(records: &[serde_json::Value], kinds: &[&str], netns: u64) -> Accounted {
+    let mut a = Accounted::default();
+    for r in records
+        .iter()
+        .filter(|r| r["netns"].as_u64() == Some(netns))
+    {
+        for kind in kinds {
+            if r["kind"] == "listener_summary" {
+                let c = &r["accounting"][*kind];
+                a.lost += c["lost"].as_u64().unwrap_or(0);
+                a.total += c["total"].as_u64().unwrap_or(0);
+            } else if r["kind"] == *kind && r["aggregated"] == true {
+                a.aggregated += r["count"].as_u64().unwrap_or(0);
+            } else if r["kind"] == *kind {
+                a.events += 1;
+            }
+        }
+    }
+    a
+}
