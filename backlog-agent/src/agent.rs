@@ -34,14 +34,10 @@ use crate::{
     },
     report::{
         metrics::{CountedDrops, Health, Metrics, Snapshot},
-        text,
+        note, text,
     },
     sink::{Options, Sink},
 };
-
-fn note(message: impl std::fmt::Display) {
-    eprintln!("backlog-agent: {message}");
-}
 
 /// What the loop works with, from `start` to `stop`.
 pub struct Running {

@@ -24,6 +24,12 @@ use crate::{
 
 const OUT_BUFFER: usize = 256 * 1024;
 
+/// A one-line note for the operator on stderr, named for the tool, so it
+/// stays apart from the events on stdout.
+pub fn note(message: impl std::fmt::Display) {
+    eprintln!("backlog-agent: {message}");
+}
+
 /// What the renderers need besides the model.
 pub struct ReportOptions {
     pub format: OutputFormat,

@@ -34,7 +34,7 @@ use crate::{
         ListenerReport, ListenerStats, NearFullWarning, Placement, Summary, UnixDrop,
         UnixListenerView,
     },
-    report::{diagnosis, ReportOptions, Reporter},
+    report::{diagnosis, note, ReportOptions, Reporter},
 };
 
 /// How long a near-full warning waits for its listener's holders.
@@ -66,10 +66,6 @@ const MAX_FRAGMENTS: usize = 16384;
 struct ListenerFragment {
     context: ListenerContext,
     until: Instant,
-}
-
-fn note(message: impl std::fmt::Display) {
-    eprintln!("backlog-agent: {message}");
 }
 
 pub struct Options {

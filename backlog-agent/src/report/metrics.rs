@@ -23,6 +23,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
+use super::note;
 use crate::{
     kernel::bpfstats::{self, ProgramStats},
     kernel::probes::Outcome,
@@ -259,10 +260,6 @@ fn listener_series(reports: &[ListenerReport]) -> Vec<ListenerMetrics> {
             .max(report.accept_queue_max_since_scrape);
     }
     merged.into_values().collect()
-}
-
-fn note(message: impl std::fmt::Display) {
-    eprintln!("backlog-agent: {message}");
 }
 
 /// The Content-Type of [`render`]'s output.
