@@ -207,6 +207,9 @@ async fn run(cli: Cli) -> Result<()> {
         None => None,
     };
     let deadline = cli.duration.map(|d| tokio::time::Instant::now() + d);
+    // The one walk of every process's fds belongs to start-up: from now
+    // on attribution reads only what changes (resolver.rs).
+    sink.resolver.wait_first_walk(FIRST_WALK_WAIT);
     note(format_args!(
         "ready: watching {attached} of {} drop kinds; Ctrl-C to stop",
         probes.outcomes.len()
@@ -320,6 +323,9 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// How long start-up waits for the first walk of /proc; a bigger machine
+/// just gets its first answers later.
+const FIRST_WALK_WAIT: Duration = Duration::from_secs(3);
 /// How often the ring buffer is read when the kernel did not wake us.
 const POLL: Duration = Duration::from_millis(5);
 /// The interval of aggregate records.

@@ -1,25 +1,33 @@
 //! Attribution off the drain path. A walk of /proc costs in proportion to
 //! the processes on the machine (every fd of every process), so it must
-//! never stall the loop that drains the ring buffer: a thread does the
-//! walks, one walk serves every inode asked for since the last one, and
-//! the drain loop reads the last published result.
+//! never stall the loop that drains the ring buffer: a thread keeps an
+//! index of every socket's holders (attribution.rs) and the drain loop
+//! reads the answers it last published.
 //!
-//! Before walking, the resolver asks the one process that is likely to
-//! hold the socket: the one the kernel saw calling listen() on it. If it
-//! holds it, that answers at once, whatever the number of processes; a
-//! full walk (relaxed) later adds holders it forked or handed the socket
-//! to.
+//! The thread walks all of /proc once at start, then keeps the index
+//! current with partial walks that read only new processes descending
+//! from a holder of a listener asked about (forked workers), so that
+//! their cost follows what changes, not the number of processes. For a
+//! listener the index does not know, it first asks the process the
+//! kernel saw calling listen() on it; a partial walk later adds the
+//! holders it forked. A full walk runs only every FULL_WALK_EVERY, or
+//! when an event waits for a listener nobody is known to have created
+//! (its listen() came before the agent, or was lost).
 //!
 //! Walks are paced: at most one per `urgent` interval when an event is
 //! waiting for its listener's holders, one per `relaxed` interval
 //! otherwise, and never sooner than three walk-durations after the last
-//! walk ended: on a machine with many processes walks get rarer, so
-//! their share of a core stays under a quarter however many processes
-//! and new listeners there are. Events that cannot wait that long are
-//! written with what is known (the sink waits at most 100 ms).
+//! walk of the same kind ended: on a machine with many processes full
+//! walks get rarer, so their share of a core stays under a quarter.
+//! Events that cannot wait that long are written with what is known (the
+//! sink waits at most 100 ms).
+//!
+//! Only listeners asked about are published, and a listener nobody holds
+//! any more drops out at the next walk: the answers stay bounded by the
+//! live listeners, whatever the number of sockets on the machine.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -29,26 +37,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::attribution::{held_by, Process, ScanStats, SocketOwners};
+use crate::attribution::{held_by, ProcIndex, Process, ScanStats};
 
 type Owners = HashMap<u64, Vec<Process>>;
 
-/// What the resolver knows: the last full walk, and holders found since
-/// by asking the listen() caller.
+/// What the resolver knows of the listeners asked about.
 #[derive(Default)]
 struct Published {
-    walked: Arc<Owners>,
-    asked: Owners,
-    /// Full walks finished when this was published.
+    answers: Owners,
+    /// Walks finished when this was published.
     walks: u64,
 }
 
 impl Published {
     fn get(&self, inode: u64) -> Option<&[Process]> {
-        self.asked
-            .get(&inode)
-            .or_else(|| self.walked.get(&inode))
-            .map(Vec::as_slice)
+        self.answers.get(&inode).map(Vec::as_slice)
     }
 }
 
@@ -58,6 +61,8 @@ struct Wanted {
     urgent: bool,
     /// The process seen calling listen() on it, asked first.
     hint: Option<u32>,
+    /// A listen() caller was known: a partial walk may serve it.
+    hinted: bool,
 }
 
 #[derive(Default)]
@@ -83,12 +88,20 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn publish(&self, state: &mut State, published: Published) {
+        state.published = Arc::new(published);
+        self.version.fetch_add(1, Ordering::Release);
+    }
 }
 
 /// How long "no holder" stands before a miss asks again.
 const NOT_FOUND_TTL: Duration = Duration::from_secs(1);
 /// Bounds the request book-keeping (one entry per inode asked for).
 const MAX_REQUESTS: usize = 65536;
+/// A full walk finds what partial walks cannot see (a listener passed
+/// over a UNIX socket, a worker whose parent exited before the walk).
+pub const FULL_WALK_EVERY: Duration = Duration::from_secs(60);
 
 struct Request {
     /// The walk that serves (or served) it.
@@ -136,6 +149,16 @@ impl Resolver {
         }
     }
 
+    /// Waits (at most `limit`) for the walk the resolver makes at start,
+    /// so that its cost falls in the agent's start-up.
+    pub fn wait_first_walk(&self, limit: Duration) {
+        let state = self.shared.lock();
+        let _ = self
+            .shared
+            .wake
+            .wait_timeout_while(state, limit, |s| s.published.walks == 0 && !s.stop);
+    }
+
     /// Picks up the latest answers if there are new ones.
     fn refresh(&mut self) {
         let version = self.shared.version.load(Ordering::Acquire);
@@ -169,7 +192,7 @@ impl Resolver {
                     }
                     state.urgent = true;
                     drop(state);
-                    self.shared.wake.notify_one();
+                    self.shared.wake.notify_all();
                 }
                 return Lookup::Pending;
             }
@@ -181,11 +204,18 @@ impl Resolver {
             self.requested.clear();
         }
         let mut state = self.shared.lock();
-        state.pending.insert(inode, Wanted { urgent, hint });
+        state.pending.insert(
+            inode,
+            Wanted {
+                urgent,
+                hint,
+                hinted: hint.is_some(),
+            },
+        );
         state.urgent |= urgent;
         let walk = state.started + 1;
         drop(state);
-        self.shared.wake.notify_one();
+        self.shared.wake.notify_all();
         self.requested.insert(
             inode,
             Request {
@@ -205,28 +235,94 @@ impl Resolver {
 impl Drop for Resolver {
     fn drop(&mut self) {
         self.shared.lock().stop = true;
-        self.shared.wake.notify_one();
+        self.shared.wake.notify_all();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
 }
 
+/// The answers for `inodes` from the index; those nobody holds are left
+/// out (a closed listener expires here).
+fn answers(index: &ProcIndex, inodes: impl Iterator<Item = u64>) -> Owners {
+    inodes
+        .filter_map(|inode| {
+            let holders = index.holders_of(inode);
+            (!holders.is_empty()).then_some((inode, holders))
+        })
+        .collect()
+}
+
 fn walk_on_demand(shared: &Shared, proc_root: PathBuf, urgent: Duration, relaxed: Duration) {
-    let mut owners = SocketOwners::new(proc_root.clone(), Duration::ZERO);
-    let mut last_walk: Option<Instant> = None;
-    let mut walk_took = Duration::ZERO;
-    loop {
+    let mut index = ProcIndex::new(proc_root.clone());
+    let began = Instant::now();
+    {
         let mut state = shared.lock();
-        while state.pending.is_empty() && !state.stop {
-            state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+        state.started = 1;
+    }
+    index.full_walk();
+    let mut full_took = began.elapsed();
+    let mut last_full = Instant::now();
+    let mut last_walk = last_full;
+    let mut partial_took = Duration::ZERO;
+    {
+        let mut state = shared.lock();
+        state.stats = index.stats();
+        shared.publish(
+            &mut state,
+            Published {
+                answers: Owners::new(),
+                walks: 1,
+            },
+        );
+    }
+    shared.wake.notify_all();
+    loop {
+        // While listeners are known, a partial walk every `relaxed` keeps
+        // their holders current (workers forked later) and expires the
+        // listeners that were closed.
+        let mut state = shared.lock();
+        let mut periodic = false;
+        loop {
+            if state.stop {
+                return;
+            }
+            if !state.pending.is_empty() {
+                break;
+            }
+            if state.published.answers.is_empty() {
+                state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            let Some(left) = relaxed.checked_sub(last_walk.elapsed()) else {
+                periodic = true;
+                break;
+            };
+            state = shared
+                .wake
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
-        if state.stop {
-            return;
+        // First the cheap answers: the index, and the listen() callers
+        // that still hold their sockets. What a caller answers stays
+        // pending, relaxed, for the walk that adds the holders it forked.
+        let mut published = Published {
+            answers: state.published.answers.clone(),
+            walks: state.published.walks,
+        };
+        let mut changed = false;
+        let known: Vec<u64> = state
+            .pending
+            .iter()
+            .filter(|(inode, w)| w.hint.is_none() && !index.pids_of(**inode).is_empty())
+            .map(|(inode, _)| *inode)
+            .collect();
+        for inode in known {
+            state.pending.remove(&inode);
+            published.answers.insert(inode, index.holders_of(inode));
+            changed = true;
         }
-        // First the cheap answers: the listen() callers that still hold
-        // their sockets. What they answer stays pending, relaxed, for the
-        // walk that adds the other holders.
         let hinted: Vec<(u64, u32)> = state
             .pending
             .iter()
@@ -236,35 +332,40 @@ fn walk_on_demand(shared: &Shared, proc_root: PathBuf, urgent: Duration, relaxed
             drop(state);
             let found: Vec<(u64, Process)> = hinted
                 .iter()
+                .filter(|(inode, pid)| !index.pids_of(*inode).contains(pid))
                 .filter_map(|&(inode, pid)| Some((inode, held_by(&proc_root, pid, inode)?)))
                 .collect();
+            for (inode, process) in &found {
+                index.add(*inode, process);
+            }
             state = shared.lock();
             for (inode, _) in &hinted {
                 if let Some(wanted) = state.pending.get_mut(inode) {
                     wanted.hint = None;
-                }
-            }
-            if !found.is_empty() {
-                let mut published = Published {
-                    walked: Arc::clone(&state.published.walked),
-                    asked: state.published.asked.clone(),
-                    walks: state.published.walks,
-                };
-                for (inode, process) in found {
-                    if let Some(wanted) = state.pending.get_mut(&inode) {
+                    if !index.pids_of(*inode).is_empty() {
                         wanted.urgent = false;
+                        published.answers.insert(*inode, index.holders_of(*inode));
+                        changed = true;
                     }
-                    published.asked.insert(inode, vec![process]);
                 }
-                state.urgent = state.pending.values().any(|w| w.urgent);
-                state.published = Arc::new(published);
-                shared.version.fetch_add(1, Ordering::Release);
             }
         }
+        if changed {
+            state.urgent = state.pending.values().any(|w| w.urgent);
+            shared.publish(&mut state, published);
+        }
+        if state.pending.is_empty() && !periodic {
+            continue;
+        }
+        // A listener nobody is known to have created can only be found
+        // by reading every process.
+        let full = last_full.elapsed() >= FULL_WALK_EVERY
+            || state.pending.values().any(|w| w.urgent && !w.hinted);
         let was_urgent = state.urgent;
-        let pace = if was_urgent { urgent } else { relaxed }.max(walk_took * 3);
+        let took = if full { full_took } else { partial_took };
+        let pace = if was_urgent { urgent } else { relaxed }.max(took * 3);
         drop(state);
-        if let Some(wait) = last_walk.and_then(|last| pace.checked_sub(last.elapsed())) {
+        if let Some(wait) = pace.checked_sub(last_walk.elapsed()) {
             // An urgent request may arrive while a relaxed one waits: wake
             // early for it, and pace again.
             let state = shared.lock();
@@ -278,30 +379,52 @@ fn walk_on_demand(shared: &Shared, proc_root: PathBuf, urgent: Duration, relaxed
                 continue;
             }
         }
-        let walk = {
+        let (walk, asked) = {
             let mut state = shared.lock();
             if state.stop {
                 return;
             }
+            let asked: Vec<u64> = state.pending.keys().copied().collect();
             state.pending.clear();
             state.urgent = false;
             state.started += 1;
-            state.started
+            (state.started, asked)
         };
         let began = Instant::now();
-        let found = owners.scan();
-        walk_took = began.elapsed();
-        last_walk = Some(Instant::now());
+        if full {
+            index.full_walk();
+            full_took = began.elapsed();
+            last_full = Instant::now();
+        } else {
+            // Holders of the listeners asked about: their new children
+            // may hold them too.
+            let state = shared.lock();
+            let interesting: HashSet<u32> = state
+                .published
+                .answers
+                .keys()
+                .chain(&asked)
+                .flat_map(|inode| index.pids_of(*inode).iter().copied())
+                .collect();
+            drop(state);
+            index.partial_walk(&interesting);
+            partial_took = began.elapsed();
+        }
+        last_walk = Instant::now();
         let mut state = shared.lock();
-        // A full walk supersedes the answers of single processes.
-        state.published = Arc::new(Published {
-            walked: Arc::new(found),
-            asked: Owners::new(),
+        let inodes: HashSet<u64> = state
+            .published
+            .answers
+            .keys()
+            .copied()
+            .chain(asked)
+            .collect();
+        let published = Published {
+            answers: answers(&index, inodes.into_iter()),
             walks: walk,
-        });
-        state.stats = owners.stats();
-        drop(state);
-        shared.version.fetch_add(1, Ordering::Release);
+        };
+        state.stats = index.stats();
+        shared.publish(&mut state, published);
     }
 }
 
@@ -312,10 +435,55 @@ mod tests {
     use super::*;
 
     fn fake_process(root: &std::path::Path, pid: u32, comm: &str, inode: u64) {
+        fake_child(root, pid, 1, comm, inode);
+    }
+
+    fn fake_child(root: &std::path::Path, pid: u32, ppid: u32, comm: &str, inode: u64) {
         let dir = root.join(pid.to_string());
         fs::create_dir_all(dir.join("fd")).unwrap();
         fs::write(dir.join("comm"), format!("{comm}\n")).unwrap();
+        fs::write(
+            dir.join("stat"),
+            format!("{pid} ({comm}) S {ppid} 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {pid} 1 1\n"),
+        )
+        .unwrap();
         symlink(format!("socket:[{inode}]"), dir.join("fd/3")).unwrap();
+    }
+
+    #[test]
+    fn a_forked_holder_is_found_without_a_full_walk_and_a_closed_listener_expires() {
+        let root = tempfile::tempdir().unwrap();
+        let tick = Duration::from_millis(10);
+        let mut resolver = Resolver::start(root.path(), tick, tick);
+        resolver.wait_first_walk(Duration::from_secs(5));
+        fake_process(root.path(), 11, "php-fpm", 600);
+        let found = wait_hinted(&mut resolver, 600, Some(11)).expect("asked the caller");
+        assert_eq!(found.len(), 1);
+        // The master forks a worker, which inherits the listener.
+        fake_child(root.path(), 12, 11, "php-fpm", 600);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let both = loop {
+            // Asked again after the answer's TTL, as the sink does.
+            let pids: Vec<u32> = match resolver.lookup(600, false, Some(11)) {
+                Lookup::Found(p) => p.iter().map(|p| p.pid).collect(),
+                _ => Vec::new(),
+            };
+            if pids.len() == 2 || Instant::now() > deadline {
+                break pids;
+            }
+            thread::sleep(tick);
+        };
+        assert_eq!(both, [11, 12]);
+        assert_eq!(resolver.stats().scans, 1, "no full walk");
+        assert!(resolver.stats().partial >= 1);
+        // Both exit: the listener is gone from the answers.
+        fs::remove_dir_all(root.path().join("11")).unwrap();
+        fs::remove_dir_all(root.path().join("12")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(resolver.lookup(600, false, None), Lookup::Found(_)) {
+            assert!(Instant::now() < deadline, "600 still answered");
+            thread::sleep(tick);
+        }
     }
 
     fn wait_for(resolver: &mut Resolver, inode: u64) -> Option<Vec<Process>> {
@@ -360,8 +528,9 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let minute = Duration::from_secs(60);
         let mut resolver = Resolver::start(root.path(), minute, minute);
-        // The first walk runs at once; the next would wait a minute.
-        assert!(wait_for(&mut resolver, 1).is_none());
+        // The first walk runs at start; the next would wait a minute.
+        resolver.wait_first_walk(Duration::from_secs(5));
+        assert_eq!(resolver.stats().scans, 1);
         fake_process(root.path(), 11, "nginx", 600);
         let started = Instant::now();
         let found = wait_hinted(&mut resolver, 600, Some(11)).expect("asked the caller");
