@@ -4,9 +4,9 @@
 //!
 //! 1. A fresh agent, LISTENERS_SMALL new listeners (half TCP on 127.0.0.1
 //!    in a private netns, half UNIX), each given a few drops.
-//! 2. A fresh agent, LISTENERS new listeners the same way, and PROCESSES
-//!    idle processes forked by the process that holds the listeners (so
-//!    attribution must read them).
+//! 2. A fresh agent, PROCESSES idle processes forked by the process that
+//!    then creates LISTENERS new listeners the same way (so attribution
+//!    reads the processes once, as possible holders).
 //!
 //! For each: the agent's peak RSS (VmHWM) and RSS (VmRSS) once the drops
 //! are reported, its RSS once every listener and process is gone, and
@@ -51,9 +51,39 @@ fn status_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU per thread of `pid`, busiest first: where the time goes.
+fn threads_cpu(pid: u32) -> String {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return String::new();
+    };
+    let mut threads: Vec<(String, Duration)> = tasks
+        .flatten()
+        .filter_map(|t| {
+            let tid: u32 = t.file_name().to_str()?.parse().ok()?;
+            let comm = fs::read_to_string(t.path().join("comm")).ok()?;
+            Some((comm.trim().to_owned(), task_cpu(pid, tid)))
+        })
+        .filter(|(_, cpu)| !cpu.is_zero())
+        .collect();
+    threads.sort_by_key(|t| std::cmp::Reverse(t.1));
+    threads
+        .iter()
+        .map(|(comm, cpu)| format!("{comm} {:.2} s", cpu.as_secs_f64()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn task_cpu(pid: u32, tid: u32) -> Duration {
+    stat_cpu(&format!("/proc/{pid}/task/{tid}/stat"))
+}
+
 /// CPU time (user + system) a process has used so far.
 fn process_cpu(pid: u32) -> Duration {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu(&format!("/proc/{pid}/stat"))
+}
+
+fn stat_cpu(path: &str) -> Duration {
+    let stat = fs::read_to_string(path).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest.split_whitespace().collect())
@@ -67,14 +97,20 @@ fn process_cpu(pid: u32) -> Duration {
     Duration::from_micros(ticks * 1_000_000 / hz)
 }
 
-fn raise_fd_limit(n: u64) {
-    let limit = libc::rlimit {
-        rlim_cur: n,
-        rlim_max: n,
+/// Raises the soft fd limit to the hard one (raising the hard limit needs
+/// CAP_SYS_RESOURCE, which a container may not have); the limit.
+fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: setrlimit with a valid rlimit.
-    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
-    assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
+    // SAFETY: getrlimit/setrlimit with a valid rlimit.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    limit.rlim_cur
 }
 
 /// `n` TCP listeners (backlog 1) on 127.0.0.1 in a new netns, each sent
@@ -109,12 +145,11 @@ fn tcp_listeners(n: usize) -> (Vec<TcpListener>, u64) {
     })
 }
 
+/// A UNIX listener and the client fds that keep its queue full.
+type FullUnix = (UnixListener, Vec<i32>);
+
 /// `n` full UNIX listeners in `dir`, each hit by DROPS_EACH EAGAINs.
-fn unix_listeners(
-    dir: &Path,
-    tag: &str,
-    n: usize,
-) -> (Vec<(UnixListener, Vec<i32>)>, u64, HashSet<String>) {
+fn unix_listeners(dir: &Path, tag: &str, n: usize) -> (Vec<FullUnix>, u64, HashSet<String>) {
     let mut eagain = 0;
     let mut listeners = Vec::with_capacity(n);
     let mut paths = HashSet::new();
@@ -171,9 +206,12 @@ fn case(dir: &Path, tag: &str, listeners: usize, processes: usize) {
     let ready_rss = status_kb(pid, "VmRSS");
     let cpu0 = process_cpu(pid);
     let started = Instant::now();
+    // Forked before the listeners exist: children forked after would
+    // inherit the full queues' client fds (not close-on-exec), and the
+    // agent reads every fd of a new child of a holder once.
+    let mut idle = idle_processes(processes);
     let (tcp, overflows) = tcp_listeners(listeners / 2);
     let (unix, eagain, paths) = unix_listeners(dir, tag, listeners - listeners / 2);
-    let mut idle = idle_processes(processes);
     let built = started.elapsed();
     thread::sleep(SETTLE);
     let (hwm, rss) = (status_kb(pid, "VmHWM"), status_kb(pid, "VmRSS"));
@@ -190,8 +228,15 @@ fn case(dir: &Path, tag: &str, listeners: usize, processes: usize) {
     thread::sleep(SETTLE);
     let (hwm_after, rss_after) = (status_kb(pid, "VmHWM"), status_kb(pid, "VmRSS"));
     let cpu_after = process_cpu(pid).saturating_sub(cpu0);
+    let threads = threads_cpu(pid);
     let run = agent.stop();
     let (events, aggregated, lost) = accounted(&run, &paths);
+    let walks = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("attribution:"))
+        .unwrap_or("")
+        .to_owned();
     println!(
         "  {listeners} listeners ({} TCP, {} UNIX), {} more processes (set up in {:.1} s):",
         listeners / 2,
@@ -213,6 +258,8 @@ fn case(dir: &Path, tag: &str, listeners: usize, processes: usize) {
         cpu.as_secs_f64(),
         cpu_after.as_secs_f64()
     );
+    println!("    by thread: {threads}");
+    println!("    {walks}");
     println!(
         "    UNIX: {eagain} EAGAINs; events {events}, aggregated {aggregated}, lost {lost} (identity {}); \
          TCP: ListenOverflows in the netns {overflows}",
@@ -228,10 +275,20 @@ fn main() {
     if !common::privileged("bench memory") {
         return;
     }
-    // Listeners, their full queues' client fds, and spare.
-    raise_fd_limit(65_536);
+    // A TCP listener takes one fd, a full UNIX listener two.
+    let fds = raise_fd_limit();
+    let needed = (LISTENERS / 2 * 3 + 1000) as u64; // for the default N
+    if fds < needed {
+        println!("fd limit {fds} < {needed}: not run");
+        return;
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     println!("backlog memory bench on {}", common::kernel_release());
     case(dir.path(), "small", LISTENERS_SMALL, 0);
-    case(dir.path(), "big", LISTENERS, PROCESSES);
+    // `cargo bench --bench memory -- N`: N listeners and processes.
+    let n = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(LISTENERS.max(PROCESSES));
+    case(dir.path(), "big", n, n);
 }

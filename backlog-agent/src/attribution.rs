@@ -272,6 +272,18 @@ pub fn held_by(proc_root: &Path, pid: u32, inode: u64) -> Option<Process> {
     })
 }
 
+/// `pid` as a holder of socket `inode` through its fd `fd` (the fd it
+/// called listen() on): one readlink, however many fds the process has.
+pub fn held_at(proc_root: &Path, pid: u32, fd: u32, inode: u64) -> Option<Process> {
+    let dir = proc_root.join(pid.to_string());
+    let target = fs::read_link(dir.join("fd").join(fd.to_string())).ok()?;
+    (parse_socket_link(&target) == Some(inode)).then(|| Process {
+        pid,
+        comm: read_comm(&dir).unwrap_or_default(),
+        cmdline: None,
+    })
+}
+
 /// The name of process `pid` (its main thread's comm), if it still runs.
 pub fn process_comm(proc_root: &Path, pid: u32) -> Option<String> {
     read_comm(&proc_root.join(pid.to_string()))

@@ -210,6 +210,14 @@ async fn run(cli: Cli) -> Result<()> {
     // The one walk of every process's fds belongs to start-up: from now
     // on attribution reads only what changes (resolver.rs).
     sink.resolver.wait_first_walk(FIRST_WALK_WAIT);
+    // Start-up parsed the kernel's BTF and tracefs formats and walked
+    // /proc; glibc keeps what they freed unless asked to give it back
+    // (musl, the static build's libc, returns it by itself).
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     note(format_args!(
         "ready: watching {attached} of {} drop kinds; Ctrl-C to stop",
         probes.outcomes.len()
@@ -313,13 +321,14 @@ async fn run(cli: Cli) -> Result<()> {
             "{errors} accept-queue rows could not be read (removed while being read)"
         ));
     }
+    // What attribution cost: full walks read every process, partial
+    // walks only new descendants of holders (resolver.rs).
     let scans = sink.resolver.stats();
-    if scans.vanished + scans.unreadable > 0 {
-        note(format_args!(
-            "attribution: {} /proc scans; {} processes exited mid-scan, {} unreadable",
-            scans.scans, scans.vanished, scans.unreadable
-        ));
-    }
+    note(format_args!(
+        "attribution: {} full /proc walks, {} partial ({} processes read); \
+         {} processes exited mid-scan, {} unreadable",
+        scans.scans, scans.partial, scans.partial_reads, scans.vanished, scans.unreadable
+    ));
     Ok(())
 }
 

@@ -37,33 +37,29 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::attribution::{held_by, ProcIndex, Process, ScanStats};
+use crate::attribution::{held_at, socket_inodes, ProcIndex, Process, ScanStats};
 
-type Owners = HashMap<u64, Vec<Process>>;
-
-/// What the resolver knows of the listeners asked about.
-#[derive(Default)]
-struct Published {
-    answers: Owners,
-    /// Walks finished when this was published.
-    walks: u64,
-}
-
-impl Published {
-    fn get(&self, inode: u64) -> Option<&[Process]> {
-        self.answers.get(&inode).map(Vec::as_slice)
-    }
+/// Where to look first for a listener: the process the kernel saw
+/// calling listen() on it, and the fd it called it on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hint {
+    pub pid: u32,
+    pub fd: u32,
 }
 
 #[derive(Clone, Copy)]
 struct Wanted {
     /// Someone waits for the answer.
     urgent: bool,
-    /// The process seen calling listen() on it, asked first.
-    hint: Option<u32>,
+    /// Asked first, once.
+    hint: Option<Hint>,
     /// A listen() caller was known: a partial walk may serve it.
     hinted: bool,
 }
+
+/// A change of the answers: a listener's holders, or None once nobody
+/// holds it any more.
+type Change = (u64, Option<Vec<Process>>);
 
 #[derive(Default)]
 struct State {
@@ -72,7 +68,14 @@ struct State {
     urgent: bool,
     /// Walks started so far; the next walk serves what is pending now.
     started: u64,
-    published: Arc<Published>,
+    /// Walks finished.
+    walks: u64,
+    /// Answers changed since the drain loop last took them: publishing
+    /// costs what changed, not every answer (10,000 listeners appear one
+    /// by one).
+    changes: Vec<Change>,
+    /// `changes` is the whole list: the reader forgets what it had.
+    reset: bool,
     stats: ScanStats,
     stop: bool,
 }
@@ -89,9 +92,9 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn publish(&self, state: &mut State, published: Published) {
-        state.published = Arc::new(published);
+    fn published(&self) {
         self.version.fetch_add(1, Ordering::Release);
+        self.wake.notify_all();
     }
 }
 
@@ -112,7 +115,9 @@ struct Request {
 
 pub struct Resolver {
     shared: Arc<Shared>,
-    local: Arc<Published>,
+    /// The answers as last taken from the thread.
+    answers: HashMap<u64, Vec<Process>>,
+    walks: u64,
     local_version: u64,
     requested: HashMap<u64, Request>,
     thread: Option<JoinHandle<()>>,
@@ -142,7 +147,8 @@ impl Resolver {
             .ok();
         Resolver {
             shared,
-            local: Arc::new(Published::default()),
+            answers: HashMap::new(),
+            walks: 0,
             local_version: 0,
             requested: HashMap::new(),
             thread,
@@ -156,34 +162,43 @@ impl Resolver {
         let _ = self
             .shared
             .wake
-            .wait_timeout_while(state, limit, |s| s.published.walks == 0 && !s.stop);
+            .wait_timeout_while(state, limit, |s| s.walks == 0 && !s.stop);
     }
 
     /// Picks up the latest answers if there are new ones.
     fn refresh(&mut self) {
         let version = self.shared.version.load(Ordering::Acquire);
-        if version != self.local_version {
-            let state = self.shared.lock();
-            self.local = Arc::clone(&state.published);
-            self.local_version = version;
+        if version == self.local_version {
+            return;
         }
+        let mut state = self.shared.lock();
+        if std::mem::take(&mut state.reset) {
+            self.answers.clear();
+        }
+        for (inode, holders) in state.changes.drain(..) {
+            match holders {
+                Some(holders) => self.answers.insert(inode, holders),
+                None => self.answers.remove(&inode),
+            };
+        }
+        self.walks = state.walks;
+        self.local_version = version;
     }
 
     /// The holders of `inode` as known now. On a miss an answer is asked
-    /// for (`urgent` when an event waits for it; `hint`: the process seen
-    /// calling listen() on it); a walk that found nothing is believed for
-    /// NOT_FOUND_TTL.
-    pub fn lookup(&mut self, inode: u64, urgent: bool, hint: Option<u32>) -> Lookup<'_> {
+    /// for (`urgent` when an event waits for it; `hint`: where the kernel
+    /// saw listen() called on it); a walk that found nothing is believed
+    /// for NOT_FOUND_TTL.
+    pub fn lookup(&mut self, inode: u64, urgent: bool, hint: Option<Hint>) -> Lookup<'_> {
         self.refresh();
-        if self.local.get(inode).is_some() {
-            return Lookup::Found(self.local.get(inode).unwrap_or(&[]));
+        if self.answers.contains_key(&inode) {
+            return Lookup::Found(self.answers.get(&inode).map_or(&[], Vec::as_slice));
         }
         if inode == 0 {
             return Lookup::NotFound;
         }
-        let walks = self.local.walks;
         if let Some(request) = self.requested.get_mut(&inode) {
-            if request.walk > walks {
+            if request.walk > self.walks {
                 if urgent && !request.urgent {
                     request.urgent = true;
                     let mut state = self.shared.lock();
@@ -242,24 +257,44 @@ impl Drop for Resolver {
     }
 }
 
-/// The answers for `inodes` from the index; those nobody holds are left
-/// out (a closed listener expires here).
-fn answers(index: &ProcIndex, inodes: impl Iterator<Item = u64>) -> Owners {
-    inodes
-        .filter_map(|inode| {
-            let holders = index.holders_of(inode);
-            (!holders.is_empty()).then_some((inode, holders))
-        })
-        .collect()
+/// Asks the listen() callers whether they hold their sockets: first at
+/// the fd they called listen() on (one readlink), else among all their
+/// fds, once per process.
+fn ask_callers(proc_root: &std::path::Path, hinted: &[(u64, Hint)]) -> Vec<(u64, Process)> {
+    let mut found = Vec::new();
+    let mut moved: HashMap<u32, Vec<u64>> = HashMap::new();
+    for &(inode, hint) in hinted {
+        match held_at(proc_root, hint.pid, hint.fd, inode) {
+            Some(process) => found.push((inode, process)),
+            None => moved.entry(hint.pid).or_default().push(inode),
+        }
+    }
+    for (pid, inodes) in moved {
+        let dir = proc_root.join(pid.to_string());
+        let Ok(held) = socket_inodes(&dir) else {
+            continue;
+        };
+        let comm = crate::attribution::process_comm(proc_root, pid).unwrap_or_default();
+        for inode in inodes {
+            if held.binary_search(&inode).is_ok() {
+                let process = Process {
+                    pid,
+                    comm: comm.clone(),
+                    cmdline: None,
+                };
+                found.push((inode, process));
+            }
+        }
+    }
+    found
 }
 
 fn walk_on_demand(shared: &Shared, proc_root: PathBuf, urgent: Duration, relaxed: Duration) {
     let mut index = ProcIndex::new(proc_root.clone());
+    // Inodes with an answer published.
+    let mut answered: HashSet<u64> = HashSet::new();
     let began = Instant::now();
-    {
-        let mut state = shared.lock();
-        state.started = 1;
-    }
+    shared.lock().started = 1;
     index.full_walk();
     let mut full_took = began.elapsed();
     let mut last_full = Instant::now();
@@ -268,15 +303,9 @@ fn walk_on_demand(shared: &Shared, proc_root: PathBuf, urgent: Duration, relaxed
     {
         let mut state = shared.lock();
         state.stats = index.stats();
-        shared.publish(
-            &mut state,
-            Published {
-                answers: Owners::new(),
-                walks: 1,
-            },
-        );
+        state.walks = 1;
     }
-    shared.wake.notify_all();
+    shared.published();
     loop {
         // While listeners are known, a partial walk every `relaxed` keeps
         // their holders current (workers forked later) and expires the
@@ -290,7 +319,7 @@ fn walk_on_demand(shared: &Shared, proc_root: PathBuf, urgent: Duration, relaxed
             if !state.pending.is_empty() {
                 break;
             }
-            if state.published.answers.is_empty() {
+            if answered.is_empty() {
                 state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
@@ -307,10 +336,6 @@ fn walk_on_demand(shared: &Shared, proc_root: PathBuf, urgent: Duration, relaxed
         // First the cheap answers: the index, and the listen() callers
         // that still hold their sockets. What a caller answers stays
         // pending, relaxed, for the walk that adds the holders it forked.
-        let mut published = Published {
-            answers: state.published.answers.clone(),
-            walks: state.published.walks,
-        };
         let mut changed = false;
         let known: Vec<u64> = state
             .pending
@@ -320,31 +345,35 @@ fn walk_on_demand(shared: &Shared, proc_root: PathBuf, urgent: Duration, relaxed
             .collect();
         for inode in known {
             state.pending.remove(&inode);
-            published.answers.insert(inode, index.holders_of(inode));
+            state.changes.push((inode, Some(index.holders_of(inode))));
+            answered.insert(inode);
             changed = true;
         }
-        let hinted: Vec<(u64, u32)> = state
+        let hinted: Vec<(u64, Hint)> = state
             .pending
             .iter()
-            .filter_map(|(inode, w)| w.hint.map(|pid| (*inode, pid)))
+            .filter_map(|(inode, w)| w.hint.map(|hint| (*inode, hint)))
+            .filter(|(inode, hint)| !index.pids_of(*inode).contains(&hint.pid))
             .collect();
-        if !hinted.is_empty() {
+        let asked: Vec<u64> = state
+            .pending
+            .iter()
+            .filter(|(_, w)| w.hint.is_some())
+            .map(|(inode, _)| *inode)
+            .collect();
+        if !asked.is_empty() {
             drop(state);
-            let found: Vec<(u64, Process)> = hinted
-                .iter()
-                .filter(|(inode, pid)| !index.pids_of(*inode).contains(pid))
-                .filter_map(|&(inode, pid)| Some((inode, held_by(&proc_root, pid, inode)?)))
-                .collect();
-            for (inode, process) in &found {
-                index.add(*inode, process);
+            for (inode, process) in ask_callers(&proc_root, &hinted) {
+                index.add(inode, &process);
             }
             state = shared.lock();
-            for (inode, _) in &hinted {
-                if let Some(wanted) = state.pending.get_mut(inode) {
+            for inode in asked {
+                if let Some(wanted) = state.pending.get_mut(&inode) {
                     wanted.hint = None;
-                    if !index.pids_of(*inode).is_empty() {
+                    if !index.pids_of(inode).is_empty() {
                         wanted.urgent = false;
-                        published.answers.insert(*inode, index.holders_of(*inode));
+                        state.changes.push((inode, Some(index.holders_of(inode))));
+                        answered.insert(inode);
                         changed = true;
                     }
                 }
@@ -352,7 +381,9 @@ fn walk_on_demand(shared: &Shared, proc_root: PathBuf, urgent: Duration, relaxed
         }
         if changed {
             state.urgent = state.pending.values().any(|w| w.urgent);
-            shared.publish(&mut state, published);
+            drop(state);
+            shared.published();
+            state = shared.lock();
         }
         if state.pending.is_empty() && !periodic {
             continue;
@@ -398,33 +429,37 @@ fn walk_on_demand(shared: &Shared, proc_root: PathBuf, urgent: Duration, relaxed
         } else {
             // Holders of the listeners asked about: their new children
             // may hold them too.
-            let state = shared.lock();
-            let interesting: HashSet<u32> = state
-                .published
-                .answers
-                .keys()
+            let interesting: HashSet<u32> = answered
+                .iter()
                 .chain(&asked)
                 .flat_map(|inode| index.pids_of(*inode).iter().copied())
                 .collect();
-            drop(state);
             index.partial_walk(&interesting);
             partial_took = began.elapsed();
         }
         last_walk = Instant::now();
+        answered.extend(asked);
+        let mut changes: Vec<Change> = Vec::with_capacity(answered.len());
+        answered.retain(|&inode| {
+            let holders = index.holders_of(inode);
+            let held = !holders.is_empty();
+            changes.push((inode, held.then_some(holders)));
+            held
+        });
         let mut state = shared.lock();
-        let inodes: HashSet<u64> = state
-            .published
-            .answers
-            .keys()
-            .copied()
-            .chain(asked)
-            .collect();
-        let published = Published {
-            answers: answers(&index, inodes.into_iter()),
-            walks: walk,
-        };
+        if state.changes.len() + changes.len() > 2 * answered.len() + 1024 {
+            // The reader has not looked for a while: the whole list
+            // replaces what it has, so changes cannot pile up.
+            changes.retain(|(_, holders)| holders.is_some());
+            state.changes = changes;
+            state.reset = true;
+        } else {
+            state.changes.extend(changes);
+        }
+        state.walks = walk;
         state.stats = index.stats();
-        shared.publish(&mut state, published);
+        drop(state);
+        shared.published();
     }
 }
 
@@ -457,14 +492,14 @@ mod tests {
         let mut resolver = Resolver::start(root.path(), tick, tick);
         resolver.wait_first_walk(Duration::from_secs(5));
         fake_process(root.path(), 11, "php-fpm", 600);
-        let found = wait_hinted(&mut resolver, 600, Some(11)).expect("asked the caller");
+        let found = wait_hinted(&mut resolver, 600, Some(hint(11))).expect("asked the caller");
         assert_eq!(found.len(), 1);
         // The master forks a worker, which inherits the listener.
         fake_child(root.path(), 12, 11, "php-fpm", 600);
         let deadline = Instant::now() + Duration::from_secs(5);
         let both = loop {
             // Asked again after the answer's TTL, as the sink does.
-            let pids: Vec<u32> = match resolver.lookup(600, false, Some(11)) {
+            let pids: Vec<u32> = match resolver.lookup(600, false, Some(hint(11))) {
                 Lookup::Found(p) => p.iter().map(|p| p.pid).collect(),
                 _ => Vec::new(),
             };
@@ -486,11 +521,20 @@ mod tests {
         }
     }
 
+    /// The fake processes hold their socket at fd 3.
+    fn hint(pid: u32) -> Hint {
+        Hint { pid, fd: 3 }
+    }
+
     fn wait_for(resolver: &mut Resolver, inode: u64) -> Option<Vec<Process>> {
         wait_hinted(resolver, inode, None)
     }
 
-    fn wait_hinted(resolver: &mut Resolver, inode: u64, hint: Option<u32>) -> Option<Vec<Process>> {
+    fn wait_hinted(
+        resolver: &mut Resolver,
+        inode: u64,
+        hint: Option<Hint>,
+    ) -> Option<Vec<Process>> {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             match resolver.lookup(inode, true, hint) {
@@ -533,14 +577,14 @@ mod tests {
         assert_eq!(resolver.stats().scans, 1);
         fake_process(root.path(), 11, "nginx", 600);
         let started = Instant::now();
-        let found = wait_hinted(&mut resolver, 600, Some(11)).expect("asked the caller");
+        let found = wait_hinted(&mut resolver, 600, Some(hint(11))).expect("asked the caller");
         assert_eq!((found[0].pid, found[0].comm.as_str()), (11, "nginx"));
         assert!(started.elapsed() < Duration::from_secs(5));
         assert_eq!(resolver.stats().scans, 1, "no second walk");
         // A wrong hint is not an answer: the inode keeps waiting.
         fake_process(root.path(), 12, "php-fpm", 700);
         assert!(matches!(
-            resolver.lookup(700, true, Some(11)),
+            resolver.lookup(700, true, Some(hint(11))),
             Lookup::Pending
         ));
     }
