@@ -473,8 +473,10 @@ mod tests {
         fake_child(root, pid, 1, comm, inode);
     }
 
+    /// Built aside and renamed into place: the resolver's thread must not
+    /// see a process half made (/proc shows a process whole).
     fn fake_child(root: &std::path::Path, pid: u32, ppid: u32, comm: &str, inode: u64) {
-        let dir = root.join(pid.to_string());
+        let dir = root.join(format!("new-{pid}"));
         fs::create_dir_all(dir.join("fd")).unwrap();
         fs::write(dir.join("comm"), format!("{comm}\n")).unwrap();
         fs::write(
@@ -483,6 +485,7 @@ mod tests {
         )
         .unwrap();
         symlink(format!("socket:[{inode}]"), dir.join("fd/3")).unwrap();
+        fs::rename(&dir, root.join(pid.to_string())).unwrap();
     }
 
     #[test]
