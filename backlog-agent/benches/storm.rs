@@ -154,26 +154,16 @@ fn report_many(what: &str, m: &ManyListeners) {
     );
 }
 
-fn main() {
-    if !common::privileged("bench storm") {
-        return;
-    }
-    // Run-time statistics for every BPF program while this fd is open.
-    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime);
-    if let Err(err) = &stats {
-        println!("kernel.bpf_stats unavailable ({err}): no ns per call");
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    println!("backlog storm bench on {}", common::kernel_release());
-
-    let (without, _) = one_storm(dir.path(), "none.sock");
+/// (b) to (d): the storm, bpftrace beside it, the connect() hooks' cost.
+fn side_by_side(dir: &Path) {
+    let (without, _) = one_storm(dir, "none.sock");
     let tcp_without = tcp_connects(false);
     let tcp_nb_without = tcp_connects(true);
 
     let agent = Agent::expect_ready(&["--output", "json"]);
     let cpu0 = process_cpu(agent.pid());
     let p0 = bpf_programs();
-    let (with, path) = one_storm(dir.path(), "agent.sock");
+    let (with, path) = one_storm(dir, "agent.sock");
     let p1 = bpf_programs();
     // The agent's last window and drain are part of its cost.
     thread::sleep(Duration::from_millis(1200));
@@ -188,7 +178,7 @@ fn main() {
     let (events, aggregated, lost, total) = accounted(&run, &path);
 
     // bpftrace, the same one-line question.
-    let out = dir.path().join("bpftrace.out");
+    let out = dir.join("bpftrace.out");
     let bpftrace = Command::new(common::outside("bpftrace"))
         .args([
             "-e",
@@ -209,7 +199,7 @@ fn main() {
             }
             let cpu0 = process_cpu(child.id());
             let b0 = bpf_programs();
-            let (storm, _) = one_storm(dir.path(), "bpftrace.sock");
+            let (storm, _) = one_storm(dir, "bpftrace.sock");
             let b1 = bpf_programs();
             thread::sleep(Duration::from_millis(1200));
             let cpu = process_cpu(child.id()).saturating_sub(cpu0);
@@ -293,6 +283,25 @@ fn main() {
         tcp_nb_without.as_secs_f64() / tcp_nb_with.as_secs_f64()
     );
     print_costs("agent", &bpf_costs(&p3, &p4));
+}
+
+fn main() {
+    if !common::privileged("bench storm") {
+        return;
+    }
+    // Run-time statistics for every BPF program while this fd is open.
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime);
+    if let Err(err) = &stats {
+        println!("kernel.bpf_stats unavailable ({err}): no ns per call");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    println!("backlog storm bench on {}", common::kernel_release());
+
+    // `cargo bench --bench storm -- many` runs only (e), the
+    // many-processes case.
+    if !std::env::args().any(|a| a == "many") {
+        side_by_side(dir.path());
+    }
     drop(stats);
 
     println!(

@@ -210,6 +210,17 @@ pub async fn start(cli: &Cli) -> Result<Running> {
 
 /// Tells the user the agent is ready, and how much of it watches.
 pub fn ready(running: &Running) {
+    // The one walk of every process's fds belongs to start-up: from now
+    // on attribution reads only what changes (resolver.rs).
+    running.sink.resolver.wait_first_walk(FIRST_WALK_WAIT);
+    // Start-up parsed the kernel's BTF and tracefs formats and walked
+    // /proc; glibc keeps what they freed unless asked to give it back
+    // (musl, the static build's libc, returns it by itself).
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     let outcomes = &running.probes.outcomes;
     let attached = outcomes
         .iter()
@@ -285,14 +296,19 @@ pub fn stop(running: Running) {
             "{errors} accept-queue rows could not be read (removed while being read)"
         ));
     }
+    // What attribution cost: full walks read every process, partial
+    // walks only new descendants of holders (resolver.rs).
     let scans = sink.resolver.stats();
-    if scans.vanished + scans.unreadable > 0 {
-        note(format_args!(
-            "attribution: {} /proc scans; {} processes exited mid-scan, {} unreadable",
-            scans.scans, scans.vanished, scans.unreadable
-        ));
-    }
+    note(format_args!(
+        "attribution: {} full /proc walks, {} partial ({} processes read); \
+         {} processes exited mid-scan, {} unreadable",
+        scans.scans, scans.partial, scans.partial_reads, scans.vanished, scans.unreadable
+    ));
 }
+
+/// How long start-up waits for the first walk of /proc; a bigger machine
+/// just gets its first answers later.
+const FIRST_WALK_WAIT: Duration = Duration::from_secs(3);
 
 /// How often the ring buffer is read when the kernel did not wake us.
 pub const POLL: Duration = Duration::from_millis(5);

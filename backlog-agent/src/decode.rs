@@ -81,6 +81,8 @@ pub struct ListenCall {
     pub backlog_applied: u32,
     pub family: u16,
     pub port: u16,
+    /// The fd listen() was called on: where to look for the socket first.
+    pub fd: u32,
 }
 
 /// Any record of the ring buffer.
@@ -148,6 +150,7 @@ fn decode_listen(data: &[u8]) -> ListenCall {
         backlog_applied: r.u32(offset_of!(ListenEvent, backlog_applied)),
         family: r.u16(offset_of!(ListenEvent, family)),
         port: r.u16(offset_of!(ListenEvent, port)),
+        fd: r.u32(offset_of!(ListenEvent, fd)),
     }
 }
 

@@ -24,7 +24,7 @@ use crate::{
         attribution::Process,
         context::{self, CgroupResolver, NetnsSysctls},
         counted::{self, NetnsDelta},
-        resolver::{Lookup, Resolver},
+        resolver::{Hint, Lookup, Resolver},
         unix_listeners::UnixListeners,
     },
     filter::RowFilter,
@@ -200,10 +200,19 @@ impl Sink {
         self.reporter.closed
     }
 
+    /// Where the resolver looks first for `inode`: the fd listen() was
+    /// called on, in the calling process.
+    fn hint(&self, inode: u64) -> Option<Hint> {
+        self.listens.get(&inode).map(|call| Hint {
+            pid: call.pid,
+            fd: call.fd,
+        })
+    }
+
     /// Holders of socket `inode` as far as known now: from the last /proc
     /// walk, or else the process seen calling listen() on it. Never waits.
     fn processes(&mut self, inode: u64) -> Vec<Process> {
-        let hint = self.listens.get(&inode).map(|call| call.pid);
+        let hint = self.hint(inode);
         let listen_known = hint.is_some();
         let mut processes = match self.resolver.lookup(inode, false, hint) {
             Lookup::Found(found) => found.to_vec(),
@@ -246,12 +255,12 @@ impl Sink {
         if inode == 0 || self.waiting.len() >= MAX_WAITING {
             return false;
         }
-        let hint = self.listens.get(&inode).map(|call| call.pid);
+        let hint = self.hint(inode);
         matches!(self.resolver.lookup(inode, true, hint), Lookup::Pending)
     }
 
     fn resolved(&mut self, inode: u64) -> bool {
-        let hint = self.listens.get(&inode).map(|call| call.pid);
+        let hint = self.hint(inode);
         !matches!(self.resolver.lookup(inode, true, hint), Lookup::Pending)
     }
 
@@ -558,7 +567,7 @@ impl Sink {
         let mut written = false;
         for (crossing, until) in waiting {
             let (_, inode) = crossing.listener.netns_and_inode();
-            let hint = self.listens.get(&inode).map(|call| call.pid);
+            let hint = self.hint(inode);
             let pending =
                 inode != 0 && matches!(self.resolver.lookup(inode, true, hint), Lookup::Pending);
             if pending && !force && until > now {

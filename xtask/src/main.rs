@@ -55,8 +55,9 @@ enum Task {
     VmTest(vm::VmTestOpts),
     /// Set up, then run the benchmarks: floods of listen-queue drops (the
     /// final-ACK flood, the spoofed-source SYN flood), a UNIX EAGAIN storm
-    /// with and without the agent (and bpftrace), and the agent's hot path;
-    /// figures, not part of the tests.
+    /// with and without the agent (and bpftrace), the agent's hot path, and
+    /// its memory with 10,000 listeners and processes; figures, not part of
+    /// the tests.
     Bench,
     /// Set up, then build the static release binaries (x86_64 and aarch64,
     /// musl, eBPF object embedded) into target/dist/ with SHA256SUMS.
@@ -74,7 +75,7 @@ fn main() {
         Task::Bench => setup::ensure(Some("bench")).and_then(|()| {
             // The TCP floods, the UNIX storm side by side with bpftrace
             // (and the many-listeners case), then the agent's hot path.
-            for bench in ["flood", "syn_flood", "storm", "hot_path"] {
+            for bench in ["flood", "syn_flood", "storm", "hot_path", "memory"] {
                 run(cargo().args(["bench", "--package", "backlog-agent", "--bench", bench]))?;
             }
             Ok(())

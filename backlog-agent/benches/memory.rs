@@ -1,0 +1,294 @@
+//! `cargo xtask bench` (memory): the agent's RSS and CPU with many
+//! listeners and many processes, against the same drops on the machine
+//! as it is.
+//!
+//! 1. A fresh agent, LISTENERS_SMALL new listeners (half TCP on 127.0.0.1
+//!    in a private netns, half UNIX), each given a few drops.
+//! 2. A fresh agent, PROCESSES idle processes forked by the process that
+//!    then creates LISTENERS new listeners the same way (so attribution
+//!    reads the processes once, as possible holders).
+//!
+//! For each: the agent's peak RSS (VmHWM) and RSS (VmRSS) once the drops
+//! are reported, its RSS once every listener and process is gone, and
+//! its CPU; events + aggregated + lost against the EAGAINs the clients
+//! saw, and the TCP accept-queue drops the netns counted. Figures, not
+//! assertions. Bounded: the processes sleep at most 600 s and are killed
+//! at the end; the listeners live in a tempdir and a private netns.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::{
+    collections::HashSet,
+    fs,
+    net::{SocketAddr, TcpListener},
+    os::unix::net::UnixListener,
+    path::Path,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{storm, Agent};
+
+const LISTENERS: usize = 10_000;
+const PROCESSES: usize = 10_000;
+const LISTENERS_SMALL: usize = 100;
+/// EAGAINs per UNIX listener, and connects per TCP listener (the accept
+/// queue of backlog 1 holds two; the rest are dropped).
+const DROPS_EACH: u64 = 3;
+const TCP_CONNECTS_EACH: usize = 2 + DROPS_EACH as usize;
+/// Time for the agent's last aggregate window and walk (RELAXED_WALK).
+const SETTLE: Duration = Duration::from_millis(6500);
+
+/// A field of /proc/PID/status in kB.
+fn status_kb(pid: u32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU per thread of `pid`, busiest first: where the time goes.
+fn threads_cpu(pid: u32) -> String {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return String::new();
+    };
+    let mut threads: Vec<(String, Duration)> = tasks
+        .flatten()
+        .filter_map(|t| {
+            let tid: u32 = t.file_name().to_str()?.parse().ok()?;
+            let comm = fs::read_to_string(t.path().join("comm")).ok()?;
+            Some((comm.trim().to_owned(), task_cpu(pid, tid)))
+        })
+        .filter(|(_, cpu)| !cpu.is_zero())
+        .collect();
+    threads.sort_by_key(|t| std::cmp::Reverse(t.1));
+    threads
+        .iter()
+        .map(|(comm, cpu)| format!("{comm} {:.2} s", cpu.as_secs_f64()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn task_cpu(pid: u32, tid: u32) -> Duration {
+    stat_cpu(&format!("/proc/{pid}/task/{tid}/stat"))
+}
+
+/// CPU time (user + system) a process has used so far.
+fn process_cpu(pid: u32) -> Duration {
+    stat_cpu(&format!("/proc/{pid}/stat"))
+}
+
+fn stat_cpu(path: &str) -> Duration {
+    let stat = fs::read_to_string(path).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+/// Raises the soft fd limit to the hard one (raising the hard limit needs
+/// CAP_SYS_RESOURCE, which a container may not have); the limit.
+fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    limit.rlim_cur
+}
+
+/// `n` TCP listeners (backlog 1) on 127.0.0.1 in a new netns, each sent
+/// TCP_CONNECTS_EACH non-blocking connects: the accept queue holds two,
+/// the others' final ACKs are dropped. The listeners, and the growth of
+/// ListenOverflows there.
+fn tcp_listeners(n: usize) -> (Vec<TcpListener>, u64) {
+    common::in_new_netns(move || {
+        let before = common::tcp_ext();
+        let mut listeners = Vec::with_capacity(n);
+        for _ in 0..n {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+            // SAFETY: listen on a valid socket fd.
+            unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 1) };
+            let to: SocketAddr = listener.local_addr().expect("local addr");
+            // The handshake on loopback completes inside connect(); the
+            // clients can go at once.
+            for _ in 0..TCP_CONNECTS_EACH {
+                let client =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                        .expect("socket");
+                client.set_nonblocking(true).expect("non-blocking");
+                let _ = client.connect(&to.into());
+            }
+            listeners.push(listener);
+        }
+        let after = common::tcp_ext();
+        (
+            listeners,
+            common::counter_delta(&before, &after, "ListenOverflows"),
+        )
+    })
+}
+
+/// A UNIX listener and the client fds that keep its queue full.
+type FullUnix = (UnixListener, Vec<i32>);
+
+/// `n` full UNIX listeners in `dir`, each hit by DROPS_EACH EAGAINs.
+fn unix_listeners(dir: &Path, tag: &str, n: usize) -> (Vec<FullUnix>, u64, HashSet<String>) {
+    let mut eagain = 0;
+    let mut listeners = Vec::with_capacity(n);
+    let mut paths = HashSet::new();
+    for i in 0..n {
+        let path = dir.join(format!("{tag}-{i}.sock"));
+        let full = storm::full_listener(&path, 0);
+        eagain += storm::storm(&path, DROPS_EACH, Duration::from_secs(1)).eagain;
+        listeners.push(full);
+        paths.insert(path.to_string_lossy().into_owned());
+    }
+    (listeners, eagain, paths)
+}
+
+fn idle_processes(n: usize) -> Vec<Child> {
+    (0..n)
+        .filter_map(|_| {
+            Command::new(common::outside("sleep"))
+                .arg("600")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()
+        })
+        .collect()
+}
+
+/// Events, aggregated and lost the agent reported for `paths`.
+fn accounted(run: &common::AgentRun, paths: &HashSet<String>) -> (u64, u64, u64) {
+    let (mut events, mut aggregated, mut lost) = (0, 0, 0);
+    for r in run.json_events() {
+        let Some(path) = r["listener"]["path"].as_str() else {
+            continue;
+        };
+        if !paths.contains(path) {
+            continue;
+        }
+        if r["kind"] == "listener_summary" {
+            lost += r["accounting"]["unix_connect_backlog_full"]["lost"]
+                .as_u64()
+                .unwrap_or(0);
+        } else if r["aggregated"] == true {
+            aggregated += r["count"].as_u64().unwrap_or(0);
+        } else if r["kind"] == "unix_connect_backlog_full" {
+            events += 1;
+        }
+    }
+    (events, aggregated, lost)
+}
+
+fn case(dir: &Path, tag: &str, listeners: usize, processes: usize) {
+    let agent = Agent::expect_ready(&["--output", "json"]);
+    let pid = agent.pid();
+    let ready_rss = status_kb(pid, "VmRSS");
+    let cpu0 = process_cpu(pid);
+    let started = Instant::now();
+    // Forked before the listeners exist: children forked after would
+    // inherit the full queues' client fds (not close-on-exec), and the
+    // agent reads every fd of a new child of a holder once.
+    let mut idle = idle_processes(processes);
+    let (tcp, overflows) = tcp_listeners(listeners / 2);
+    let (unix, eagain, paths) = unix_listeners(dir, tag, listeners - listeners / 2);
+    let built = started.elapsed();
+    thread::sleep(SETTLE);
+    let (hwm, rss) = (status_kb(pid, "VmHWM"), status_kb(pid, "VmRSS"));
+    let cpu = process_cpu(pid).saturating_sub(cpu0);
+    for child in &mut idle {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    drop(tcp);
+    for (listener, held) in unix {
+        storm::release(held);
+        drop(listener);
+    }
+    thread::sleep(SETTLE);
+    let (hwm_after, rss_after) = (status_kb(pid, "VmHWM"), status_kb(pid, "VmRSS"));
+    let cpu_after = process_cpu(pid).saturating_sub(cpu0);
+    let threads = threads_cpu(pid);
+    let run = agent.stop();
+    let (events, aggregated, lost) = accounted(&run, &paths);
+    let walks = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("attribution:"))
+        .unwrap_or("")
+        .to_owned();
+    println!(
+        "  {listeners} listeners ({} TCP, {} UNIX), {} more processes (set up in {:.1} s):",
+        listeners / 2,
+        listeners - listeners / 2,
+        idle.len(),
+        built.as_secs_f64()
+    );
+    println!(
+        "    agent RSS at ready {:.1} MB; with them: peak {:.1} MB, now {:.1} MB; \
+         once they are gone: peak {:.1} MB, now {:.1} MB",
+        ready_rss as f64 / 1024.0,
+        hwm as f64 / 1024.0,
+        rss as f64 / 1024.0,
+        hwm_after as f64 / 1024.0,
+        rss_after as f64 / 1024.0
+    );
+    println!(
+        "    agent CPU {:.3} s with them, {:.3} s to the end",
+        cpu.as_secs_f64(),
+        cpu_after.as_secs_f64()
+    );
+    println!("    by thread: {threads}");
+    println!("    {walks}");
+    println!(
+        "    UNIX: {eagain} EAGAINs; events {events}, aggregated {aggregated}, lost {lost} (identity {}); \
+         TCP: ListenOverflows in the netns {overflows}",
+        if events + aggregated + lost == eagain {
+            "holds"
+        } else {
+            "BROKEN"
+        }
+    );
+}
+
+fn main() {
+    if !common::privileged("bench memory") {
+        return;
+    }
+    // A TCP listener takes one fd, a full UNIX listener two.
+    let fds = raise_fd_limit();
+    let needed = (LISTENERS / 2 * 3 + 1000) as u64; // for the default N
+    if fds < needed {
+        println!("fd limit {fds} < {needed}: not run");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    println!("backlog memory bench on {}", common::kernel_release());
+    case(dir.path(), "small", LISTENERS_SMALL, 0);
+    // `cargo bench --bench memory -- N`: N listeners and processes.
+    let n = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(LISTENERS.max(PROCESSES));
+    case(dir.path(), "big", n, n);
+}
