@@ -29,7 +29,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{storm, Agent};
+use common::{
+    bench::{process_cpu, task_cpu},
+    storm, Agent,
+};
 
 const LISTENERS: usize = 10_000;
 const PROCESSES: usize = 10_000;
@@ -71,30 +74,6 @@ fn threads_cpu(pid: u32) -> String {
         .map(|(comm, cpu)| format!("{comm} {:.2} s", cpu.as_secs_f64()))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn task_cpu(pid: u32, tid: u32) -> Duration {
-    stat_cpu(&format!("/proc/{pid}/task/{tid}/stat"))
-}
-
-/// CPU time (user + system) a process has used so far.
-fn process_cpu(pid: u32) -> Duration {
-    stat_cpu(&format!("/proc/{pid}/stat"))
-}
-
-fn stat_cpu(path: &str) -> Duration {
-    let stat = fs::read_to_string(path).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: u64 = fields
-        .get(11..13)
-        .map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_micros(ticks * 1_000_000 / hz)
 }
 
 /// Raises the soft fd limit to the hard one (raising the hard limit needs

@@ -7,7 +7,17 @@ use std::{collections::HashMap, fs, time::Duration};
 /// CPU time (user + system) a process has used so far; zero once it has
 /// exited (the bench reads it while the process runs).
 pub fn process_cpu(pid: u32) -> Duration {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time of one thread of a process.
+pub fn task_cpu(pid: u32, tid: u32) -> Duration {
+    stat_cpu(&format!("/proc/{pid}/task/{tid}/stat"))
+}
+
+/// utime + stime of a /proc stat file; zero when it cannot be read.
+fn stat_cpu(path: &str) -> Duration {
+    let stat = fs::read_to_string(path).unwrap_or_default();
     // Fields after the ")" that closes comm: utime and stime are 14 and 15.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
