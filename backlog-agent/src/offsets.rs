@@ -305,5 +305,16 @@ pub fn apply_syscall_regs(o: &mut KernelOffsets, btf: &Btf, kallsyms: &str) -> R
         return Err("this build knows the syscall registers of x86_64 and arm64 only".into());
     };
     [o.pt_regs_arg0, o.pt_regs_arg1, o.pt_regs_arg2] = args;
+    // The program walks current->nsproxy->net_ns->ns.inum with plain
+    // loads the verifier checks: every offset must be a real one.
+    for (offset, path) in [
+        (o.task_nsproxy, "task_struct.nsproxy"),
+        (o.nsproxy_net_ns, "nsproxy.net_ns"),
+        (o.net_ns_inum, "net.ns.inum"),
+    ] {
+        if offset == OFFSET_ABSENT {
+            return Err(format!("kernel BTF has no {path}"));
+        }
+    }
     Ok(())
 }
