@@ -32,6 +32,8 @@ use common::{
 
 const STORM: Duration = Duration::from_secs(3);
 const TCP_CONNECTS: u64 = 200_000;
+/// Below the ephemeral port range, so every connect() gets a port.
+const SUCCESS_CONNECTS: u64 = 20_000;
 
 /// One storm against a fresh full listener in `dir`.
 fn one_storm(dir: &Path, name: &str) -> (storm::Storm, String) {
@@ -68,6 +70,88 @@ fn tcp_connects(nonblocking: bool) -> Duration {
         }
         started.elapsed()
     })
+}
+
+/// connect()s that return 0: blocking TCP ones to a listener that
+/// accepts (SUCCESS_CONNECTS of them: each takes a local port), or UDP
+/// ones (TCP_CONNECTS; connect() on UDP returns 0 at once, as for DNS
+/// clients). These are the non-UNIX calls the exit-only connect() hook
+/// cannot leave on the return value alone: it reads the address family.
+fn successful_connects(udp: bool) -> (Duration, u64) {
+    common::in_new_netns(move || {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let to: SocketAddr = ([127, 0, 0, 1], port).into();
+        if udp {
+            let started = Instant::now();
+            for _ in 0..TCP_CONNECTS {
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp socket");
+                let _ = socket.connect(to);
+            }
+            return (started.elapsed(), TCP_CONNECTS);
+        }
+        // Accepted by this thread after each connect(), so the queue
+        // never overflows (a SYN retransmission would take a second).
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let started = Instant::now();
+        for _ in 0..SUCCESS_CONNECTS {
+            let _ = std::net::TcpStream::connect(to);
+            while let Ok((stream, _)) = listener.accept() {
+                // Closed with a RST: a TIME_WAIT on the server's side
+                // would make a later client on the same port wait for a
+                // SYN retransmission.
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            }
+        }
+        let elapsed = started.elapsed();
+        (elapsed, SUCCESS_CONNECTS)
+    })
+}
+
+/// Kernel ns per call of a program that does one load and one comparison
+/// on sys_exit_connect (bpftrace's filter on `ret`), over non-blocking TCP
+/// connect()s: what bpf_stats itself adds to every program on this host,
+/// to read the agent's figures against.
+fn stats_floor() -> Result<(u64, f64), String> {
+    let mut child = Command::new(common::outside("bpftrace"))
+        .args([
+            "-e",
+            "tracepoint:syscalls:sys_exit_connect /args->ret == 12345/ { }",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    // Attached once a program on sys_exit_connect shows up.
+    let before = bpf_programs();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let floor_id = loop {
+        let now = bpf_programs();
+        if let Some(id) = now
+            .iter()
+            .find(|(id, (name, ..))| !before.contains_key(id) && name.starts_with("sys_exit_conn"))
+            .map(|(id, _)| *id)
+        {
+            break Some(id);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let b0 = bpf_programs();
+    tcp_connects(true);
+    let b1 = bpf_programs();
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let _ = child.wait();
+    let id = floor_id.ok_or("bpftrace attached no program within 60 s")?;
+    let (ns0, cnt0) = b0.get(&id).map_or((0, 0), |(_, n, c)| (*n, *c));
+    let (ns1, cnt1) = b1.get(&id).map_or((0, 0), |(_, n, c)| (*n, *c));
+    let calls = cnt1.saturating_sub(cnt0);
+    Ok((calls, (ns1 - ns0) as f64 / calls.max(1) as f64))
 }
 
 /// Sums what the agent accounted for `path`: events, aggregated, lost.
@@ -173,7 +257,14 @@ fn side_by_side(dir: &Path) {
     let p3 = bpf_programs();
     let tcp_nb_with = tcp_connects(true);
     let p4 = bpf_programs();
+    let accepted_with = successful_connects(false);
+    let p5 = bpf_programs();
+    let udp_with = successful_connects(true);
+    let p6 = bpf_programs();
     let run = agent.stop();
+    let accepted_without = successful_connects(false);
+    let udp_without = successful_connects(true);
+    let floor = stats_floor();
     assert!(run.status.success(), "agent failed:\n{}", run.stderr);
     let (events, aggregated, lost, total) = accounted(&run, &path);
 
@@ -283,6 +374,32 @@ fn side_by_side(dir: &Path) {
         tcp_nb_without.as_secs_f64() / tcp_nb_with.as_secs_f64()
     );
     print_costs("agent", &bpf_costs(&p3, &p4));
+    for (what, without, with, costs) in [
+        (
+            "TCP connect() (blocking, accepted)",
+            accepted_without,
+            accepted_with,
+            bpf_costs(&p4, &p5),
+        ),
+        ("UDP connect()", udp_without, udp_with, bpf_costs(&p5, &p6)),
+    ] {
+        println!(
+            "{what}, {} calls: {:.0}/s without agent, {:.0}/s with ({:.3}x)",
+            with.1,
+            without.1 as f64 / without.0.as_secs_f64(),
+            with.1 as f64 / with.0.as_secs_f64(),
+            without.0.as_secs_f64() / with.0.as_secs_f64()
+        );
+        print_costs("agent", &costs);
+    }
+    match &floor {
+        Ok((calls, ns)) => println!(
+            "bpf_stats floor: a program doing one load and one comparison on sys_exit_connect \
+             (bpftrace filter), {calls} non-blocking TCP connect()s: {ns:.0} ns per call; \
+             subtract it from the figures above for the programs' own cost"
+        ),
+        Err(err) => println!("bpf_stats floor not measured: {err}"),
+    }
 }
 
 fn main() {

@@ -276,12 +276,41 @@ pub struct UnixTotalKey {
 }
 
 const _: () = assert!(size_of::<UnixTotalKey>() == 116);
+// The exit-only connect() hook reads sun_family and sun_path in one copy
+// into bytes 6.. of the key: the family lands in the upper half of
+// `path_len` (then overwritten) and the path exactly on `path`.
+const _: () = assert!(
+    core::mem::offset_of!(UnixTotalKey, path_len) == 4
+        && core::mem::offset_of!(UnixTotalKey, path) == 8
+);
 
 impl UnixTotalKey {
     pub const ZERO: UnixTotalKey = UnixTotalKey {
         netns_inode: 0,
         path_len: 0,
         path: [0; UNIX_PATH_MAX],
+    };
+}
+
+/// Value of `UNIX_TOTALS`: the counts of one (client netns, path) and its
+/// rate-limit bucket in one entry, so that an EAGAIN costs one lookup of
+/// its 116-byte key instead of two. Shared by all CPUs (the counts are
+/// updated with atomic adds, so they stay exact; the bucket without, as
+/// account.rs explains).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnixAccount {
+    pub counts: DropCounts,
+    /// The token bucket's theoretical arrival time (account.rs).
+    pub next_event_ns: u64,
+}
+
+const _: () = assert!(size_of::<UnixAccount>() == 40);
+
+impl UnixAccount {
+    pub const ZERO: UnixAccount = UnixAccount {
+        counts: DropCounts::ZERO,
+        next_event_ns: 0,
     };
 }
 
@@ -439,13 +468,20 @@ pub struct KernelOffsets {
     /// current->nsproxy->net_ns, for the netns of a UNIX connect()'s client.
     pub task_nsproxy: u32,
     pub nsproxy_net_ns: u32,
-    pub _pad0: u32,
+    /// Where the first three syscall arguments are in the `struct pt_regs`
+    /// a task saved at syscall entry (x86_64: di, si, dx; arm64: orig_x0,
+    /// regs[1], regs[2]): the exit-only connect() hook reads connect()'s
+    /// fd, address and length there (bpf_task_pt_regs, 5.15+) instead of
+    /// keeping them from a sys_enter_connect program.
+    pub pt_regs_arg0: u32,
+    pub pt_regs_arg1: u32,
+    pub pt_regs_arg2: u32,
     /// Address of the kernel's `__per_cpu_offset[]` (from /proc/kallsyms);
     /// 0 when unknown.
     pub per_cpu_offset_addr: u64,
 }
 
-const _: () = assert!(size_of::<KernelOffsets>() == 46 * 4 + 8);
+const _: () = assert!(size_of::<KernelOffsets>() == 48 * 4 + 8);
 
 impl KernelOffsets {
     /// All fields absent: a program that runs with these reports nothing
@@ -496,7 +532,9 @@ impl KernelOffsets {
         mib_reqq_full_do_cookies: OFFSET_ABSENT,
         task_nsproxy: OFFSET_ABSENT,
         nsproxy_net_ns: OFFSET_ABSENT,
-        _pad0: 0,
+        pt_regs_arg0: OFFSET_ABSENT,
+        pt_regs_arg1: OFFSET_ABSENT,
+        pt_regs_arg2: OFFSET_ABSENT,
         per_cpu_offset_addr: 0,
     };
 }
@@ -768,6 +806,7 @@ mod user {
     unsafe impl aya::Pod for super::ListenEvent {}
     unsafe impl aya::Pod for super::DropCounts {}
     unsafe impl aya::Pod for super::UnixTotalKey {}
+    unsafe impl aya::Pod for super::UnixAccount {}
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::AcceptKey {}

@@ -297,6 +297,14 @@ pub fn accept_sys_enter_accept(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Whether `unix_arrival` can do anything: the exit-only connect() hook
+/// asks before it reads connect()'s arguments.
+#[inline(always)]
+pub fn arrivals_known() -> bool {
+    let o = offsets();
+    layout_known(&o) && o.unix_peer != OFFSET_ABSENT
+}
+
 /// A successful UNIX connect() on `fd` (called by syscalls.rs's
 /// sys_exit_connect, which saved `fd` at entry for AF_UNIX addresses
 /// only): the server's end of the connection is queued on the listener

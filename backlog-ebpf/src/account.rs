@@ -13,12 +13,14 @@
 //! bucket may both send, so the limit is approximate; the counts, per-CPU,
 //! stay exact.
 
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    maps::{LruHashMap, PerCpuHashMap},
+    maps::{HashMap, LruHashMap, PerCpuHashMap},
 };
 use backlog_common::{
-    DropCounts, COUNTER_EVENTS_LOST, COUNTER_EVENTS_SENT, COUNTER_EVENTS_SUPPRESSED,
+    DropCounts, UnixAccount, COUNTER_EVENTS_LOST, COUNTER_EVENTS_SENT, COUNTER_EVENTS_SUPPRESSED,
     COUNTER_TOTALS_FULL,
 };
 
@@ -125,4 +127,91 @@ pub fn queued(admission: &Admission, ok: bool) {
             (*admission.counts).lost += 1;
         }
     }
+}
+
+/// What [`admit_shared`] decided: the entry's counts live in a map shared
+/// by all CPUs, so they are updated with atomic adds.
+pub struct SharedAdmission {
+    account: *mut UnixAccount,
+    pub send: bool,
+}
+
+/// Adds to a counter other CPUs update too. The result is unused, so
+/// this compiles to BPF's XADD, which every supported kernel has.
+#[inline(always)]
+fn add(counter: *mut u64) {
+    // SAFETY: `counter` points at an 8-byte aligned u64 of a map value.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, 1) };
+}
+
+/// [`admit`] for the UNIX EAGAINs, with counts and bucket in one shared
+/// entry: one hash lookup of the 116-byte key per EAGAIN instead of one
+/// in a per-CPU totals map plus one in a bucket map (those lookups were
+/// most of what a suppressed EAGAIN cost). With the map full the EAGAIN
+/// is counted in COUNTER_TOTALS_FULL and gets a full event (no bucket to
+/// limit it; the agent sized the map for far more paths than it expects).
+#[inline(always)]
+pub fn admit_shared<K>(accounts: &HashMap<K, UnixAccount>, key: &K, now: u64) -> SharedAdmission {
+    let mut account = core::ptr::null_mut();
+    for _ in 0..2 {
+        if let Some(found) = accounts.get_ptr_mut(key) {
+            account = found;
+            break;
+        }
+        // EEXIST when another CPU created it meanwhile: looked up again.
+        let _ = accounts.insert(key, UnixAccount::ZERO, BPF_NOEXIST as u64);
+    }
+    if account.is_null() {
+        count(COUNTER_TOTALS_FULL);
+        return SharedAdmission {
+            account,
+            send: true,
+        };
+    }
+    // SAFETY (below): a value of a shared map, valid while the program
+    // runs; the counts change only through atomic adds.
+    add(unsafe { core::ptr::addr_of_mut!((*account).counts.total) });
+    let send = match crate::config!(event_interval_ns) {
+        0 => true,
+        interval => {
+            // The bucket as in `take_token` (a new entry starts full: its
+            // arrival time 0 is long past).
+            let tat = unsafe { core::ptr::addr_of_mut!((*account).next_event_ns) };
+            let arrival = unsafe { *tat };
+            if arrival > now.wrapping_add(crate::config!(burst_ns)) {
+                false
+            } else {
+                let start = if arrival > now { arrival } else { now };
+                unsafe { *tat = start.wrapping_add(interval) };
+                true
+            }
+        }
+    };
+    if !send {
+        count(COUNTER_EVENTS_SUPPRESSED);
+        add(unsafe { core::ptr::addr_of_mut!((*account).counts.suppressed) });
+    }
+    SharedAdmission { account, send }
+}
+
+/// [`queued`] for [`admit_shared`].
+#[inline(always)]
+pub fn queued_shared(admission: &SharedAdmission, ok: bool) {
+    count(if ok {
+        COUNTER_EVENTS_SENT
+    } else {
+        COUNTER_EVENTS_LOST
+    });
+    let account = admission.account;
+    if account.is_null() {
+        return;
+    }
+    // SAFETY: as in `admit_shared`.
+    add(unsafe {
+        if ok {
+            core::ptr::addr_of_mut!((*account).counts.sent)
+        } else {
+            core::ptr::addr_of_mut!((*account).counts.lost)
+        }
+    });
 }

@@ -18,12 +18,12 @@ use aya_ebpf::{
         bpf_probe_read_user, generated,
     },
     macros::{map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray},
     programs::TracePointContext,
     EbpfContext as _,
 };
 use backlog_common::{
-    DropCounts, ListenEvent, UnixConnectEvent, UnixTotalKey, AF_UNIX, TASK_COMM_LEN,
+    ListenEvent, UnixAccount, UnixConnectEvent, UnixTotalKey, AF_UNIX, TASK_COMM_LEN,
     TP_CONNECT_ADDR, TP_CONNECT_ADDRLEN, TP_CONNECT_FD, TP_SYS_EXIT_RET, UNIX_PATH_MAX,
 };
 
@@ -34,9 +34,10 @@ const EINPROGRESS: i64 = 115;
 /// sockaddr_un: sun_family (2 bytes), then the path.
 const SUN_PATH_OFFSET: usize = 2;
 
-/// What sys_enter_connect keeps for the exit of an AF_UNIX connect(): the
-/// path is only read when the call failed with EAGAIN, the fd only when
-/// it succeeded (accept.rs's UNIX arrival).
+/// What sys_enter_connect keeps for the exit of an AF_UNIX connect() on
+/// kernels without bpf_task_pt_regs (before 5.15): the path is only read
+/// when the call failed with EAGAIN, the fd only when it succeeded
+/// (accept.rs's UNIX arrival).
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct UnixConnectArgs {
@@ -49,14 +50,10 @@ pub struct UnixConnectArgs {
 #[map]
 static UNIX_CONNECT_ARGS: HashMap<u64, UnixConnectArgs> = HashMap::with_max_entries(8192, 0);
 
-/// EAGAINs per (client netns, path) and what became of them (account.rs).
+/// EAGAINs per (client netns, path): what became of them and the rate
+/// limit's bucket, in one entry (account.rs's admit_shared).
 #[map]
-static UNIX_TOTALS: PerCpuHashMap<UnixTotalKey, DropCounts> =
-    PerCpuHashMap::with_max_entries(4096, 0);
-
-/// The rate limit's token bucket per (client netns, path).
-#[map]
-static UNIX_BUCKETS: LruHashMap<UnixTotalKey, u64> = LruHashMap::with_max_entries(4096, 0);
+static UNIX_TOTALS: HashMap<UnixTotalKey, UnixAccount> = HashMap::with_max_entries(8192, 0);
 
 /// The key and the event are built here, off the 512-byte stack.
 #[map]
@@ -108,8 +105,9 @@ fn field<const AT: usize>(ctx: &TracePointContext) -> u64 {
     unsafe { *(ctx.as_ptr() as *const u8).add(AT).cast::<u64>() }
 }
 
-/// Runs for every connect() on the machine (TCP included): two loads and
-/// the address family read, and it leaves unless that is AF_UNIX.
+/// The fallback pair's entry (kernels without bpf_task_pt_regs): runs for
+/// every connect() on the machine (TCP included), two loads and the
+/// address family read, and it leaves unless that is AF_UNIX.
 #[tracepoint]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let addr = field::<{ TP_CONNECT_ADDR }>(&ctx);
@@ -130,7 +128,7 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Also runs for every connect(): the common non-blocking TCP answer,
+/// The fallback pair's exit. The common non-blocking TCP answer,
 /// EINPROGRESS, leaves on the first comparison (a UNIX connect() never
 /// gives it, so no saved arguments are left behind by leaving); a TCP
 /// connect() that returns 0 leaves after one lookup that finds nothing.
@@ -160,46 +158,175 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     if crate::config!(unix_eagain) == 0 {
         return 0;
     }
-    let Some(key) = UNIX_KEY_SCRATCH.get_ptr_mut(0) else {
+    unix_eagain(args.addr, args.addrlen, client_netns);
+    0
+}
+
+/// The only connect() program where the kernel has bpf_task_pt_regs
+/// (5.15+): nothing runs at sys_enter_connect, and the exit takes the
+/// arguments from the registers the task saved at syscall entry, only on
+/// the returns that matter. So a connect() that is not a UNIX EAGAIN or
+/// success pays two comparisons (EINPROGRESS, ECONNREFUSED, ...); one
+/// that returns 0 (a blocking TCP connect(), every UDP connect()) also
+/// pays the register read and the address family read; EAGAIN is
+/// checked for AF_UNIX before it is counted (a TCP connect() gives EAGAIN
+/// when ephemeral ports run out).
+#[tracepoint]
+pub fn sys_exit_connect_regs(ctx: TracePointContext) -> u32 {
+    let ret = field::<{ TP_SYS_EXIT_RET }>(&ctx) as i64;
+    if ret == -EAGAIN {
+        // Attached for the arrivals alone (see Config::unix_eagain).
+        if crate::config!(unix_eagain) != 0 {
+            // SAFETY: a helper without memory preconditions.
+            let task = unsafe { generated::bpf_get_current_task_btf() };
+            let regs = unsafe { generated::bpf_task_pt_regs(task) } as *const u8;
+            let (pt_regs_arg1_at, pt_regs_arg2_at) =
+                (crate::offset!(pt_regs_arg1), crate::offset!(pt_regs_arg2));
+            // SAFETY (both): register slots of pt_regs (see btf_field).
+            let addr = unsafe { btf_field::<u64>(regs, pt_regs_arg1_at) };
+            let addrlen = unsafe { btf_field::<u64>(regs, pt_regs_arg2_at) };
+            unix_eagain(addr, addrlen as u32 as u64, || {
+                client_netns_btf(task as *const u8)
+            });
+        }
         return 0;
+    }
+    if ret != 0 || !crate::accept::arrivals_known() {
+        return 0;
+    }
+    let regs = syscall_regs();
+    let (pt_regs_arg0_at, pt_regs_arg1_at) =
+        (crate::offset!(pt_regs_arg0), crate::offset!(pt_regs_arg1));
+    // SAFETY (both): as above.
+    let addr = unsafe { btf_field::<u64>(regs, pt_regs_arg1_at) };
+    let fd = unsafe { btf_field::<u64>(regs, pt_regs_arg0_at) } as u32;
+    if addr != 0 && unsafe { bpf_probe_read_user(addr as *const u16) } == Ok(AF_UNIX) {
+        crate::accept::unix_arrival(fd);
+    }
+    0
+}
+
+/// Zeroes the key with 4-byte stores. `*key = UnixTotalKey::ZERO` compiles
+/// to a call of the BPF target's memset, a byte loop: 116 iterations
+/// that were a quarter of what an EAGAIN cost.
+#[inline(always)]
+fn zero_key(key: &mut UnixTotalKey) {
+    let words = (key as *mut UnixTotalKey).cast::<u32>();
+    for i in 0..core::mem::size_of::<UnixTotalKey>() / 4 {
+        // SAFETY: inside the key, which is 4-byte aligned; volatile so
+        // that LLVM does not fold the stores back into a memset call.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+}
+
+/// The user registers the current task saved at syscall entry, as a
+/// pointer the verifier knows the type of (struct pt_regs).
+#[inline(always)]
+fn syscall_regs() -> *const u8 {
+    // SAFETY: helpers without memory preconditions; the verifier checks
+    // that the task pointer is a trusted one.
+    unsafe { generated::bpf_task_pt_regs(generated::bpf_get_current_task_btf()) as *const u8 }
+}
+
+/// A field behind a pointer the verifier has BTF for (the current task,
+/// its pt_regs, and the pointers read from their fields): a plain load,
+/// which the verifier checks against BTF at load time and turns into a
+/// fault-safe load, where a bpf_probe_read_kernel() call would cost a
+/// helper call per field. The offset must be known to the verifier: it
+/// comes from OFFSETS, in the frozen read-only data.
+///
+/// SAFETY: `base` must be such a pointer and `offset` a field of type `T`
+/// of its struct (else the program does not load, and the agent falls
+/// back to the enter+exit pair).
+#[inline(always)]
+unsafe fn btf_field<T: Copy>(base: *const u8, offset: u32) -> T {
+    core::ptr::read_volatile(base.wrapping_add(offset as usize).cast::<T>())
+}
+
+/// task->nsproxy->net_ns->ns.inum through BTF pointers (see btf_field),
+/// `task` being bpf_get_current_task_btf()'s; 0 when a pointer is NULL
+/// (the load faults safely to 0).
+#[inline(always)]
+fn client_netns_btf(task: *const u8) -> u32 {
+    let (nsproxy_at, net_ns_at, inum_at) = (
+        crate::offset!(task_nsproxy),
+        crate::offset!(nsproxy_net_ns),
+        crate::offset!(net_ns_inum),
+    );
+    // SAFETY: fields of task_struct, nsproxy and net (offsets from BTF,
+    // required present by the agent for this program).
+    unsafe {
+        let nsproxy = btf_field::<u64>(task, nsproxy_at) as *const u8;
+        let net = btf_field::<u64>(nsproxy, net_ns_at) as *const u8;
+        btf_field::<u32>(net, inum_at)
+    }
+}
+
+/// One EAGAIN of connect(addr, addrlen): counted for its (client netns,
+/// path) if `addr` is an AF_UNIX address, and reported unless suppressed.
+#[inline(always)]
+fn unix_eagain(addr: u64, addrlen: u64, client_netns: impl FnOnce() -> u32) {
+    if addrlen <= SUN_PATH_OFFSET as u64 || addr == 0 {
+        return;
+    }
+    let Some(key) = UNIX_KEY_SCRATCH.get_ptr_mut(0) else {
+        return;
     };
     // SAFETY: this CPU's scratch slot (see event.rs).
     let key = unsafe { &mut *key };
-    *key = UnixTotalKey::ZERO;
-    key.netns_inode = client_netns();
+    zero_key(key);
     // Exactly the bytes the caller passed, so that the rest of the key
     // stays zero and keys compare. The sockaddr is still the caller's:
-    // connect() has returned but the thread has not run on.
-    let mut len = args.addrlen.wrapping_sub(SUN_PATH_OFFSET as u64);
+    // connect() has returned but the thread has not run on. One copy
+    // takes sun_family and sun_path: the family lands in bytes 6..8 of
+    // the key (the upper half of path_len, written below), the path on
+    // `path` (offsets asserted in backlog-common).
+    let mut len = addrlen.wrapping_sub(SUN_PATH_OFFSET as u64);
     if len > UNIX_PATH_MAX as u64 {
         len = UNIX_PATH_MAX as u64;
     }
-    let src = (args.addr as usize + SUN_PATH_OFFSET) as *const c_void;
-    // SAFETY: at most UNIX_PATH_MAX bytes into the key's path; the helper
-    // reports a fault instead of faulting. If the read fails the path
-    // stays unknown (length 0) and the EAGAIN is still counted.
-    let rc =
-        unsafe { generated::bpf_probe_read_user(key.path.as_mut_ptr().cast(), len as u32, src) };
+    let dst = (key as *mut UnixTotalKey as *mut u8).wrapping_add(8 - SUN_PATH_OFFSET);
+    // SAFETY: at most 2 + UNIX_PATH_MAX bytes into bytes 6..116 of the
+    // key; the helper reports a fault instead of faulting.
+    let rc = unsafe {
+        generated::bpf_probe_read_user(
+            dst.cast(),
+            (len + SUN_PATH_OFFSET as u64) as u32,
+            addr as *const c_void,
+        )
+    };
     if rc == 0 {
+        // Little-endian (bpfel): bytes 6..8 are the upper half.
+        if key.path_len >> 16 != AF_UNIX as u32 {
+            return;
+        }
         key.path_len = len as u32;
     } else {
-        key.path = [0; UNIX_PATH_MAX];
+        // connect() read these bytes a moment ago, so this is not
+        // expected; if it happens the EAGAIN is still counted, path
+        // unknown (length 0), when the family alone can be read.
+        zero_key(key);
+        if unsafe { bpf_probe_read_user(addr as *const u16) } != Ok(AF_UNIX) {
+            return;
+        }
     }
+    key.netns_inode = client_netns();
     // The --unix-path filter, before anything is counted or queued.
     if !crate::filter::wants_unix_path(&mut key.path, key.path_len) {
-        return 0;
+        return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let admission = account::admit(&UNIX_TOTALS, &UNIX_BUCKETS, key, now);
+    let admission = account::admit_shared(&UNIX_TOTALS, key, now);
     if !admission.send {
-        return 0;
+        return;
     }
     let Some(event) = UNIX_EVENT_SCRATCH.get_ptr_mut(0) else {
-        account::queued(&admission, false);
-        return 0;
+        account::queued_shared(&admission, false);
+        return;
     };
     // SAFETY: as above.
     let event = unsafe { &mut *event };
+    let pid_tgid = bpf_get_current_pid_tgid();
     event.timestamp_ns = now;
     event.pid = (pid_tgid >> 32) as u32;
     event.tid = pid_tgid as u32;
@@ -209,8 +336,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     event.path = key.path;
     event.netns_inode = key.netns_inode;
     let ok = crate::output(event);
-    account::queued(&admission, ok);
-    0
+    account::queued_shared(&admission, ok);
 }
 
 /// current->nsproxy->net_ns->ns.inum: where the client looked the path up.

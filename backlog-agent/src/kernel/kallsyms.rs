@@ -32,6 +32,14 @@ pub fn address(kallsyms: &str, symbol: &str) -> Result<u64, String> {
     ))
 }
 
+/// Whether `symbol` is in the kernel (its address may read as 0 to a
+/// process without CAP_SYSLOG; the name is there all the same).
+pub fn has(kallsyms: &str, symbol: &str) -> bool {
+    kallsyms
+        .lines()
+        .any(|line| line.split_whitespace().nth(2) == Some(symbol))
+}
+
 pub fn read() -> Result<String, String> {
     fs::read_to_string("/proc/kallsyms").map_err(|e| format!("cannot read /proc/kallsyms: {e}"))
 }
@@ -45,6 +53,8 @@ mod tests {
         let text = "ffffffff81000000 T _stext\nffffffff82e1d8a0 D __per_cpu_offset\n\
                     ffffffffc0000000 t foo\t[mod]\n";
         assert_eq!(address(text, "__per_cpu_offset"), Ok(0xffff_ffff_82e1_d8a0));
+        assert!(has(text, "foo") && has(text, "_stext"));
+        assert!(!has(text, "fo") && !has(text, "mod"));
         assert!(address(text, "nope")
             .unwrap_err()
             .contains("CONFIG_KALLSYMS_ALL"));

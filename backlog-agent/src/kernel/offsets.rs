@@ -264,3 +264,57 @@ pub fn apply_kfree_skb(
         u32::try_from(value).map_err(|_| KfreeSkbUnavailable::NoReason)?;
     Ok(())
 }
+
+/// Fills in where connect()'s first three arguments are in the `struct
+/// pt_regs` a task saves at syscall entry, for the exit-only connect()
+/// hook. The registers are this architecture's syscall ABI (the agent and
+/// its eBPF object are built for the same one); their places come from
+/// BTF. On arm64, x0 is overwritten by the return value: the first
+/// argument stays in orig_x0.
+pub fn apply_syscall_regs(o: &mut KernelOffsets, btf: &Btf, kallsyms: &str) -> Result<(), String> {
+    // The functions behind the helpers (not in BTF: BPF_CALL functions
+    // carry none), present from the kernel that has the helpers on.
+    for helper in ["bpf_get_current_task_btf", "bpf_task_pt_regs"] {
+        if !crate::kernel::kallsyms::has(kallsyms, helper) {
+            return Err(format!("the kernel has no {helper}() helper (5.15+)"));
+        }
+    }
+    let slot = |path: &str, size: u32, index: u32| -> Result<u32, String> {
+        let field = btf.field(path).map_err(|e| e.to_string())?;
+        if field.size < size || field.offset % 8 != 0 {
+            return Err(format!(
+                "kernel BTF: {path} is {} bytes at {}, not a register slot",
+                field.size, field.offset
+            ));
+        }
+        Ok(field.offset + 8 * index)
+    };
+    let args = if cfg!(target_arch = "x86_64") {
+        [
+            slot("pt_regs.di", 8, 0)?,
+            slot("pt_regs.si", 8, 0)?,
+            slot("pt_regs.dx", 8, 0)?,
+        ]
+    } else if cfg!(target_arch = "aarch64") {
+        [
+            slot("pt_regs.orig_x0", 8, 0)?,
+            slot("pt_regs.regs", 8 * 31, 1)?,
+            slot("pt_regs.regs", 8 * 31, 2)?,
+        ]
+    } else {
+        return Err("this build knows the syscall registers of x86_64 and arm64 only".into());
+    };
+    [o.pt_regs_arg0, o.pt_regs_arg1, o.pt_regs_arg2] = args;
+    // The program walks current->nsproxy->net_ns->ns.inum with plain
+    // loads the verifier checks: every offset must be a real one.
+    for (offset, path) in [
+        (o.task_nsproxy, "task_struct.nsproxy"),
+        (o.nsproxy_net_ns, "nsproxy.net_ns"),
+        (o.net_ns_inum, "net.ns.inum"),
+    ] {
+        if offset == OFFSET_ABSENT {
+            return Err(format!("kernel BTF has no {path}"));
+        }
+    }
+    Ok(())
+}

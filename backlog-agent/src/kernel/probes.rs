@@ -11,7 +11,7 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use backlog_common::{
-    Config, DropCounts, DropKind, DropTotalKey, FilterConfig, PeerKey, UnixTotalKey,
+    Config, DropCounts, DropKind, DropTotalKey, FilterConfig, PeerKey, UnixAccount, UnixTotalKey,
     COUNTER_EVENTS_LOST, COUNTER_EVENTS_SUPPRESSED, COUNTER_READ_ERRORS, COUNTER_TOTALS_FULL,
 };
 use thiserror::Error;
@@ -104,6 +104,10 @@ enum Needs {
     KfreeSkbLayout,
     /// The syscalls:* record layouts.
     SyscallLayout,
+    /// The syscalls:* record layouts, bpf_task_pt_regs and where the
+    /// syscall arguments are in the saved registers. Checked before load:
+    /// without the helpers the program cannot load.
+    SyscallRegs,
     /// A tcp_v4_syn_recv_sock prototype the fexit programs know.
     SynRecvSockPrototype,
     /// This CPU's SNMP counters (BTF indexes and __per_cpu_offset).
@@ -131,6 +135,25 @@ const KFREE_SKB: Hook = Hook {
     )],
 };
 
+/// Preferred: one program, on the exit only. Every connect() on the
+/// machine reaches it, and all but UNIX EAGAINs and successes leave after
+/// two comparisons; the arguments come from the task's saved registers
+/// (5.15+), so no sys_enter_connect program runs at all.
+const UNIX_CONNECT_REGS: Hook = Hook {
+    family: HookFamily::Tracepoint,
+    label: "tracepoint syscalls:sys_exit_connect (EAGAIN on AF_UNIX, arguments from the saved registers)",
+    needs: Needs::SyscallRegs,
+    programs: &[(
+        "sys_exit_connect_regs",
+        Attach::Tracepoint {
+            category: "syscalls",
+            name: "sys_exit_connect",
+        },
+    )],
+};
+
+/// The fallback before 5.15: the entry keeps the arguments of AF_UNIX
+/// connect()s for the exit.
 const UNIX_CONNECT: Hook = Hook {
     family: HookFamily::Tracepoint,
     label: "tracepoint syscalls:sys_enter_connect, sys_exit_connect (EAGAIN on AF_UNIX)",
@@ -227,13 +250,22 @@ const ACCEPT_WAIT: Hook = Hook {
     ],
 };
 
-/// UNIX_CONNECT's programs attached for the accept-queue wait's UNIX
-/// arrivals alone (Config::unix_eagain is then 0: no EAGAIN is counted).
+/// UNIX_CONNECT's programs (or UNIX_CONNECT_REGS's, preferred) attached
+/// for the accept-queue wait's UNIX arrivals alone (Config::unix_eagain is
+/// then 0: no EAGAIN is counted).
 const UNIX_ARRIVALS: Hook = Hook {
     family: HookFamily::Tracepoint,
     label: "tracepoint syscalls:sys_enter_connect, sys_exit_connect (UNIX arrivals)",
     needs: Needs::SyscallLayout,
     programs: UNIX_CONNECT.programs,
+};
+
+const UNIX_ARRIVALS_REGS: Hook = Hook {
+    family: HookFamily::Tracepoint,
+    label:
+        "tracepoint syscalls:sys_exit_connect (UNIX arrivals, arguments from the saved registers)",
+    needs: Needs::SyscallRegs,
+    programs: UNIX_CONNECT_REGS.programs,
 };
 
 /// fexit programs per prototype of `*_syn_recv_sock()`: the return value
@@ -330,7 +362,7 @@ fn hooks_for(kind: DropKind, syn_recv_sock_params: Option<u32>) -> &'static [Hoo
         | DropKind::SynDroppedAcceptQueueFull
         | DropKind::SynDroppedSynBacklogPressure
         | DropKind::SynDroppedOther => &[CONN_REQUEST_FENTRY, CONN_REQUEST_KPROBE],
-        DropKind::UnixConnectBacklogFull => &[UNIX_CONNECT],
+        DropKind::UnixConnectBacklogFull => &[UNIX_CONNECT_REGS, UNIX_CONNECT],
     }
 }
 
@@ -363,6 +395,7 @@ pub struct Probes {
 struct Preconditions {
     kfree_skb: Result<(), String>,
     syscalls: Result<(), String>,
+    syscall_regs: Result<(), String>,
     /// The fexit programs exist for 6- and 7-argument prototypes only.
     syn_recv_sock_fexit: Result<(), String>,
     /// The SYN-stage classification reads this CPU's SNMP counters.
@@ -376,6 +409,7 @@ impl Preconditions {
             Needs::Nothing => Ok(()),
             Needs::KfreeSkbLayout => self.kfree_skb.clone(),
             Needs::SyscallLayout => self.syscalls.clone(),
+            Needs::SyscallRegs => self.syscalls.clone().and(self.syscall_regs.clone()),
             Needs::SynRecvSockPrototype => self.syn_recv_sock_fexit.clone(),
             Needs::SnmpCounters => self.snmp_counters.clone(),
             Needs::AcceptLayout => self.accept.clone(),
@@ -438,13 +472,18 @@ pub fn start(
         )),
         None => Err("tcp_v4_syn_recv_sock is not in the kernel's BTF".into()),
     };
-    let snmp_counters = crate::kernel::kallsyms::read()
+    let kallsyms = crate::kernel::kallsyms::read();
+    let snmp_counters = kallsyms
+        .clone()
         .and_then(|kallsyms| offsets::apply_snmp_counters(&mut kernel_offsets, btf, &kallsyms));
+    let syscall_regs = kallsyms
+        .and_then(|kallsyms| offsets::apply_syscall_regs(&mut kernel_offsets, btf, &kallsyms));
     let accept_offsets =
         crate::enrich::accept_wait::resolve(&kernel_offsets, btf, tracefs, near_full_percent);
     let preconditions = Preconditions {
         kfree_skb,
         syscalls,
+        syscall_regs,
         syn_recv_sock_fexit,
         snmp_counters,
         accept: accept_offsets.as_ref().map(|_| ()).map_err(Clone::clone),
@@ -487,6 +526,15 @@ pub fn start(
         for hook in hooks.iter().filter(|h| h.family.allowed_by(mode)) {
             let result = match tried.iter().find(|(label, _)| *label == hook.label) {
                 Some((_, result)) => result.clone(),
+                None if hook.needs == Needs::SyscallRegs => {
+                    // Without the helpers the program does not load: the
+                    // missing helper is the reason worth telling.
+                    let result = preconditions
+                        .of(hook)
+                        .and_then(|()| attach(&mut ebpf, hook, &mut kernel_btf));
+                    tried.push((hook.label, result.clone()));
+                    result
+                }
                 None => {
                     // Attach first: when the kernel refuses the whole
                     // family, that is the reason worth telling, not a
@@ -563,8 +611,11 @@ pub fn start(
         .and_then(|()| attach(&mut ebpf, &LISTEN_CALLS, &mut kernel_btf))
         .map(|()| LISTEN_CALLS.describe());
     // Tracepoints only: whatever --attach forces applies to drop kinds.
-    let unix_connect_attached = outcomes.iter().any(|(kind, outcome)| {
-        *kind == DropKind::UnixConnectBacklogFull && matches!(outcome, Outcome::Attached { .. })
+    let unix_connect = outcomes.iter().find_map(|(kind, outcome)| match outcome {
+        Outcome::Attached { hook, .. } if *kind == DropKind::UnixConnectBacklogFull => {
+            Some(hook.clone())
+        }
+        _ => None,
     });
     let accept_wait = preconditions
         .of(&ACCEPT_WAIT)
@@ -575,15 +626,24 @@ pub fn start(
             if listen_calls.is_ok() {
                 hook.push_str(", sys_{enter,exit}_listen");
             }
-            let arrivals = if unix_connect_attached {
-                Ok(())
-            } else {
-                preconditions
-                    .of(&UNIX_ARRIVALS)
-                    .and_then(|()| attach(&mut ebpf, &UNIX_ARRIVALS, &mut kernel_btf))
+            // The same ladder as the UNIX kind's: exit-only first.
+            let arrivals = match unix_connect {
+                Some(label) if label == UNIX_CONNECT_REGS.label => Ok(true),
+                Some(_) => Ok(false),
+                None => preconditions
+                    .of(&UNIX_ARRIVALS_REGS)
+                    .and_then(|()| attach(&mut ebpf, &UNIX_ARRIVALS_REGS, &mut kernel_btf))
+                    .map(|()| true)
+                    .or_else(|_| {
+                        preconditions
+                            .of(&UNIX_ARRIVALS)
+                            .and_then(|()| attach(&mut ebpf, &UNIX_ARRIVALS, &mut kernel_btf))
+                            .map(|()| false)
+                    }),
             };
             match arrivals {
-                Ok(()) => hook.push_str(", sys_{enter,exit}_connect (UNIX arrivals)"),
+                Ok(true) => hook.push_str(", sys_exit_connect (UNIX arrivals)"),
+                Ok(false) => hook.push_str(", sys_{enter,exit}_connect (UNIX arrivals)"),
                 Err(reason) => hook.push_str(&format!(" (no UNIX arrivals: {reason})")),
             }
             hook
@@ -803,7 +863,7 @@ impl Probes {
                 .map_err(map_error("COUNTERS"))?,
             totals: PerCpuHashMap::try_from(self.take_map("DROP_TOTALS")?)
                 .map_err(map_error("DROP_TOTALS"))?,
-            unix_totals: PerCpuHashMap::try_from(self.take_map("UNIX_TOTALS")?)
+            unix_totals: BpfHashMap::try_from(self.take_map("UNIX_TOTALS")?)
                 .map_err(map_error("UNIX_TOTALS"))?,
             peers: BpfHashMap::try_from(self.take_map("SUPPRESSED_PEERS")?)
                 .map_err(map_error("SUPPRESSED_PEERS"))?,
@@ -829,7 +889,7 @@ fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> ProbeError {
 pub struct KernelCounters {
     array: PerCpuArray<MapData, u64>,
     totals: PerCpuHashMap<MapData, DropTotalKey, DropCounts>,
-    unix_totals: PerCpuHashMap<MapData, UnixTotalKey, DropCounts>,
+    unix_totals: BpfHashMap<MapData, UnixTotalKey, UnixAccount>,
     peers: BpfHashMap<MapData, PeerKey, u64>,
 }
 
@@ -882,8 +942,8 @@ impl KernelCounters {
         self.unix_totals
             .iter()
             .map(|entry| {
-                let (key, values) = entry.map_err(|e| e.to_string())?;
-                Ok((key, sum_cpus(&values)))
+                let (key, account) = entry.map_err(|e| e.to_string())?;
+                Ok((key, account.counts))
             })
             .collect()
     }
