@@ -357,6 +357,12 @@ pub fn aggregate(counters: &mut KernelCounters, aggregator: &mut Aggregator, sin
     // row deleted now.
     let (gone_inet, gone_unix) = counters.expire(&inet, &unix, Instant::now());
     aggregator.forget(&gone_inet, &gone_unix);
+    let gone = gone_inet.len() + gone_unix.len();
+    if gone > 0 {
+        note(format_args!(
+            "expired {gone} idle listener rows (unchanged for --expire-after; counts kept)"
+        ));
+    }
 }
 
 fn apply_accounting(counters: &KernelCounters, sink: &mut Sink) {
