@@ -28,6 +28,7 @@ use crate::{
     kernel::bpfstats,
     kernel::{
         btf::Btf,
+        expire::{Expiry, RETIRED_CAP},
         preflight,
         probes::{self, KernelCounters, Outcome, Probes},
         tracefs,
@@ -154,7 +155,10 @@ pub async fn start(cli: &Cli) -> Result<Running> {
         )),
     }
     let ring = probes.take_events()?;
-    let counters = probes.take_counters()?;
+    let mut counters = probes.take_counters()?;
+    let expire_after = (cli.expire_after > 0).then(|| Duration::from_secs(cli.expire_after));
+    counters.inet_expiry = Expiry::new(expire_after, RETIRED_CAP);
+    counters.unix_expiry = Expiry::new(expire_after, RETIRED_CAP);
     // Everything that needed CAP_BPF, CAP_PERFMON or CAP_SYSLOG is done:
     // keep only what attribution and setns need (caps.rs).
     let kept = caps::run_time_set(caps);
@@ -272,6 +276,25 @@ pub fn stop(running: Running) {
             ));
         }
     }
+    let expired = counters.inet_expiry.expired + counters.unix_expiry.expired;
+    if expired > 0 {
+        note(format_args!(
+            "{expired} idle listener rows moved out of the kernel maps (their counts kept)"
+        ));
+    }
+    let (other_inet, other_unix) = (counters.inet_expiry.other, counters.unix_expiry.other);
+    if other_inet.total + other_unix.total > 0 {
+        note(format_args!(
+            "expired listeners beyond the {RETIRED_CAP} kept one by one: {} TCP drops \
+             ({} aggregated, {} lost), {} UNIX EAGAINs ({} aggregated, {} lost)",
+            other_inet.total,
+            other_inet.suppressed,
+            other_inet.lost,
+            other_unix.total,
+            other_unix.suppressed,
+            other_unix.lost
+        ));
+    }
     if let Ok(errors) = counters.read_errors() {
         if errors > 0 {
             note(format_args!(
@@ -317,7 +340,10 @@ pub const AGGREGATE_WINDOW: Duration = Duration::from_secs(1);
 
 /// Writes the aggregates of the window that ends now.
 pub fn aggregate(counters: &mut KernelCounters, aggregator: &mut Aggregator, sink: &mut Sink) {
-    let (inet, unix) = match (counters.totals(), counters.unix_totals()) {
+    // The live rows only: the aggregator follows each kernel row from its
+    // creation, and forgets it when it is expired (a re-created row starts
+    // again from 0 on both sides).
+    let (inet, unix) = match (counters.live_totals(), counters.live_unix_totals()) {
         (Ok(inet), Ok(unix)) => (inet, unix),
         (Err(err), _) | (_, Err(err)) => {
             note(format_args!("cannot read the per-listener counts: {err}"));
@@ -327,6 +353,16 @@ pub fn aggregate(counters: &mut KernelCounters, aggregator: &mut Aggregator, sin
     let peers = counters.take_peers();
     let aggregates = aggregator.window(&inet, &unix, &peers, SystemTime::now());
     sink.aggregates(&aggregates);
+    // After the window: the aggregator has seen the final value of every
+    // row deleted now.
+    let (gone_inet, gone_unix) = counters.expire(&inet, &unix, Instant::now());
+    aggregator.forget(&gone_inet, &gone_unix);
+    let gone = gone_inet.len() + gone_unix.len();
+    if gone > 0 {
+        note(format_args!(
+            "expired {gone} idle listener rows (unchanged for --expire-after; counts kept)"
+        ));
+    }
 }
 
 fn apply_accounting(counters: &KernelCounters, sink: &mut Sink) {

@@ -54,6 +54,13 @@ pub struct Cli {
     /// the count and the busiest peers.
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub max_events_per_sec: u32,
+
+    /// Remove a listener's row from the kernel's per-listener counts once
+    /// it has not changed for SECS (a closed listener, or one quiet that
+    /// long), keeping its totals in the agent: the kernel maps do not fill
+    /// up with listeners that are gone. 0: never.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub expire_after: u64,
     /// Warn (event `accept_queue_near_full`, at most once a second per
     /// listener) when a listener's accept queue reaches PERCENT of its
     /// limit, before anything is dropped; 0 turns the warning off.

@@ -93,6 +93,16 @@ impl Aggregator {
         }
     }
 
+    /// Drops what is known of kernel rows that were deleted (expired).
+    pub fn forget(&mut self, inet: &[DropTotalKey], unix: &[UnixTotalKey]) {
+        for key in inet {
+            self.inet_seen.remove(key);
+        }
+        for key in unix {
+            self.unix_seen.remove(key);
+        }
+    }
+
     /// The aggregates of the interval that ends `now`, from the kernel's
     /// counts (cumulative, summed over CPUs) and the peers of suppressed
     /// drops since the last call.

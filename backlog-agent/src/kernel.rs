@@ -6,6 +6,7 @@
 
 pub mod bpfstats;
 pub mod btf;
+pub mod expire;
 pub mod kallsyms;
 pub mod offsets;
 pub mod preflight;

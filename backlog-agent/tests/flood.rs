@@ -165,6 +165,77 @@ fn final_ack_overflows_past_the_rate_limit_are_accounted_exactly() {
     );
 }
 
+/// Expiry (issue 11): listener A's final-ACK overflows, then A is closed
+/// and its rows leave the kernel maps (`--expire-after 1`); then listener
+/// B overflows. At exit A's accounting still equals ListenOverflows of
+/// A's namespace and B's of B's, and events + aggregated + lost = each.
+#[test]
+fn expired_listener_rows_keep_their_counts() {
+    if !privileged("expired_listener_rows_keep_their_counts") {
+        return;
+    }
+    let _serial = serial();
+    let mut agent = Agent::expect_ready(&[
+        "--output",
+        "json",
+        "--max-events-per-sec",
+        LIMIT,
+        "--expire-after",
+        "1",
+    ]);
+    // Namespace inodes are reused once freed, so B may get A's: the two
+    // listeners are told apart by port as well (B's is A's + 1).
+    let overflow = |port: u16| {
+        in_new_netns(move || {
+            let before = tcp_ext();
+            let listener = scenarios::final_ack_overflow(
+                std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                8,
+                Duration::from_millis(1500),
+            );
+            (netns_inode(), listener.port, before, tcp_ext())
+        })
+    };
+    let (netns_a, port_a, before_a, after_a) = overflow(0);
+    // A is closed and idle: its rows go within a few aggregate windows.
+    let expired = agent.wait_for_stderr("idle listener rows", Duration::from_secs(30));
+    let (netns_b, port_b, before_b, after_b) = overflow(port_a.checked_add(1).unwrap_or(1024));
+    let run = agent.stop();
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("idle listener rows moved out of the kernel maps"),
+        "no expiry in the summary notes:\n{}",
+        run.stderr
+    );
+    let kind = "ack_dropped_accept_queue_full";
+    for (name, netns, port, before, after) in [
+        ("A", netns_a, port_a, before_a, after_a),
+        ("B", netns_b, port_b, before_b, after_b),
+    ] {
+        let a = accounted(&run, kind, |r| {
+            r["netns"].as_u64() == Some(netns)
+                && r["listener"]["port"].as_u64() == Some(u64::from(port))
+        });
+        let overflows = counter_delta(&before, &after, "ListenOverflows");
+        common::figure(&format!(
+            "expiry, listener {name}: ListenOverflows={overflows} events={} aggregated={} in {} records lost={} kernel_total={} ({expired})",
+            a.events, a.aggregated, a.aggregates, a.lost, a.total
+        ));
+        assert!(overflows > 0, "{name}: no overflow");
+        assert_eq!(
+            a.total, overflows,
+            "{name}: kernel total vs ListenOverflows"
+        );
+        assert_eq!(
+            a.sum(),
+            overflows,
+            "{name}: events + aggregated + lost: {a:?}"
+        );
+    }
+    matrix("auto", "expiry_identity", "pass", &expired);
+}
+
 /// SYN-queue drops (cookies off) and SYN cookies past the rate limit,
 /// where the SYN stage can be traced (the guests): events + aggregated +
 /// lost = TCPReqQFullDrop, resp. TCPReqQFullDoCookies.

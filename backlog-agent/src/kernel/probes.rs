@@ -3,7 +3,7 @@
 //! is named) or not observable (and the reason is given): the user is
 //! told which, never left to guess.
 
-use std::path::Path;
+use std::{path::Path, time::Instant};
 
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -19,6 +19,7 @@ use thiserror::Error;
 use crate::{
     cli::AttachMode,
     kernel::btf::Btf,
+    kernel::expire::{Expiry, RETIRED_CAP},
     kernel::offsets::{self, OffsetError},
     kernel::tracefs::EventFormat,
 };
@@ -867,6 +868,8 @@ impl Probes {
                 .map_err(map_error("UNIX_TOTALS"))?,
             peers: BpfHashMap::try_from(self.take_map("SUPPRESSED_PEERS")?)
                 .map_err(map_error("SUPPRESSED_PEERS"))?,
+            inet_expiry: Expiry::new(None, RETIRED_CAP),
+            unix_expiry: Expiry::new(None, RETIRED_CAP),
         })
     }
 
@@ -891,6 +894,9 @@ pub struct KernelCounters {
     totals: PerCpuHashMap<MapData, DropTotalKey, DropCounts>,
     unix_totals: BpfHashMap<MapData, UnixTotalKey, UnixAccount>,
     peers: BpfHashMap<MapData, PeerKey, u64>,
+    /// Idle rows moved out of `totals` / `unix_totals` (expire.rs).
+    pub inet_expiry: Expiry<DropTotalKey>,
+    pub unix_expiry: Expiry<UnixTotalKey>,
 }
 
 fn sum_cpus(values: &[DropCounts]) -> DropCounts {
@@ -926,8 +932,19 @@ impl KernelCounters {
         self.sum(COUNTER_TOTALS_FULL)
     }
 
-    /// What became of the drops per listener and kind, summed over CPUs.
+    /// What became of the drops per listener and kind, summed over CPUs,
+    /// since start: the live rows plus the expired ones.
     pub fn totals(&self) -> Result<Vec<(DropTotalKey, DropCounts)>, String> {
+        Ok(self.inet_expiry.merged(self.live_totals()?))
+    }
+
+    /// The same for UNIX connect() EAGAINs, per (client netns, path).
+    pub fn unix_totals(&self) -> Result<Vec<(UnixTotalKey, DropCounts)>, String> {
+        Ok(self.unix_expiry.merged(self.live_unix_totals()?))
+    }
+
+    /// Only the rows now in the kernel map.
+    pub fn live_totals(&self) -> Result<Vec<(DropTotalKey, DropCounts)>, String> {
         self.totals
             .iter()
             .map(|entry| {
@@ -937,8 +954,7 @@ impl KernelCounters {
             .collect()
     }
 
-    /// The same for UNIX connect() EAGAINs, per (client netns, path).
-    pub fn unix_totals(&self) -> Result<Vec<(UnixTotalKey, DropCounts)>, String> {
+    pub fn live_unix_totals(&self) -> Result<Vec<(UnixTotalKey, DropCounts)>, String> {
         self.unix_totals
             .iter()
             .map(|entry| {
@@ -946,6 +962,45 @@ impl KernelCounters {
                 Ok((key, account.counts))
             })
             .collect()
+    }
+
+    /// Deletes the rows idle for `--expire-after` (as of the live rows
+    /// just read, `inet` and `unix`), keeping their counts user-side;
+    /// returns the deleted keys.
+    ///
+    /// Each is read once more and deleted only if still unchanged. A drop
+    /// that lands between that read and the delete, on a row idle for
+    /// minutes, is lost from the accounting (its event, if any, still
+    /// arrives): a window of the two syscalls, nanoseconds to microseconds.
+    pub fn expire(
+        &mut self,
+        inet: &[(DropTotalKey, DropCounts)],
+        unix: &[(UnixTotalKey, DropCounts)],
+        now: Instant,
+    ) -> (Vec<DropTotalKey>, Vec<UnixTotalKey>) {
+        let mut gone_inet = Vec::new();
+        for key in self.inet_expiry.observe(inet, now) {
+            let Ok(values) = self.totals.get(&key, 0) else {
+                continue;
+            };
+            let last = sum_cpus(&values);
+            if Some(last) == self.inet_expiry.last(&key) && self.totals.remove(&key).is_ok() {
+                self.inet_expiry.retire(key, last);
+                gone_inet.push(key);
+            }
+        }
+        let mut gone_unix = Vec::new();
+        for key in self.unix_expiry.observe(unix, now) {
+            let Ok(values) = self.unix_totals.get(&key, 0) else {
+                continue;
+            };
+            let last = sum_cpus(&values);
+            if Some(last) == self.unix_expiry.last(&key) && self.unix_totals.remove(&key).is_ok() {
+                self.unix_expiry.retire(key, last);
+                gone_unix.push(key);
+            }
+        }
+        (gone_inet, gone_unix)
     }
 
     /// The sources of suppressed drops since the last call, emptying the

@@ -364,6 +364,29 @@ impl Agent {
         }
     }
 
+    /// Waits (polling, with a deadline) for a stderr line containing
+    /// `text` after `ready`; returns it. Panics with what was seen when the
+    /// deadline passes.
+    pub fn wait_for_stderr(&mut self, text: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr_lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(text);
+                    self.stderr_seen.push(line.clone());
+                    if found {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no stderr line with {text:?} after {timeout:?}:\n{}",
+                    self.stderr_seen.join("\n")
+                ),
+            }
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
