@@ -991,10 +991,12 @@ impl KernelCounters {
         }
         let mut gone_unix = Vec::new();
         for key in self.unix_expiry.observe(unix, now) {
-            let Ok(values) = self.unix_totals.get(&key, 0) else {
+            // One shared entry (counts and token bucket, account.rs):
+            // deleting it also refills the bucket, as for a new path.
+            let Ok(account) = self.unix_totals.get(&key, 0) else {
                 continue;
             };
-            let last = sum_cpus(&values);
+            let last = account.counts;
             if Some(last) == self.unix_expiry.last(&key) && self.unix_totals.remove(&key).is_ok() {
                 self.unix_expiry.retire(key, last);
                 gone_unix.push(key);
