@@ -24,13 +24,12 @@ use std::{
     net::{SocketAddr, TcpListener},
     os::unix::net::UnixListener,
     path::Path,
-    process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use common::{
-    bench::{process_cpu, task_cpu},
+    bench::{idle_processes, process_cpu, task_cpu},
     storm, Agent,
 };
 
@@ -140,20 +139,6 @@ fn unix_listeners(dir: &Path, tag: &str, n: usize) -> (Vec<FullUnix>, u64, HashS
         paths.insert(path.to_string_lossy().into_owned());
     }
     (listeners, eagain, paths)
-}
-
-fn idle_processes(n: usize) -> Vec<Child> {
-    (0..n)
-        .filter_map(|_| {
-            Command::new(common::outside("sleep"))
-                .arg("600")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .ok()
-        })
-        .collect()
 }
 
 /// Events, aggregated and lost the agent reported for `paths`.

@@ -26,7 +26,7 @@ use std::{
 };
 
 use common::{
-    bench::{bpf_costs, bpf_programs, print_costs, process_cpu},
+    bench::{bpf_costs, bpf_programs, idle_processes, print_costs, process_cpu},
     storm, Agent,
 };
 
@@ -427,17 +427,7 @@ fn main() {
     );
     let quiet = many_listeners(dir.path(), "quiet");
     report_many("on this machine as it is", &quiet);
-    let mut idle: Vec<std::process::Child> = (0..IDLE_PROCESSES)
-        .filter_map(|_| {
-            Command::new(common::outside("sleep"))
-                .arg("600")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .ok()
-        })
-        .collect();
+    let mut idle = idle_processes(IDLE_PROCESSES);
     let busy = many_listeners(dir.path(), "busy");
     report_many(&format!("with {} more idle processes", idle.len()), &busy);
     println!(

@@ -2,7 +2,12 @@
 //! CPU time, and each BPF program's run time and run count from
 //! kernel.bpf_stats (enabled by the bench while it holds the stats fd).
 
-use std::{collections::HashMap, fs, time::Duration};
+use std::{
+    collections::HashMap,
+    fs,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
 
 /// CPU time (user + system) a process has used so far; zero once it has
 /// exited (the bench reads it while the process runs).
@@ -128,4 +133,21 @@ pub fn accounted(records: &[serde_json::Value], kinds: &[&str], netns: u64) -> A
         }
     }
     a
+}
+
+/// `n` idle processes (sleep 600) for the cases that ask whether the
+/// agent's cost grows with the processes on the machine; the caller kills
+/// them. Fewer when the machine refuses more.
+pub fn idle_processes(n: usize) -> Vec<Child> {
+    (0..n)
+        .filter_map(|_| {
+            Command::new(super::outside("sleep"))
+                .arg("600")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()
+        })
+        .collect()
 }
