@@ -361,7 +361,7 @@ impl Collector for Snapshot {
             e,
             "backlog_drops",
             "Connections a listener dropped, by kind: the kernel's exact per-listener totals \
-             (UNIX listeners: failed connect()s received as events)",
+             (UNIX listeners: EAGAINs counted per path and the clients' netns)",
             None,
             drops,
         )?;
