@@ -110,11 +110,21 @@ fn successful_connects(udp: bool) -> (Duration, u64) {
     })
 }
 
-/// Kernel ns per call of a program that does one load and one comparison
-/// on sys_exit_connect (bpftrace's filter on `ret`), over non-blocking TCP
-/// connect()s: what bpf_stats itself adds to every program on this host,
-/// to read the agent's figures against.
-fn stats_floor() -> Result<(u64, f64), String> {
+/// What any program on sys_exit_connect costs, whatever it does.
+struct Floor {
+    /// Non-blocking TCP connect()s measured, and bpf_stats ns per call of
+    /// a program doing one load and one comparison (bpftrace's filter on
+    /// `ret`): what bpf_stats itself adds to every program on this host.
+    calls: u64,
+    ns: f64,
+    /// The storm with only that program attached: what enabling the
+    /// syscall tracepoint costs a connect() loop before any work is done
+    /// (every syscall of every task then takes the tracing slow path).
+    storm: storm::Storm,
+}
+
+/// Attaches the do-nothing program and measures [`Floor`].
+fn stats_floor(dir: &Path) -> Result<Floor, String> {
     let mut child = Command::new(common::outside("bpftrace"))
         .args([
             "-e",
@@ -144,6 +154,7 @@ fn stats_floor() -> Result<(u64, f64), String> {
     let b0 = bpf_programs();
     tcp_connects(true);
     let b1 = bpf_programs();
+    let (storm, _) = one_storm(dir, "floor.sock");
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     let _ = child.wait();
@@ -151,7 +162,11 @@ fn stats_floor() -> Result<(u64, f64), String> {
     let (ns0, cnt0) = b0.get(&id).map_or((0, 0), |(_, n, c)| (*n, *c));
     let (ns1, cnt1) = b1.get(&id).map_or((0, 0), |(_, n, c)| (*n, *c));
     let calls = cnt1.saturating_sub(cnt0);
-    Ok((calls, (ns1 - ns0) as f64 / calls.max(1) as f64))
+    Ok(Floor {
+        calls,
+        ns: (ns1 - ns0) as f64 / calls.max(1) as f64,
+        storm,
+    })
 }
 
 /// Sums what the agent accounted for `path`: events, aggregated, lost.
@@ -264,7 +279,12 @@ fn side_by_side(dir: &Path) {
     let run = agent.stop();
     let accepted_without = successful_connects(false);
     let udp_without = successful_connects(true);
-    let floor = stats_floor();
+    let floor = stats_floor(dir);
+    // A second storm without a tracer, after the others: the ratios use
+    // the mean of the two, so that drift over the run (thermal, other
+    // load) does not count as the agent's.
+    let (without_after, _) = one_storm(dir, "none-after.sock");
+    let without_rate = (without.rate() + without_after.rate()) / 2.0;
     assert!(run.status.success(), "agent failed:\n{}", run.stderr);
     let (events, aggregated, lost, total) = accounted(&run, &path);
 
@@ -310,17 +330,30 @@ fn side_by_side(dir: &Path) {
         "(b) UNIX EAGAIN storm, {} s per phase, one client looping non-blocking connect() to a full listener:",
         STORM.as_secs()
     );
-    println!("  without tracer: {:.0} EAGAIN/s", without.rate());
+    println!(
+        "  without tracer: {:.0} EAGAIN/s (first and last phase: {:.0}, {:.0})",
+        without_rate,
+        without.rate(),
+        without_after.rate()
+    );
     println!(
         "  with backlog-agent: {:.0} EAGAIN/s ({:.3}x)",
         with.rate(),
-        with.rate() / without.rate()
+        with.rate() / without_rate
     );
     if let Some((storm, ..)) = &bpftrace_figures {
         println!(
             "  with bpftrace printf: {:.0} EAGAIN/s ({:.3}x)",
             storm.rate(),
-            storm.rate() / without.rate()
+            storm.rate() / without_rate
+        );
+    }
+    if let Ok(floor) = &floor {
+        println!(
+            "  with only a do-nothing program on sys_exit_connect (bpftrace filter): \
+             {:.0} EAGAIN/s ({:.3}x): the ceiling of any tracer hooked there",
+            floor.storm.rate(),
+            floor.storm.rate() / without_rate
         );
     }
     println!("  kernel cost during the storm with the agent:");
@@ -393,7 +426,7 @@ fn side_by_side(dir: &Path) {
         print_costs("agent", &costs);
     }
     match &floor {
-        Ok((calls, ns)) => println!(
+        Ok(Floor { calls, ns, .. }) => println!(
             "bpf_stats floor: a program doing one load and one comparison on sys_exit_connect \
              (bpftrace filter), {calls} non-blocking TCP connect()s: {ns:.0} ns per call; \
              subtract it from the figures above for the programs' own cost"

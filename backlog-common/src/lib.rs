@@ -303,14 +303,19 @@ pub struct UnixAccount {
     pub counts: DropCounts,
     /// The token bucket's theoretical arrival time (account.rs).
     pub next_event_ns: u64,
+    /// The timer tick (jiffies) in which the bucket last said "suppress":
+    /// until the next tick, an EAGAIN is suppressed without reading the
+    /// clock (account.rs's admit_shared).
+    pub suppressed_tick: u64,
 }
 
-const _: () = assert!(size_of::<UnixAccount>() == 40);
+const _: () = assert!(size_of::<UnixAccount>() == 48);
 
 impl UnixAccount {
     pub const ZERO: UnixAccount = UnixAccount {
         counts: DropCounts::ZERO,
         next_event_ns: 0,
+        suppressed_tick: 0,
     };
 }
 

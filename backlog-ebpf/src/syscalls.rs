@@ -274,7 +274,12 @@ fn unix_eagain(addr: u64, addrlen: u64, client_netns: impl FnOnce() -> u32) {
     };
     // SAFETY: this CPU's scratch slot (see event.rs).
     let key = unsafe { &mut *key };
-    zero_key(key);
+    // The slot keeps the previous EAGAIN's key, zero past its path_len
+    // (the map starts zeroed, and every path below keeps that true). The
+    // copy below overwrites at least that much when this path is not
+    // shorter, so only then can the zeroing be left out: in a storm, the
+    // same path over and over.
+    let previous_len = key.path_len as u64;
     // Exactly the bytes the caller passed, so that the rest of the key
     // stays zero and keys compare. The sockaddr is still the caller's:
     // connect() has returned but the thread has not run on. One copy
@@ -284,6 +289,9 @@ fn unix_eagain(addr: u64, addrlen: u64, client_netns: impl FnOnce() -> u32) {
     let mut len = addrlen.wrapping_sub(SUN_PATH_OFFSET as u64);
     if len > UNIX_PATH_MAX as u64 {
         len = UNIX_PATH_MAX as u64;
+    }
+    if len < previous_len {
+        zero_key(key);
     }
     let dst = (key as *mut UnixTotalKey as *mut u8).wrapping_add(8 - SUN_PATH_OFFSET);
     // SAFETY: at most 2 + UNIX_PATH_MAX bytes into bytes 6..116 of the
@@ -315,8 +323,7 @@ fn unix_eagain(addr: u64, addrlen: u64, client_netns: impl FnOnce() -> u32) {
     if !crate::filter::wants_unix_path(&mut key.path, key.path_len) {
         return;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
-    let admission = account::admit_shared(&UNIX_TOTALS, key, now);
+    let admission = account::admit_shared(&UNIX_TOTALS, key);
     if !admission.send {
         return;
     }
@@ -327,7 +334,7 @@ fn unix_eagain(addr: u64, addrlen: u64, client_netns: impl FnOnce() -> u32) {
     // SAFETY: as above.
     let event = unsafe { &mut *event };
     let pid_tgid = bpf_get_current_pid_tgid();
-    event.timestamp_ns = now;
+    event.timestamp_ns = admission.now;
     event.pid = (pid_tgid >> 32) as u32;
     event.tid = pid_tgid as u32;
     event.cpu = unsafe { bpf_get_smp_processor_id() };
