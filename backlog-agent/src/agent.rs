@@ -274,6 +274,7 @@ pub fn stop(running: Running) {
         filters,
         ..
     } = running;
+    preflight::memory_phase("the run");
     drop(probes);
     drain(ring.get_mut(), &mut sink);
     sink.release_all();
