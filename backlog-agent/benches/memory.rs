@@ -326,13 +326,16 @@ fn case(dir: &Path, tag: &str, listeners: usize, processes: usize) {
         cpu_after.as_secs_f64()
     );
     println!("    by thread: {threads}");
-    // The agent's own view at stop (glibc's in use / kept figures).
-    if let Some(at_stop) = run
-        .stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("backlog-agent: memory: after the run: "))
-    {
-        println!("    agent at stop: {at_stop}");
+    // The agent's own view at stop (glibc's in use / kept figures), and
+    // after its final summary (the peak then includes the summary's).
+    for (step, label) in [
+        ("the run", "at stop"),
+        ("the final summary", "after the summary"),
+    ] {
+        let prefix = format!("backlog-agent: memory: after {step}: ");
+        if let Some(figures) = run.stderr.lines().find_map(|l| l.strip_prefix(&prefix)) {
+            println!("    agent {label}: {figures}");
+        }
     }
     println!("    {walks}");
     println!(

@@ -327,6 +327,7 @@ pub fn stop(running: Running) {
         }
     }
     sink.report(&summary_heading(started));
+    preflight::memory_phase("the final summary");
     if let Some(before) = counted_before {
         let after = counted::snapshot(Path::new("/proc"));
         let mut deltas = counted::deltas(&before, &after);

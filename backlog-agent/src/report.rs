@@ -125,12 +125,9 @@ impl Reporter {
 
     /// The per-listener summary: a table and diagnoses on stderr, and with
     /// `--output json` one `listener_summary` line per listener on stdout.
-    pub fn listener_summary(
-        &mut self,
-        heading: &str,
-        summary: &Summary,
-        reports: &[ListenerReport],
-    ) {
+    /// With `--output json`, one `listener_summary` line per listener on
+    /// stdout. Call listener_summary_text next.
+    pub fn listener_summary_lines(&mut self, reports: &[ListenerReport]) {
         if self.options.format == OutputFormat::Json {
             let time = clock::rfc3339(SystemTime::now());
             for report in reports {
@@ -138,6 +135,16 @@ impl Reporter {
             }
         }
         self.flush();
+    }
+
+    /// The table (from `summary`) and each listener's diagnosis (from
+    /// `reports`, whose stats it does not read) on stderr.
+    pub fn listener_summary_text(
+        &mut self,
+        heading: &str,
+        summary: &Summary,
+        reports: &[ListenerReport],
+    ) {
         eprint!("{}", text::listener_summary(heading, summary, reports));
     }
 
