@@ -450,8 +450,9 @@ pub fn start(
         return Err(ProbeError::NoObject);
     }
     // Taken by value: every question for it is asked before the object is
-    // loaded, and it is dropped there, before aya parses the same BTF for
-    // fentry/fexit (two parsed copies at once made the start-up peak).
+    // loaded, and it is dropped there, before aya parses the same file
+    // (its loader, then fentry/fexit): two parsed copies at once made the
+    // start-up peak.
     let btf = &vmlinux;
     let resolved = offsets::resolve(btf)?;
     memory_phase("resolving offsets");
