@@ -8,10 +8,15 @@
 //!    then creates LISTENERS new listeners the same way (so attribution
 //!    reads the processes once, as possible holders).
 //!
-//! For each: the agent's peak RSS (VmHWM) and RSS (VmRSS) once the drops
-//! are reported, its RSS once every listener and process is gone, and
-//! its CPU; events + aggregated + lost against the EAGAINs the clients
-//! saw, and the TCP accept-queue drops the netns counted. Figures, not
+//! For each: the agent's peak RSS (VmHWM) and RSS (VmRSS) at ready (the
+//! peak then is start-up's), once the drops are reported, and once every
+//! listener and process is gone; how much of the RSS is the ring buffer's
+//! mapping; its CPU; events + aggregated + lost against the EAGAINs the
+//! clients saw, and the TCP accept-queue drops the netns counted. The
+//! first case also prints the peak after each start-up step
+//! (BACKLOG_MEMORY_PHASES). With BACKLOG_AGENT_BIN_BEFORE=PATH (e.g. a
+//! build of main), that agent's start-up is measured too, next to this
+//! one's: before and after a change, from one command. Figures, not
 //! assertions. Bounded: the processes sleep at most 600 s and are killed
 //! at the end; the listeners live in a tempdir and a private netns.
 
@@ -23,14 +28,15 @@ use std::{
     fs,
     net::{SocketAddr, TcpListener},
     os::unix::net::UnixListener,
-    path::Path,
+    path::{Path, PathBuf},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
 use common::{
     bench::{idle_processes, process_cpu, task_cpu},
-    storm, Agent,
+    storm, Agent, Started,
 };
 
 const LISTENERS: usize = 10_000;
@@ -51,6 +57,97 @@ fn status_kb(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// The RSS of `pid`'s mappings of BPF maps (the ring buffer's data pages
+/// are mapped twice, so that a record can wrap), in kB: kernel memory
+/// that counts in RSS (as RssFile), not memory the agent allocated.
+fn bpf_map_rss_kb(pid: u32) -> u64 {
+    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut in_map = false;
+    let mut kb = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: "start-end perms offset dev inode [path]".
+            in_map = line.ends_with("anon_inode:bpf-map");
+        } else if in_map {
+            if let Some(v) = line.strip_prefix("Rss:") {
+                kb += v
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    kb
+}
+
+fn mb(kb: u64) -> String {
+    format!("{:.1} MB", kb as f64 / 1024.0)
+}
+
+/// Starts `bin` (default: this build) with BACKLOG_MEMORY_PHASES set.
+fn start_agent(bin: Option<&Path>) -> Agent {
+    let bin = bin.map(Path::to_path_buf).unwrap_or_else(common::agent_bin);
+    let mut command = Command::new(&bin);
+    command
+        .args(["--output", "json"])
+        .env("BACKLOG_MEMORY_PHASES", "1");
+    match Agent::start_command(command) {
+        Started::Ready(agent) => agent,
+        Started::Exited(run) => panic!(
+            "{} exited before ready ({}):\n{}",
+            bin.display(),
+            run.status,
+            run.stderr
+        ),
+    }
+}
+
+/// "step peak, ..." from the agent's BACKLOG_MEMORY_PHASES lines (an
+/// agent that predates them prints none).
+fn phases(stderr: &str) -> String {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("backlog-agent: memory: after ")?;
+            let (step, figures) = rest.split_once(": ")?;
+            let hwm: u64 = figures
+                .split("VmHWM ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some(format!("{step} {:.1}", hwm as f64 / 1024.0))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The start-up alone: RSS and peak at ready, and the peak after each
+/// step, for this build and, when given, another.
+fn startup(label: &str, bin: Option<&Path>) {
+    let agent = start_agent(bin);
+    let pid = agent.pid();
+    let (hwm, rss, ring) = (
+        status_kb(pid, "VmHWM"),
+        status_kb(pid, "VmRSS"),
+        bpf_map_rss_kb(pid),
+    );
+    let run = agent.stop();
+    println!(
+        "  start-up, {label}: peak {}, RSS at ready {} (of which BPF map mappings {})",
+        mb(hwm),
+        mb(rss),
+        mb(ring)
+    );
+    let steps = phases(&run.stderr);
+    if !steps.is_empty() {
+        println!("    peak (MB) after each step: {steps}");
+    }
 }
 
 /// CPU per thread of `pid`, busiest first: where the time goes.
@@ -165,9 +262,9 @@ fn accounted(run: &common::AgentRun, paths: &HashSet<String>) -> (u64, u64, u64)
 }
 
 fn case(dir: &Path, tag: &str, listeners: usize, processes: usize) {
-    let agent = Agent::expect_ready(&["--output", "json"]);
+    let agent = start_agent(None);
     let pid = agent.pid();
-    let ready_rss = status_kb(pid, "VmRSS");
+    let (ready_hwm, ready_rss) = (status_kb(pid, "VmHWM"), status_kb(pid, "VmRSS"));
     let cpu0 = process_cpu(pid);
     let started = Instant::now();
     // Forked before the listeners exist: children forked after would
@@ -178,7 +275,11 @@ fn case(dir: &Path, tag: &str, listeners: usize, processes: usize) {
     let (unix, eagain, paths) = unix_listeners(dir, tag, listeners - listeners / 2);
     let built = started.elapsed();
     thread::sleep(SETTLE);
-    let (hwm, rss) = (status_kb(pid, "VmHWM"), status_kb(pid, "VmRSS"));
+    let (hwm, rss, ring) = (
+        status_kb(pid, "VmHWM"),
+        status_kb(pid, "VmRSS"),
+        bpf_map_rss_kb(pid),
+    );
     let cpu = process_cpu(pid).saturating_sub(cpu0);
     for child in &mut idle {
         let _ = child.kill();
@@ -209,13 +310,15 @@ fn case(dir: &Path, tag: &str, listeners: usize, processes: usize) {
         built.as_secs_f64()
     );
     println!(
-        "    agent RSS at ready {:.1} MB; with them: peak {:.1} MB, now {:.1} MB; \
-         once they are gone: peak {:.1} MB, now {:.1} MB",
-        ready_rss as f64 / 1024.0,
-        hwm as f64 / 1024.0,
-        rss as f64 / 1024.0,
-        hwm_after as f64 / 1024.0,
-        rss_after as f64 / 1024.0
+        "    agent at ready: peak {}, RSS {}; with them: peak {}, RSS {} \
+         (BPF map mappings {}); once they are gone: peak {}, RSS {}",
+        mb(ready_hwm),
+        mb(ready_rss),
+        mb(hwm),
+        mb(rss),
+        mb(ring),
+        mb(hwm_after),
+        mb(rss_after)
     );
     println!(
         "    agent CPU {:.3} s with them, {:.3} s to the end",
@@ -223,6 +326,17 @@ fn case(dir: &Path, tag: &str, listeners: usize, processes: usize) {
         cpu_after.as_secs_f64()
     );
     println!("    by thread: {threads}");
+    // The agent's own view at stop (glibc's in use / kept figures), and
+    // after its final summary (the peak then includes the summary's).
+    for (step, label) in [
+        ("the run", "at stop"),
+        ("the final summary", "after the summary"),
+    ] {
+        let prefix = format!("backlog-agent: memory: after {step}: ");
+        if let Some(figures) = run.stderr.lines().find_map(|l| l.strip_prefix(&prefix)) {
+            println!("    agent {label}: {figures}");
+        }
+    }
     println!("    {walks}");
     println!(
         "    UNIX: {eagain} EAGAINs; events {events}, aggregated {aggregated}, lost {lost} (identity {}); \
@@ -248,6 +362,13 @@ fn main() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     println!("backlog memory bench on {}", common::kernel_release());
+    if let Some(before) = std::env::var_os("BACKLOG_AGENT_BIN_BEFORE") {
+        startup(
+            "before (BACKLOG_AGENT_BIN_BEFORE)",
+            Some(&PathBuf::from(before)),
+        );
+    }
+    startup("this build", None);
     case(dir.path(), "small", LISTENERS_SMALL, 0);
     // `cargo bench --bench memory -- N`: N listeners and processes.
     let n = std::env::args()

@@ -40,6 +40,11 @@ use crate::{
     sink::{Options, Sink},
 };
 
+/// Blocks from this size up get their own mapping (glibc's default
+/// starting point, kept fixed: see `start`).
+#[cfg(target_env = "gnu")]
+const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
+
 /// What the loop works with, from `start` to `stop`.
 pub struct Running {
     pub started: Instant,
@@ -60,6 +65,20 @@ pub struct Running {
 /// sink and the metrics endpoint. Says on stderr what is observed and how.
 pub async fn start(cli: &Cli) -> Result<Running> {
     let started = Instant::now();
+    // Start-up parses the kernel's BTF three times, one after the other
+    // (offsets here; aya's loader; aya again for fentry/fexit), each a few
+    // large Vecs. glibc raises its mmap threshold each time such a block
+    // is freed, so the next parse lands on the brk heap, where growing
+    // Vecs copy instead of mremap and what is freed stays resident: the
+    // peak grew with each parse (36 MB). A fixed threshold keeps every
+    // block over 128 KiB in its own mapping, unmapped when freed. (musl,
+    // the static build's libc, maps large blocks by itself.)
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt has no preconditions; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
+    preflight::memory_phase("start");
     let caps = caps::effective(&preflight::self_status());
     caps::check_start_up(caps)?;
     preflight::check_btf()?;
@@ -73,6 +92,7 @@ pub async fn start(cli: &Cli) -> Result<Running> {
     }
     let tracefs = tracefs::ensure_mounted()?;
     let btf = Btf::from_file(Path::new(preflight::VMLINUX_BTF))?;
+    preflight::memory_phase("reading the kernel's BTF");
     let filters = Filters::resolve(cli)?;
     let config = probes::config(cli.max_events_per_sec, cli.ring_buffer_kib);
     let (mut probes, absent) = probes::start(
@@ -81,7 +101,7 @@ pub async fn start(cli: &Cli) -> Result<Running> {
         &config,
         cli.near_full,
         &filters.config(),
-        &btf,
+        btf,
         &tracefs,
     )?;
     // Until the maps are filled an active filter matches nothing: no
@@ -90,7 +110,6 @@ pub async fn start(cli: &Cli) -> Result<Running> {
     if let Some(line) = filters.describe() {
         note(line);
     }
-    drop(btf);
     for field in absent {
         note(format_args!(
             "this kernel has no {field}; the event field it feeds stays 0"
@@ -156,6 +175,7 @@ pub async fn start(cli: &Cli) -> Result<Running> {
     }
     let ring = probes.take_events()?;
     let mut counters = probes.take_counters()?;
+    preflight::memory_phase("mapping the ring buffer");
     let expire_after = (cli.expire_after > 0).then(|| Duration::from_secs(cli.expire_after));
     counters.inet_expiry = Expiry::new(expire_after, RETIRED_CAP);
     counters.unix_expiry = Expiry::new(expire_after, RETIRED_CAP);
@@ -184,6 +204,7 @@ pub async fn start(cli: &Cli) -> Result<Running> {
         client_timeout: cli.client_timeout,
     });
     let aggregator = Aggregator::new(SystemTime::now());
+    preflight::memory_phase("setting up the sink");
     sink.accept = accept_stats;
     sink.row_filter = filters.row_filter();
     // --- metrics (issue 9): the endpoint, before `ready` so a scraper
@@ -217,6 +238,7 @@ pub fn ready(running: &Running) {
     // The one walk of every process's fds belongs to start-up: from now
     // on attribution reads only what changes (resolver.rs).
     running.sink.resolver.wait_first_walk(FIRST_WALK_WAIT);
+    preflight::memory_phase("the first walk of /proc");
     // Start-up parsed the kernel's BTF and tracefs formats and walked
     // /proc; glibc keeps what they freed unless asked to give it back
     // (musl, the static build's libc, returns it by itself).
@@ -225,6 +247,7 @@ pub fn ready(running: &Running) {
     unsafe {
         libc::malloc_trim(0);
     }
+    preflight::memory_phase("giving freed memory back");
     let outcomes = &running.probes.outcomes;
     let attached = outcomes
         .iter()
@@ -251,6 +274,7 @@ pub fn stop(running: Running) {
         filters,
         ..
     } = running;
+    preflight::memory_phase("the run");
     drop(probes);
     drain(ring.get_mut(), &mut sink);
     sink.release_all();
@@ -303,6 +327,7 @@ pub fn stop(running: Running) {
         }
     }
     sink.report(&summary_heading(started));
+    preflight::memory_phase("the final summary");
     if let Some(before) = counted_before {
         let after = counted::snapshot(Path::new("/proc"));
         let mut deltas = counted::deltas(&before, &after);

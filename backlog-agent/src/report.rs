@@ -17,8 +17,8 @@ use crate::{
     cli::OutputFormat,
     clock::{self, Rfc3339Cache},
     model::{
-        AggregateRecord, CountedNetns, DropEvent, ListenerReport, NearFullWarning, Summary,
-        UnixDrop,
+        AggregateRecord, CountedNetns, DropEvent, ListenerAddr, ListenerReport, NearFullWarning,
+        Summary, UnixDrop,
     },
 };
 
@@ -125,20 +125,29 @@ impl Reporter {
 
     /// The per-listener summary: a table and diagnoses on stderr, and with
     /// `--output json` one `listener_summary` line per listener on stdout.
-    pub fn listener_summary(
+    /// The time a listener summary's JSON lines carry.
+    pub fn summary_time() -> String {
+        clock::rfc3339(SystemTime::now())
+    }
+
+    /// With `--output json`, the `listener_summary` line of one listener
+    /// on stdout. The summary writes them one listener at a time, then
+    /// listener_summary_text.
+    pub fn listener_summary_line(&mut self, time: &str, report: &ListenerReport) {
+        if self.options.format == OutputFormat::Json {
+            self.write_line(&json::listener_summary_line(time, report));
+        }
+    }
+
+    /// The table (from `summary`) and each listener's diagnosis on stderr.
+    pub fn listener_summary_text(
         &mut self,
         heading: &str,
         summary: &Summary,
-        reports: &[ListenerReport],
+        diagnoses: &[(ListenerAddr, String)],
     ) {
-        if self.options.format == OutputFormat::Json {
-            let time = clock::rfc3339(SystemTime::now());
-            for report in reports {
-                self.write_line(&json::listener_summary_line(&time, report));
-            }
-        }
         self.flush();
-        eprint!("{}", text::listener_summary(heading, summary, reports));
+        eprint!("{}", text::listener_summary(heading, summary, diagnoses));
     }
 
     /// Drops counted by the kernel during the run in namespaces where they

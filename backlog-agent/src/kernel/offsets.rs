@@ -210,6 +210,14 @@ pub fn apply_syscalls(
     Ok(())
 }
 
+/// The kernel symbols apply_snmp_counters and apply_syscall_regs look up:
+/// kallsyms::read keeps only these lines.
+pub const KALLSYMS_NEEDED: &[&str] = &[
+    "__per_cpu_offset",
+    "bpf_get_current_task_btf",
+    "bpf_task_pt_regs",
+];
+
 /// Fills in what the tcp_conn_request hooks need: this CPU's SNMP counters
 /// (net->mib.net_statistics[LINUX_MIB_*]) and `__per_cpu_offset[]`.
 pub fn apply_snmp_counters(o: &mut KernelOffsets, btf: &Btf, kallsyms: &str) -> Result<(), String> {

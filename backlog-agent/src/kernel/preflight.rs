@@ -21,6 +21,57 @@ pub fn self_status() -> String {
     fs::read_to_string("/proc/self/status").unwrap_or_default()
 }
 
+/// Set (to anything) to have start-up print its memory after each step:
+/// `BACKLOG_MEMORY_PHASES=1 backlog-agent`. The memory bench sets it to
+/// show where the start-up peak (VmHWM) is reached.
+pub const MEMORY_PHASES_ENV: &str = "BACKLOG_MEMORY_PHASES";
+
+/// When MEMORY_PHASES_ENV is set, one note with the resident set now and
+/// its peak so far. VmHWM only grows, so the step after which it jumps is
+/// the step that made the peak.
+pub fn memory_phase(step: &str) {
+    if std::env::var_os(MEMORY_PHASES_ENV).is_none() {
+        return;
+    }
+    let status = self_status();
+    let kb = |field: &str| status_kb(&status, field).unwrap_or(0);
+    crate::report::note(format_args!(
+        "memory: after {step}: VmRSS {} kB (anon {}, file {}), VmHWM {} kB{}",
+        kb("VmRSS"),
+        kb("RssAnon"),
+        kb("RssFile"),
+        kb("VmHWM"),
+        heap_figures()
+    ));
+}
+
+/// What glibc's malloc holds: in use, free but kept, and in mappings of
+/// their own; the gap between RssAnon and "in use" is what it keeps.
+#[cfg(target_env = "gnu")]
+fn heap_figures() -> String {
+    // SAFETY: mallinfo2 has no preconditions (glibc 2.33+; Debian 12 has 2.36).
+    let info = unsafe { libc::mallinfo2() };
+    format!(
+        "; malloc: in use {} kB, free kept {} kB, mapped {} kB",
+        (info.uordblks + info.hblkhd) / 1024,
+        info.fordblks / 1024,
+        info.hblkhd / 1024
+    )
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn heap_figures() -> String {
+    String::new()
+}
+
+/// A "Field:   123 kB" line of /proc/PID/status, in kB.
+fn status_kb(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 pub fn check_btf() -> Result<(), PreflightError> {
     if Path::new(VMLINUX_BTF).exists() {
         Ok(())
@@ -70,6 +121,15 @@ pub fn release_before(release: &str, (major, minor): (u32, u32)) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_status_fields_in_kb() {
+        let status = "VmHWM:\t   37116 kB\nVmRSS:\t   14860 kB\nRssAnon:\t 1400 kB\n";
+        assert_eq!(status_kb(status, "VmHWM"), Some(37116));
+        assert_eq!(status_kb(status, "RssAnon"), Some(1400));
+        assert_eq!(status_kb(status, "Vm"), None);
+        assert_eq!(status_kb(status, "RssFile"), None);
+    }
 
     #[test]
     fn compares_kernel_releases() {

@@ -21,6 +21,7 @@ use crate::{
     kernel::btf::Btf,
     kernel::expire::{Expiry, RETIRED_CAP},
     kernel::offsets::{self, OffsetError},
+    kernel::preflight::memory_phase,
     kernel::tracefs::EventFormat,
 };
 
@@ -442,13 +443,19 @@ pub fn start(
     config: &Config,
     near_full_percent: u32,
     filter: &FilterConfig,
-    btf: &Btf,
+    vmlinux: Btf,
     tracefs: &Path,
 ) -> Result<(Probes, Vec<&'static str>), ProbeError> {
     if OBJECT.is_empty() {
         return Err(ProbeError::NoObject);
     }
+    // Taken by value: every question for it is asked before the object is
+    // loaded, and it is dropped there, before aya parses the same file
+    // (its loader, then fentry/fexit): two parsed copies at once made the
+    // start-up peak.
+    let btf = &vmlinux;
     let resolved = offsets::resolve(btf)?;
+    memory_phase("resolving offsets");
     let mut kernel_offsets = resolved.offsets;
     let kfree_skb = EventFormat::read(tracefs, "skb", "kfree_skb")
         .map_err(|err| err.to_string())
@@ -473,12 +480,17 @@ pub fn start(
         )),
         None => Err("tcp_v4_syn_recv_sock is not in the kernel's BTF".into()),
     };
-    let kallsyms = crate::kernel::kallsyms::read();
+    // Only the lines of the symbols asked about (the whole file is 5 MB).
+    let kallsyms = crate::kernel::kallsyms::read(offsets::KALLSYMS_NEEDED);
     let snmp_counters = kallsyms
-        .clone()
-        .and_then(|kallsyms| offsets::apply_snmp_counters(&mut kernel_offsets, btf, &kallsyms));
+        .as_deref()
+        .map_err(Clone::clone)
+        .and_then(|kallsyms| offsets::apply_snmp_counters(&mut kernel_offsets, btf, kallsyms));
     let syscall_regs = kallsyms
-        .and_then(|kallsyms| offsets::apply_syscall_regs(&mut kernel_offsets, btf, &kallsyms));
+        .as_deref()
+        .map_err(Clone::clone)
+        .and_then(|kallsyms| offsets::apply_syscall_regs(&mut kernel_offsets, btf, kallsyms));
+    memory_phase("reading /proc/kallsyms");
     let accept_offsets =
         crate::enrich::accept_wait::resolve(&kernel_offsets, btf, tracefs, near_full_percent);
     let preconditions = Preconditions {
@@ -490,6 +502,8 @@ pub fn start(
         accept: accept_offsets.as_ref().map(|_| ()).map_err(Clone::clone),
     };
     let accept_offsets = accept_offsets.unwrap_or(backlog_common::AcceptOffsets::ABSENT);
+    drop(vmlinux);
+    memory_phase("dropping the kernel's BTF");
 
     // The CLI caps the size (2 GiB, the largest power of two a u32 holds);
     // checked all the same, so no caller can wrap it to 0.
@@ -514,6 +528,7 @@ pub fn start(
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .load(OBJECT)
         .map_err(ProbeError::Load)?;
+    memory_phase("loading the eBPF object");
 
     let mut kernel_btf = KernelBtf::default();
     // One hook may serve several kinds (tcp_conn_request serves five):
@@ -607,6 +622,7 @@ pub fn start(
             reasons: why.join("; "),
         });
     }
+    memory_phase("attaching the drop hooks");
     let listen_calls = preconditions
         .of(&LISTEN_CALLS)
         .and_then(|()| attach(&mut ebpf, &LISTEN_CALLS, &mut kernel_btf))
@@ -649,6 +665,7 @@ pub fn start(
             }
             hook
         });
+    memory_phase("attaching the other hooks");
     Ok((
         Probes {
             ebpf,

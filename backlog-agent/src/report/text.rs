@@ -12,8 +12,7 @@ use crate::{
     flood::FloodListener,
     kernel::probes::Outcome,
     model::{
-        AggregateRecord, CountedNetns, DropEvent, ListenerReport, NearFullWarning, Summary,
-        UnixDrop,
+        AggregateRecord, CountedNetns, DropEvent, ListenerAddr, NearFullWarning, Summary, UnixDrop,
     },
 };
 
@@ -211,15 +210,14 @@ pub fn summary_table(summary: &Summary) -> String {
 
 /// The summary for stderr: `heading`, the table, then each listener's
 /// diagnosis.
-pub fn listener_summary(heading: &str, summary: &Summary, reports: &[ListenerReport]) -> String {
+pub fn listener_summary(
+    heading: &str,
+    summary: &Summary,
+    diagnoses: &[(ListenerAddr, String)],
+) -> String {
     let mut text = format!("{heading}\n{}", summary_table(summary));
-    for report in reports {
-        let _ = writeln!(
-            text,
-            "  {}: {}",
-            report.key.listener,
-            report.diagnosis.as_deref().unwrap_or_default()
-        );
+    for (listener, diagnosis) in diagnoses {
+        let _ = writeln!(text, "  {listener}: {diagnosis}");
     }
     text
 }
