@@ -101,7 +101,9 @@ struct Hook {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Needs {
     Nothing,
-    /// skb:kfree_skb with rx_sk and the TCP_LISTEN_OVERFLOW reason.
+    /// skb:kfree_skb with rx_sk and the TCP_LISTEN_OVERFLOW reason, its
+    /// fields where the program reads them (TP_KFREE_SKB_*). Checked
+    /// before attach (see start()).
     KfreeSkbLayout,
     /// The syscalls:* record layouts.
     SyscallLayout,
@@ -113,7 +115,8 @@ enum Needs {
     SynRecvSockPrototype,
     /// This CPU's SNMP counters (BTF indexes and __per_cpu_offset).
     SnmpCounters,
-    /// sock:inet_sock_set_state and the accept()/listen() record layouts.
+    /// sock:inet_sock_set_state (its fields where the program reads them,
+    /// TP_STATE_*) and the accept()/listen() record layouts.
     AcceptLayout,
 }
 
