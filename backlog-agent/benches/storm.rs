@@ -448,11 +448,16 @@ fn main() {
     println!("backlog storm bench on {}", common::kernel_release());
 
     // `cargo bench --bench storm -- many` runs only (e), the
-    // many-processes case.
+    // many-processes case; `-- side` everything but (e).
     if !std::env::args().any(|a| a == "many") {
         side_by_side(dir.path());
     }
     drop(stats);
+    // `-- side` stops here: the connect() hooks' costs without the
+    // many-processes case.
+    if std::env::args().any(|a| a == "side") {
+        return;
+    }
 
     println!(
         "(e) {NEW_LISTENERS} new UNIX listeners, each hit by a {} ms storm:",

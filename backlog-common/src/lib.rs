@@ -393,6 +393,27 @@ pub const TP_CONNECT_ADDR: usize = 24;
 pub const TP_CONNECT_ADDRLEN: usize = 32;
 pub const TP_SYS_EXIT_RET: usize = 16;
 
+/// Where sock:inet_sock_set_state keeps `skaddr`, `oldstate`, `newstate`,
+/// `sport` and `protocol` (the same from 4.16, when `protocol` was added,
+/// to 6.18). The accept-queue wait's hook runs on every TCP state change
+/// on the machine and leaves after plain loads at these offsets unless a
+/// passive open completes; the agent checks tracefs against them before
+/// it attaches the hook.
+pub const TP_STATE_SKADDR: usize = 8;
+pub const TP_STATE_OLDSTATE: usize = 16;
+pub const TP_STATE_NEWSTATE: usize = 20;
+pub const TP_STATE_SPORT: usize = 24;
+pub const TP_STATE_PROTOCOL: usize = 30;
+
+/// Where skb:kfree_skb keeps `skbaddr`, `rx_sk` and `reason` since 6.11
+/// (when `rx_sk` came in, before it the hook cannot name the listener).
+/// The hook runs for every packet freed with a reason and leaves after one
+/// plain load of `reason` unless it is TCP_LISTEN_OVERFLOW; the agent
+/// checks tracefs against these offsets before it attaches the hook.
+pub const TP_KFREE_SKB_SKBADDR: usize = 8;
+pub const TP_KFREE_SKB_RX_SK: usize = 24;
+pub const TP_KFREE_SKB_REASON: usize = 36;
+
 /// Marks an offset as "this kernel has no such field": the program skips
 /// the read and leaves the event field zero.
 pub const OFFSET_ABSENT: u32 = u32::MAX;

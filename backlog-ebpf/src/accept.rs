@@ -43,10 +43,11 @@ use aya_ebpf::{
 };
 use backlog_common::{
     wait_bucket, AcceptKey, AcceptOffsets, AcceptStats, ACCEPT_KEY_TCP, ACCEPT_KEY_UNIX, AF_INET,
-    AF_INET6, AF_UNIX, NEAR_FULL_EVERY_NS, OFFSET_ABSENT, RATE_WINDOW_NS,
+    AF_INET6, AF_UNIX, NEAR_FULL_EVERY_NS, OFFSET_ABSENT, RATE_WINDOW_NS, TP_STATE_NEWSTATE,
+    TP_STATE_OLDSTATE, TP_STATE_PROTOCOL, TP_STATE_SKADDR, TP_STATE_SPORT,
 };
 
-use crate::read::Reader;
+use crate::read::{tp_field, Reader};
 
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_RECV: i32 = 3;
@@ -182,29 +183,34 @@ fn netns_of(o: &AcceptOffsets, sk: *const u8) -> u32 {
     r.at::<u32>(net, o.net_ns_inum)
 }
 
+/// `oldstate` and `newstate` of a passive open completing, as one 8-byte
+/// load of the two adjacent ints reads them (little-endian: `oldstate`,
+/// the lower address, is the low half).
+const PASSIVE_OPEN_DONE: u64 = (TCP_ESTABLISHED as u32 as u64) << 32 | TCP_SYN_RECV as u32 as u64;
+const _: () =
+    assert!(TP_STATE_NEWSTATE == TP_STATE_OLDSTATE + 4 && TP_STATE_OLDSTATE.is_multiple_of(8));
+
 #[tracepoint]
 pub fn accept_inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    // Every TCP (and SCTP, MPTCP) state change on the machine comes here,
+    // several per connection: plain loads at compile-time offsets (checked
+    // against tracefs by the agent before it attaches this program) and
+    // two comparisons for all but a passive open completing; the offsets
+    // struct is read only past them.
+    // SAFETY (all): aligned fields of the record (see TP_STATE_*).
+    let states = unsafe { tp_field::<u64, { TP_STATE_OLDSTATE }>(&ctx) };
+    if states != PASSIVE_OPEN_DONE {
+        return 0;
+    }
+    if unsafe { tp_field::<u16, { TP_STATE_PROTOCOL }>(&ctx) } != IPPROTO_TCP {
+        return 0;
+    }
     let o = offsets();
     if !layout_known(&o) {
         return 0;
     }
-    let (Ok(old), Ok(new), Ok(protocol)) = (
-        unsafe { ctx.read_at::<i32>(o.tp_state_oldstate as usize) },
-        unsafe { ctx.read_at::<i32>(o.tp_state_newstate as usize) },
-        unsafe { ctx.read_at::<u16>(o.tp_state_protocol as usize) },
-    ) else {
-        return 0;
-    };
-    // Only a passive open completing; every other transition leaves here.
-    if old != TCP_SYN_RECV || new != TCP_ESTABLISHED || protocol != IPPROTO_TCP {
-        return 0;
-    }
-    let (Ok(sk), Ok(port)) = (
-        unsafe { ctx.read_at::<u64>(o.tp_state_skaddr as usize) },
-        unsafe { ctx.read_at::<u16>(o.tp_state_sport as usize) },
-    ) else {
-        return 0;
-    };
+    let sk = unsafe { tp_field::<u64, { TP_STATE_SKADDR }>(&ctx) };
+    let port = unsafe { tp_field::<u16, { TP_STATE_SPORT }>(&ctx) };
     let now = unsafe { bpf_ktime_get_ns() };
     let _ = ESTABLISHED_AT.insert(sk, now, 0);
     let key = AcceptKey {

@@ -7,37 +7,25 @@
 //! kernels, so the agent writes it into `OFFSETS` from BTF.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use backlog_common::{DropKind, OFFSET_ABSENT};
+use backlog_common::{DropKind, TP_KFREE_SKB_REASON, TP_KFREE_SKB_RX_SK, TP_KFREE_SKB_SKBADDR};
 
-use crate::event;
+use crate::{event, read::tp_field};
 
 #[tracepoint]
 pub fn kfree_skb_listen_overflow(ctx: TracePointContext) -> u32 {
-    // The tracepoint fires for every freed-with-reason packet on the
-    // machine: read only the fields needed to leave (not the whole
-    // offsets struct), and leave on the first comparison for all other
-    // reasons.
-    let reason_at = crate::offset!(tp_kfree_skb_reason);
-    let rx_sk_at = crate::offset!(tp_kfree_skb_rx_sk);
-    let skbaddr_at = crate::offset!(tp_kfree_skb_skbaddr);
-    // Loaded before its layout is checked (see probes.rs): with absent
-    // offsets the verifier must see no ctx access at all.
-    if reason_at == OFFSET_ABSENT || rx_sk_at == OFFSET_ABSENT || skbaddr_at == OFFSET_ABSENT {
-        return 0;
-    }
-    let Ok(reason) = (unsafe { ctx.read_at::<u32>(reason_at as usize) }) else {
-        return 0;
-    };
+    // The tracepoint fires for every packet freed with a reason on the
+    // machine: one plain load of `reason` and one comparison for all
+    // other reasons. The record offsets are compile-time constants, which
+    // the agent checks against tracefs before it attaches this program;
+    // the reason number comes from BTF (a frozen global, or u32::MAX,
+    // which no reason has, when the kernel lacks it).
+    // SAFETY (all three): aligned fields of the 6.11+ record.
+    let reason = unsafe { tp_field::<u32, { TP_KFREE_SKB_REASON }>(&ctx) };
     if reason != crate::offset!(reason_tcp_listen_overflow) {
         return 0;
     }
-    // let-else, not unwrap_or: see read.rs on undefined payloads.
-    let Ok(sk) = (unsafe { ctx.read_at::<u64>(rx_sk_at as usize) }) else {
-        return 0;
-    };
-    let Ok(skb) = (unsafe { ctx.read_at::<u64>(skbaddr_at as usize) }) else {
-        return 0;
-    };
+    let sk = unsafe { tp_field::<u64, { TP_KFREE_SKB_RX_SK }>(&ctx) };
+    let skb = unsafe { tp_field::<u64, { TP_KFREE_SKB_SKBADDR }>(&ctx) };
     event::emit(
         DropKind::AckDroppedAcceptQueueFull as u32,
         sk as *const u8,

@@ -57,3 +57,17 @@ impl Reader {
         self.failed == 0
     }
 }
+
+/// A tracepoint record field at a compile-time offset: a plain load, which
+/// the verifier allows for tracepoint programs at any aligned constant
+/// offset (the kernel refuses the attach if it lies beyond the record),
+/// where `ctx.read_at` costs a helper call. The agent attaches a program
+/// that reads this way only where tracefs shows the same offset.
+///
+/// SAFETY: `AT` must be a multiple of `size_of::<T>()` (the verifier
+/// rejects a misaligned ctx load) and `T` plain data.
+#[inline(always)]
+pub unsafe fn tp_field<T: Copy, const AT: usize>(ctx: &aya_ebpf::programs::TracePointContext) -> T {
+    use aya_ebpf::EbpfContext as _;
+    core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(AT).cast::<T>())
+}

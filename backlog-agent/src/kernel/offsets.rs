@@ -2,7 +2,7 @@
 //! BTF. Rust eBPF has no CO-RE, so these are resolved here at start-up
 //! and written into the programs' read-only data before load.
 
-use backlog_common::{KernelOffsets, OFFSET_ABSENT};
+use backlog_common::{AcceptOffsets, KernelOffsets, OFFSET_ABSENT};
 use thiserror::Error;
 
 use crate::{
@@ -244,6 +244,61 @@ pub enum KfreeSkbUnavailable {
     NoField(&'static str),
     #[error("kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (added in 6.15)")]
     NoReason,
+    #[error(transparent)]
+    Moved(#[from] RecordMoved),
+}
+
+/// A tracepoint record field that is not where a program reading it with
+/// a plain load at a compile-time offset expects it.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error(
+    "{tracepoint}'s `{field}` is at offset {found} on this kernel, not {expected} \
+     where this build reads it"
+)]
+pub struct RecordMoved {
+    pub tracepoint: &'static str,
+    pub field: &'static str,
+    pub found: u32,
+    pub expected: usize,
+}
+
+/// Checks record offsets read from tracefs against the compile-time
+/// offsets a program loads them from.
+fn same_place(
+    tracepoint: &'static str,
+    fields: &[(&'static str, u32, usize)],
+) -> Result<(), RecordMoved> {
+    match fields
+        .iter()
+        .find(|(_, found, expected)| *found as usize != *expected)
+    {
+        Some(&(field, found, expected)) => Err(RecordMoved {
+            tracepoint,
+            field,
+            found,
+            expected,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The accept-queue wait's sock:inet_sock_set_state program reads its
+/// record at compile-time offsets (backlog_common::TP_STATE_*): `o` holds
+/// what tracefs says.
+pub fn check_inet_sock_set_state(o: &AcceptOffsets) -> Result<(), RecordMoved> {
+    use backlog_common::{
+        TP_STATE_NEWSTATE, TP_STATE_OLDSTATE, TP_STATE_PROTOCOL, TP_STATE_SKADDR, TP_STATE_SPORT,
+    };
+    same_place(
+        "sock:inet_sock_set_state",
+        &[
+            ("skaddr", o.tp_state_skaddr, TP_STATE_SKADDR),
+            ("oldstate", o.tp_state_oldstate, TP_STATE_OLDSTATE),
+            ("newstate", o.tp_state_newstate, TP_STATE_NEWSTATE),
+            ("sport", o.tp_state_sport, TP_STATE_SPORT),
+            ("protocol", o.tp_state_protocol, TP_STATE_PROTOCOL),
+        ],
+    )
 }
 
 /// Fills in the skb:kfree_skb record layout and the drop-reason number.
@@ -270,6 +325,15 @@ pub fn apply_kfree_skb(
     o.tp_kfree_skb_reason = reason;
     o.reason_tcp_listen_overflow =
         u32::try_from(value).map_err(|_| KfreeSkbUnavailable::NoReason)?;
+    // The program reads the record at compile-time offsets.
+    same_place(
+        "skb:kfree_skb",
+        &[
+            ("skbaddr", skbaddr, backlog_common::TP_KFREE_SKB_SKBADDR),
+            ("rx_sk", rx_sk, backlog_common::TP_KFREE_SKB_RX_SK),
+            ("reason", reason, backlog_common::TP_KFREE_SKB_REASON),
+        ],
+    )?;
     Ok(())
 }
 
@@ -325,4 +389,44 @@ pub fn apply_syscall_regs(o: &mut KernelOffsets, btf: &Btf, kallsyms: &str) -> R
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backlog_common::{
+        TP_STATE_NEWSTATE, TP_STATE_OLDSTATE, TP_STATE_PROTOCOL, TP_STATE_SKADDR, TP_STATE_SPORT,
+    };
+
+    fn state_offsets(skaddr: usize, sport: usize) -> AcceptOffsets {
+        AcceptOffsets {
+            tp_state_skaddr: skaddr as u32,
+            tp_state_oldstate: TP_STATE_OLDSTATE as u32,
+            tp_state_newstate: TP_STATE_NEWSTATE as u32,
+            tp_state_sport: sport as u32,
+            tp_state_protocol: TP_STATE_PROTOCOL as u32,
+            ..AcceptOffsets::ABSENT
+        }
+    }
+
+    #[test]
+    fn inet_sock_set_state_where_the_program_reads_it() {
+        let o = state_offsets(TP_STATE_SKADDR, TP_STATE_SPORT);
+        assert_eq!(check_inet_sock_set_state(&o), Ok(()));
+    }
+
+    #[test]
+    fn inet_sock_set_state_moved_names_the_field() {
+        let o = state_offsets(TP_STATE_SKADDR, TP_STATE_SPORT + 2);
+        let err = check_inet_sock_set_state(&o).unwrap_err();
+        assert_eq!(err.field, "sport");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "sock:inet_sock_set_state's `sport` is at offset {} on this kernel, \
+                 not {TP_STATE_SPORT} where this build reads it",
+                TP_STATE_SPORT + 2
+            )
+        );
+    }
 }

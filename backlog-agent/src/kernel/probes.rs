@@ -102,7 +102,9 @@ struct Hook {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Needs {
     Nothing,
-    /// skb:kfree_skb with rx_sk and the TCP_LISTEN_OVERFLOW reason.
+    /// skb:kfree_skb with rx_sk and the TCP_LISTEN_OVERFLOW reason, its
+    /// fields where the program reads them (TP_KFREE_SKB_*). Checked
+    /// before attach (see start()).
     KfreeSkbLayout,
     /// The syscalls:* record layouts.
     SyscallLayout,
@@ -114,7 +116,8 @@ enum Needs {
     SynRecvSockPrototype,
     /// This CPU's SNMP counters (BTF indexes and __per_cpu_offset).
     SnmpCounters,
-    /// sock:inet_sock_set_state and the accept()/listen() record layouts.
+    /// sock:inet_sock_set_state (its fields where the program reads them,
+    /// TP_STATE_*) and the accept()/listen() record layouts.
     AcceptLayout,
 }
 
@@ -499,7 +502,10 @@ pub fn start(
         syscall_regs,
         syn_recv_sock_fexit,
         snmp_counters,
-        accept: accept_offsets.as_ref().map(|_| ()).map_err(Clone::clone),
+        accept: accept_offsets
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|o| offsets::check_inet_sock_set_state(o).map_err(|e| e.to_string())),
     };
     let accept_offsets = accept_offsets.unwrap_or(backlog_common::AcceptOffsets::ABSENT);
     drop(vmlinux);
@@ -542,9 +548,12 @@ pub fn start(
         for hook in hooks.iter().filter(|h| h.family.allowed_by(mode)) {
             let result = match tried.iter().find(|(label, _)| *label == hook.label) {
                 Some((_, result)) => result.clone(),
-                None if hook.needs == Needs::SyscallRegs => {
-                    // Without the helpers the program does not load: the
-                    // missing helper is the reason worth telling.
+                None if matches!(hook.needs, Needs::SyscallRegs | Needs::KfreeSkbLayout) => {
+                    // Without the helpers the program does not load, and
+                    // where the kfree_skb record is shorter (before 6.11)
+                    // the kernel refuses its constant-offset loads at
+                    // attach (EACCES): the missing helper or field is the
+                    // reason worth telling.
                     let result = preconditions
                         .of(hook)
                         .and_then(|()| attach(&mut ebpf, hook, &mut kernel_btf));

@@ -182,6 +182,14 @@ print fmt: \"skbaddr=%p\", REC->skbaddr\n";
         assert_eq!(format.field("skbaddr").map(|f| f.offset), Some(8));
         assert_eq!(format.field("common_pid").map(|f| f.size), Some(4));
         assert_eq!(format.field("nope"), None);
+        // Where the kfree_skb program reads them (6.11+ layout).
+        for (name, at) in [
+            ("skbaddr", backlog_common::TP_KFREE_SKB_SKBADDR),
+            ("rx_sk", backlog_common::TP_KFREE_SKB_RX_SK),
+            ("reason", backlog_common::TP_KFREE_SKB_REASON),
+        ] {
+            assert_eq!(format.field(name).map(|f| f.offset as usize), Some(at));
+        }
     }
 
     #[test]
