@@ -253,6 +253,25 @@ fn report_many(what: &str, m: &ManyListeners) {
     );
 }
 
+/// Storm rate ratios, with / without the agent, from PAIRS more pairs of
+/// phases (without, then with a freshly started agent): one pair's ratio
+/// moves by several percent with what else the machine does, so the
+/// median of several is printed beside the main run's.
+const PAIRS: usize = 4;
+
+fn storm_pairs(dir: &Path) -> Vec<f64> {
+    (0..PAIRS)
+        .map(|i| {
+            let (without, _) = one_storm(dir, &format!("pair-none-{i}.sock"));
+            let agent = Agent::expect_ready(&["--output", "json"]);
+            let (with, _) = one_storm(dir, &format!("pair-agent-{i}.sock"));
+            let run = agent.stop();
+            assert!(run.status.success(), "agent failed:\n{}", run.stderr);
+            with.rate() / without.rate()
+        })
+        .collect()
+}
+
 /// (b) to (d): the storm, bpftrace beside it, the connect() hooks' cost.
 fn side_by_side(dir: &Path) {
     let (without, _) = one_storm(dir, "none.sock");
@@ -348,6 +367,17 @@ fn side_by_side(dir: &Path) {
             storm.rate() / without_rate
         );
     }
+    let mut pairs = storm_pairs(dir);
+    pairs.sort_by(f64::total_cmp);
+    println!(
+        "  with backlog-agent, {PAIRS} more pairs of phases (without, then with): {}; median {:.3}x",
+        pairs
+            .iter()
+            .map(|r| format!("{r:.3}x"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        (pairs[(PAIRS - 1) / 2] + pairs[PAIRS / 2]) / 2.0
+    );
     if let Ok(floor) = &floor {
         println!(
             "  with only a do-nothing program on sys_exit_connect (bpftrace filter): \
