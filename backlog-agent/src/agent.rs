@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
-use backlog_common::DropKind;
+use backlog_common::{DropKind, ACCEPT_STATS_ENTRIES};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     sync::mpsc,
@@ -21,7 +21,10 @@ use tokio::{
 use crate::{
     caps,
     cli::Cli,
-    enrich::{accept_wait::AcceptWait, counted},
+    enrich::{
+        accept_wait::{AcceptWait, RETIRED_ROWS},
+        counted,
+    },
     filter::Filters,
     flood::Aggregator,
     http,
@@ -106,11 +109,12 @@ pub async fn start(cli: &Cli) -> Result<Running> {
         )),
     }
     // Accept-queue wait and rates (accept_wait.rs): optional, told either way.
+    let expire_after = (cli.expire_after > 0).then(|| Duration::from_secs(cli.expire_after));
     let accept_stats = match &probes.accept_wait {
         Ok(hook) => {
             note(format_args!("accept-queue wait and rates: {hook}"));
             match probes.take_accept_stats() {
-                Ok(map) => Some(AcceptWait::new(map)),
+                Ok(map) => Some(AcceptWait::new(map, expire_after)),
                 Err(err) => {
                     note(format_args!("accept-queue wait and rates: {err}"));
                     None
@@ -156,7 +160,6 @@ pub async fn start(cli: &Cli) -> Result<Running> {
     }
     let ring = probes.take_events()?;
     let mut counters = probes.take_counters()?;
-    let expire_after = (cli.expire_after > 0).then(|| Duration::from_secs(cli.expire_after));
     counters.inet_expiry = Expiry::new(expire_after, RETIRED_CAP);
     counters.unix_expiry = Expiry::new(expire_after, RETIRED_CAP);
     // Everything that needed CAP_BPF, CAP_PERFMON or CAP_SYSLOG is done:
@@ -295,6 +298,29 @@ pub fn stop(running: Running) {
             other_unix.lost
         ));
     }
+    if let Some(accept) = &sink.accept {
+        if accept.expired > 0 {
+            note(format_args!(
+                "{} idle accept-queue rows moved out of the kernel map (their figures kept)",
+                accept.expired
+            ));
+        }
+        let folded = accept.folded;
+        if folded.rows > 0 {
+            note(format_args!(
+                "expired accept-queue rows beyond the {RETIRED_ROWS} kept one by one: {} rows \
+                 ({} accepts, {} waits measured) no longer shown per listener",
+                folded.rows, folded.accepts, folded.waits
+            ));
+        }
+    }
+    if let Some(line) = counters
+        .accept_stats_full()
+        .ok()
+        .and_then(accept_stats_full_note)
+    {
+        note(line);
+    }
     if let Ok(errors) = counters.read_errors() {
         if errors > 0 {
             note(format_args!(
@@ -363,6 +389,36 @@ pub fn aggregate(counters: &mut KernelCounters, aggregator: &mut Aggregator, sin
             "expired {gone} idle listener rows (unchanged for --expire-after; counts kept)"
         ));
     }
+    if let Some(accept) = sink.accept.as_mut() {
+        let gone = accept.expire(Instant::now());
+        if gone > 0 {
+            note(format_args!(
+                "expired {gone} idle accept-queue rows (unchanged for --expire-after; figures kept)"
+            ));
+        }
+        // Said when it first happens, then at exit with the final count.
+        if !accept.full_told {
+            if let Some(line) = counters
+                .accept_stats_full()
+                .ok()
+                .and_then(accept_stats_full_note)
+            {
+                accept.full_told = true;
+                note(line);
+            }
+        }
+    }
+}
+
+/// The line that says `ACCEPT_STATS` was full `n` times; None for 0.
+fn accept_stats_full_note(n: u64) -> Option<String> {
+    (n > 0).then(|| {
+        format!(
+            "{n} accept-queue updates found the kernel's table full ({ACCEPT_STATS_ENTRIES} \
+             listeners): those listeners lack wait and rate figures until idle rows expire \
+             (--expire-after)"
+        )
+    })
 }
 
 fn apply_accounting(counters: &KernelCounters, sink: &mut Sink) {
