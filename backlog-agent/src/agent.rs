@@ -5,7 +5,9 @@
 //! what is still queued and writes the final summary.
 
 use std::{
+    collections::HashSet,
     io,
+    net::SocketAddr,
     path::Path,
     time::{Duration, Instant, SystemTime},
 };
@@ -26,7 +28,7 @@ use crate::{
         counted,
     },
     filter::Filters,
-    flood::Aggregator,
+    flood::{self, Aggregator, FloodListener},
     http,
     kernel::bpfstats,
     kernel::{
@@ -36,6 +38,7 @@ use crate::{
         probes::{self, KernelCounters, Outcome, Probes},
         tracefs,
     },
+    model::{summary::SUMMARY_CAP, ListenerAddr},
     report::{
         metrics::{CountedDrops, Health, Metrics, Snapshot},
         note, text,
@@ -389,6 +392,9 @@ pub fn aggregate(counters: &mut KernelCounters, aggregator: &mut Aggregator, sin
             "expired {gone} idle listener rows (unchanged for --expire-after; counts kept)"
         ));
     }
+    if let Some(after) = counters.inet_expiry.after() {
+        fold_idle_listeners(counters, sink, after);
+    }
     if let Some(accept) = sink.accept.as_mut() {
         let gone = accept.expire(Instant::now());
         if gone > 0 {
@@ -408,6 +414,88 @@ pub fn aggregate(counters: &mut KernelCounters, aggregator: &mut Aggregator, sin
             }
         }
     }
+}
+
+/// Beyond the summary's cap, folds the listeners idle for `after` whose
+/// kernel rows are gone (expired), and forgets their retired rows: their
+/// counts now live in the summary's folded totals, so every total stays
+/// exact while the summary, the sink and the retired rows stay bounded.
+fn fold_idle_listeners(counters: &mut KernelCounters, sink: &mut Sink, after: Duration) {
+    if sink.summary.listeners.len() <= SUMMARY_CAP {
+        return;
+    }
+    let (live_inet, live_unix) = match (counters.live_totals(), counters.live_unix_totals()) {
+        (Ok(inet), Ok(unix)) => (inet, unix),
+        _ => return,
+    };
+    // The folded part must be the kernel's latest totals.
+    apply_accounting(counters, sink);
+    let inet: HashSet<(u32, u64, SocketAddr)> = live_inet
+        .iter()
+        .filter_map(|(key, _)| match flood::inet_listener(key) {
+            Some((
+                _,
+                FloodListener::Inet {
+                    netns,
+                    socket_inode,
+                    addr,
+                },
+            )) => Some((netns, socket_inode, addr)),
+            _ => None,
+        })
+        .collect();
+    let unix: HashSet<(u32, String)> = live_unix
+        .iter()
+        .filter_map(|(key, _)| match flood::unix_listener(key) {
+            FloodListener::Unix { netns, path } => Some((netns, path)),
+            FloodListener::Inet { .. } => None,
+        })
+        .collect();
+    let evicted = sink.evict_idle_listeners(after, |key| match &key.listener {
+        ListenerAddr::Inet(addr) => inet.contains(&(key.netns, key.socket_inode, *addr)),
+        ListenerAddr::Unix(path) => unix.contains(&(key.netns, path.clone())),
+    });
+    if evicted.is_empty() {
+        return;
+    }
+    let gone_inet: HashSet<(u32, u64, SocketAddr)> = evicted
+        .iter()
+        .filter_map(|key| match key.listener {
+            ListenerAddr::Inet(addr) => Some((key.netns, key.socket_inode, addr)),
+            ListenerAddr::Unix(_) => None,
+        })
+        .collect();
+    let gone_unix: HashSet<(u32, String)> = evicted
+        .iter()
+        .filter_map(|key| match &key.listener {
+            ListenerAddr::Unix(path) => Some((key.netns, path.clone())),
+            ListenerAddr::Inet(_) => None,
+        })
+        .collect();
+    counters
+        .inet_expiry
+        .forget_retired(|key| match flood::inet_listener(key) {
+            Some((
+                _,
+                FloodListener::Inet {
+                    netns,
+                    socket_inode,
+                    addr,
+                },
+            )) => gone_inet.contains(&(netns, socket_inode, addr)),
+            _ => false,
+        });
+    counters
+        .unix_expiry
+        .forget_retired(|key| match flood::unix_listener(key) {
+            FloodListener::Unix { netns, path } => gone_unix.contains(&(netns, path)),
+            FloodListener::Inet { .. } => false,
+        });
+    note(format_args!(
+        "folded {} idle listeners into the summary's \"other\" row (more than {SUMMARY_CAP}; \
+         totals kept)",
+        evicted.len()
+    ));
 }
 
 /// The line that says `ACCEPT_STATS` was full `n` times; None for 0.
@@ -487,7 +575,13 @@ pub fn scrape(
         drops_untracked,
         events_aggregated: sink.summary.flood.aggregated,
     };
-    metrics.snapshot(&listeners, health, counted, bpfstats::accounted(ebpf))
+    let mut snapshot = metrics.snapshot(&listeners, health, counted, bpfstats::accounted(ebpf));
+    // Listeners folded out of the summary count under "other" from then
+    // on: every sum stays monotonic.
+    for (kind, count) in &sink.summary.folded.drops {
+        *snapshot.other.entry(kind.as_str()).or_default() += count;
+    }
+    snapshot
 }
 
 /// SYN-stage drops counted by the kernel since start, per namespace,

@@ -136,6 +136,9 @@ impl Reporter {
             for report in reports {
                 self.write_line(&json::listener_summary_line(&time, report));
             }
+            if let Some(line) = json::folded_line(&time, &summary.folded) {
+                self.write_line(&line);
+            }
         }
         self.flush();
         eprint!("{}", text::listener_summary(heading, summary, reports));

@@ -62,6 +62,9 @@ const FRAGMENT_TTL: Duration = Duration::from_secs(5);
 const FRAGMENT_TTL_UNATTRIBUTED: Duration = Duration::from_secs(1);
 /// Bounds the fragment cache (one entry per listener seen recently).
 const MAX_FRAGMENTS: usize = 16384;
+/// Bounds the listen() calls kept (every listen() on the machine) and the
+/// command lines (one per holder pid).
+const MAX_LISTENS: usize = 16384;
 
 struct ListenerFragment {
     context: ListenerContext,
@@ -412,6 +415,7 @@ impl Sink {
             view.inode.unwrap_or(0),
             view.queue,
             &processes,
+            event.timestamp_ns,
         );
     }
 
@@ -542,6 +546,61 @@ impl Sink {
                 report
             })
             .collect()
+    }
+}
+
+impl Sink {
+    /// Folds the summary's idle listeners beyond its cap (summary.rs's
+    /// `evict_idle`) and forgets what the sink kept per listener for
+    /// them; returns the folded keys, whose kernel rows the caller
+    /// forgets too (their counts are in the folded totals now).
+    pub fn evict_idle_listeners(
+        &mut self,
+        idle: Duration,
+        live: impl Fn(&ListenerKey) -> bool,
+    ) -> Vec<ListenerKey> {
+        let now = crate::clock::monotonic_ns();
+        let idle_ns = u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX);
+        let evicted = self.summary.evict_idle(now, idle_ns, live);
+        for key in &evicted {
+            self.netns_sysctls.remove(&(key.netns, key.socket_inode));
+            self.listens.remove(&key.socket_inode);
+            if let ListenerAddr::Unix(path) = &key.listener {
+                self.unix_seen.remove(&(key.netns, path.clone()));
+            }
+        }
+        if !evicted.is_empty() {
+            let gone: std::collections::BTreeSet<&ListenerKey> = evicted.iter().collect();
+            self.flooded.retain(|(listener, _)| match listener {
+                FloodListener::Inet {
+                    netns,
+                    socket_inode,
+                    addr,
+                } => !gone.contains(&ListenerKey {
+                    netns: *netns,
+                    listener: ListenerAddr::Inet(*addr),
+                    socket_inode: *socket_inode,
+                }),
+                FloodListener::Unix { netns, path } => !evicted
+                    .iter()
+                    .any(|k| k.netns == *netns && k.listener == ListenerAddr::Unix(path.clone())),
+            });
+        }
+        // listen() calls of listeners that never dropped: not in the
+        // summary, so bounded here, keeping those the summary names.
+        if self.listens.len() > MAX_LISTENS {
+            let named: HashSet<u64> = self
+                .summary
+                .listeners
+                .keys()
+                .map(|k| k.socket_inode)
+                .collect();
+            self.listens.retain(|inode, _| named.contains(inode));
+        }
+        if self.cmdlines.len() > MAX_LISTENS {
+            self.cmdlines.clear();
+        }
+        evicted
     }
 }
 

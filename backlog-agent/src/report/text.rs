@@ -179,6 +179,33 @@ pub fn summary_table(summary: &Summary) -> String {
             }
         }
     }
+    let folded = &summary.folded;
+    if folded.listeners > 0 {
+        let kinds: Vec<String> = folded
+            .drops
+            .iter()
+            .map(|(kind, n)| {
+                let events = folded.events.get(kind).copied().unwrap_or(0);
+                let aggregated = folded.aggregated.get(kind).copied().unwrap_or(0);
+                let lost = folded.lost.get(kind).copied().unwrap_or(0);
+                format!(
+                    "{} {n} ({events} events, {aggregated} aggregated, {lost} lost)",
+                    kind.as_str()
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "other: {} idle listeners folded (more than {} listeners): {}",
+            folded.listeners,
+            crate::model::summary::SUMMARY_CAP,
+            if kinds.is_empty() {
+                "no drops".to_owned()
+            } else {
+                kinds.join(", ")
+            }
+        );
+    }
     let l = summary.losses;
     let _ = writeln!(
         out,
