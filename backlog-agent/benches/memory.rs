@@ -164,8 +164,14 @@ fn accounted(run: &common::AgentRun, paths: &HashSet<String>) -> (u64, u64, u64)
     (events, aggregated, lost)
 }
 
-fn case(dir: &Path, tag: &str, listeners: usize, processes: usize) {
-    let agent = Agent::expect_ready(&["--output", "json"]);
+/// `expire`: with `--expire-after 1`, so that once the listeners are gone
+/// their rows expire and the summary folds them (beyond its 4,096).
+fn case(dir: &Path, tag: &str, listeners: usize, processes: usize, expire: bool) {
+    let mut agent = if expire {
+        Agent::expect_ready(&["--output", "json", "--expire-after", "1"])
+    } else {
+        Agent::expect_ready(&["--output", "json"])
+    };
     let pid = agent.pid();
     let ready_rss = status_kb(pid, "VmRSS");
     let cpu0 = process_cpu(pid);
@@ -189,6 +195,11 @@ fn case(dir: &Path, tag: &str, listeners: usize, processes: usize) {
         storm::release(held);
         drop(listener);
     }
+    let folded = if expire {
+        agent.wait_for_stderr("idle listeners into the summary", Duration::from_secs(120))
+    } else {
+        String::new()
+    };
     thread::sleep(SETTLE);
     let (hwm_after, rss_after) = (status_kb(pid, "VmHWM"), status_kb(pid, "VmRSS"));
     let cpu_after = process_cpu(pid).saturating_sub(cpu0);
@@ -223,6 +234,9 @@ fn case(dir: &Path, tag: &str, listeners: usize, processes: usize) {
         cpu_after.as_secs_f64()
     );
     println!("    by thread: {threads}");
+    if expire {
+        println!("    {folded}");
+    }
     println!("    {walks}");
     println!(
         "    UNIX: {eagain} EAGAINs; events {events}, aggregated {aggregated}, lost {lost} (identity {}); \
@@ -248,11 +262,15 @@ fn main() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     println!("backlog memory bench on {}", common::kernel_release());
-    case(dir.path(), "small", LISTENERS_SMALL, 0);
-    // `cargo bench --bench memory -- N`: N listeners and processes.
+    case(dir.path(), "small", LISTENERS_SMALL, 0, false);
+    // `cargo bench --bench memory -- N`: N listeners and processes;
+    // `-- expire`: then N listeners again with `--expire-after 1`.
     let n = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(LISTENERS.max(PROCESSES));
-    case(dir.path(), "big", n, n);
+    case(dir.path(), "big", n, n, false);
+    if std::env::args().any(|a| a == "expire") {
+        case(dir.path(), "expire", n, 0, true);
+    }
 }

@@ -799,6 +799,11 @@ impl Sink {
             .iter()
             .filter(|(key, _)| u64::from(key.netns) == netns)
             .map(|(_, stats)| stats.count(DropKind::AckDroppedAcceptQueueFull))
-            .sum()
+            .sum::<u64>()
+            + u32::try_from(netns)
+                .ok()
+                .and_then(|netns| self.summary.folded.acks_by_netns.get(&netns))
+                .copied()
+                .unwrap_or(0)
     }
 }

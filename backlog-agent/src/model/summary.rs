@@ -124,11 +124,18 @@ pub struct Folded {
     pub events: BTreeMap<DropKind, u64>,
     pub aggregated: BTreeMap<DropKind, u64>,
     pub lost: BTreeMap<DropKind, u64>,
+    /// Final-ACK drops per netns, which the split of the kernel's
+    /// counters into kinds needs (`Sink::traced_acks`).
+    pub acks_by_netns: BTreeMap<u32, u64>,
 }
 
 impl Folded {
-    fn absorb(&mut self, stats: &ListenerStats) {
+    fn absorb(&mut self, netns: u32, stats: &ListenerStats) {
         self.listeners += 1;
+        let acks = stats.count(DropKind::AckDroppedAcceptQueueFull);
+        if acks > 0 {
+            *self.acks_by_netns.entry(netns).or_default() += acks;
+        }
         for (kind, count) in stats.kind_counts() {
             *self.drops.entry(kind).or_default() += count;
         }
@@ -318,7 +325,7 @@ impl Summary {
             }
             for key in keys {
                 if let Some(stats) = self.listeners.remove(&key) {
-                    self.folded.absorb(&stats);
+                    self.folded.absorb(key.netns, &stats);
                     evicted.push(key);
                 }
             }
