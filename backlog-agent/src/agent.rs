@@ -421,7 +421,8 @@ pub fn aggregate(counters: &mut KernelCounters, aggregator: &mut Aggregator, sin
 /// counts now live in the summary's folded totals, so every total stays
 /// exact while the summary, the sink and the retired rows stay bounded.
 fn fold_idle_listeners(counters: &mut KernelCounters, sink: &mut Sink, after: Duration) {
-    if sink.summary.listeners.len() <= SUMMARY_CAP {
+    let now = Instant::now();
+    if sink.summary.listeners.len() <= SUMMARY_CAP || sink.next_fold.is_some_and(|t| now < t) {
         return;
     }
     let (live_inet, live_unix) = match (counters.live_totals(), counters.live_unix_totals()) {
@@ -456,6 +457,9 @@ fn fold_idle_listeners(counters: &mut KernelCounters, sink: &mut Sink, after: Du
         ListenerAddr::Unix(path) => unix.contains(&(key.netns, path.clone())),
     });
     if evicted.is_empty() {
+        // Nothing idle long enough yet: reading every total each second
+        // would find the same.
+        sink.next_fold = Some(now + (after / 4).max(AGGREGATE_WINDOW));
         return;
     }
     let gone_inet: HashSet<(u32, u64, SocketAddr)> = evicted

@@ -121,6 +121,9 @@ pub struct Sink {
     pub row_filter: RowFilter,
     /// Near-full warnings waiting for their listener's holders.
     near_full_waiting: Vec<(NearFull, Instant)>,
+    /// When the summary's listeners may next be folded (agent.rs), after
+    /// an attempt that found none idle enough.
+    pub next_fold: Option<Instant>,
 }
 
 impl Sink {
@@ -168,6 +171,7 @@ impl Sink {
             accept: None,
             row_filter: RowFilter::default(),
             near_full_waiting: Vec::new(),
+            next_fold: None,
         }
     }
 
