@@ -374,6 +374,32 @@ mod tests {
         }
     }
 
+    /// Folded listeners get one "other" line with where their drops went.
+    #[test]
+    fn folded_listeners_show_as_other() {
+        let mut s = Summary::default();
+        s.record(&drop_at(DropKind::SynCookieSent, 80, 10), &[]);
+        let kind = DropKind::AckDroppedAcceptQueueFull;
+        s.folded.listeners = 3;
+        s.folded.drops.insert(kind, 50);
+        s.folded.events.insert(kind, 20);
+        s.folded.aggregated.insert(kind, 30);
+        let table = summary_table(&s);
+        assert!(
+            table.contains(
+                "other: 3 idle listeners folded (more than 4096 listeners): \
+                 ack_dropped_accept_queue_full 50 (20 events, 30 aggregated, 0 lost)"
+            ),
+            "{table}"
+        );
+        let line = crate::report::json::folded_line("t", &s.folded).expect("a line");
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(json["kind"], "listeners_folded");
+        assert_eq!(json["counts"]["ack_dropped_accept_queue_full"], 50);
+        assert_eq!(json["aggregated"]["ack_dropped_accept_queue_full"], 30);
+        assert!(crate::report::json::folded_line("t", &Summary::default().folded).is_none());
+    }
+
     #[test]
     fn kernel_totals_win_and_losses_show() {
         let mut s = Summary::default();
