@@ -689,7 +689,13 @@ impl Sink {
                     matched = true;
                 }
             }
-            if matched || !figures.worth_reporting() {
+            // Over the summary's cap, a listener idle this interval is not
+            // brought back: it would be folded again at once (summary.rs).
+            let idle = figures.accepts == 0 && figures.arrivals == 0;
+            if matched
+                || !figures.worth_reporting()
+                || (idle && self.summary.listeners.len() >= crate::model::summary::SUMMARY_CAP)
+            {
                 continue;
             }
             let (netns, socket_inode) = row.netns_and_inode();
@@ -713,6 +719,9 @@ impl Sink {
             };
             let stats = self.summary.listeners.entry(key).or_default();
             stats.processes = processes;
+            if !idle {
+                stats.last_active_ns = crate::clock::monotonic_ns();
+            }
             stats.accept = Some(figures);
         }
         let timeout = self.options.client_timeout.as_secs_f64();
