@@ -268,7 +268,7 @@ pub struct NearFull {
 
 /// Retired rows kept one per listener: as many as the kernel map holds,
 /// so that a burst of idle listeners can all come back where they were.
-/// A retired row is about 200 bytes plus 16 per wait bucket in use.
+/// A retired row is about 150 bytes plus 16 per wait bucket in use.
 pub const RETIRED_ROWS: usize = ACCEPT_STATS_ENTRIES as usize;
 
 /// What a row counts that can only grow while it lives; a row whose
@@ -301,9 +301,30 @@ impl Fingerprint {
 /// more than a few dozen of the 528 buckets.
 #[derive(Clone, Debug)]
 struct Retired {
-    /// The row as deleted, with its histogram cleared.
-    stats: AcceptStats,
+    /// The row as deleted, but for its histogram (a full row is 4.4 kB).
+    stats: RetiredFigures,
     buckets: Vec<(u16, u64)>,
+}
+
+/// The fields of `AcceptStats` a retired part adds back.
+#[derive(Clone, Copy, Debug)]
+struct RetiredFigures {
+    arrivals: u64,
+    accepts: u64,
+    waits: u64,
+    wait_sum_us: u64,
+    wait_max_us: u64,
+    max_queue_seen: u32,
+    queue_limit: u32,
+    arrival_window_peak: u64,
+    accept_window_peak: u64,
+    near_full_count: u64,
+    near_full_last_ns: u64,
+    near_full_len: u32,
+    near_full_max: u32,
+    listener_inode: u64,
+    listener_family: u16,
+    listener_addr: [u8; 16],
 }
 
 impl Retired {
@@ -315,9 +336,28 @@ impl Retired {
             .filter(|(_, &n)| n != 0)
             .map(|(i, &n)| (i as u16, n))
             .collect();
-        let mut stats = *stats;
-        stats.wait_buckets = [0; WAIT_BUCKETS];
-        Retired { stats, buckets }
+        let figures = RetiredFigures {
+            arrivals: stats.arrivals,
+            accepts: stats.accepts,
+            waits: stats.waits,
+            wait_sum_us: stats.wait_sum_us,
+            wait_max_us: stats.wait_max_us,
+            max_queue_seen: stats.max_queue_seen,
+            queue_limit: stats.queue_limit,
+            arrival_window_peak: stats.arrival_window_peak,
+            accept_window_peak: stats.accept_window_peak,
+            near_full_count: stats.near_full_count,
+            near_full_last_ns: stats.near_full_last_ns,
+            near_full_len: stats.near_full_len,
+            near_full_max: stats.near_full_max,
+            listener_inode: stats.listener_inode,
+            listener_family: stats.listener_family,
+            listener_addr: stats.listener_addr,
+        };
+        Retired {
+            stats: figures,
+            buckets,
+        }
     }
 
     /// Adds a later row of the same key (deleted again) into this one.
