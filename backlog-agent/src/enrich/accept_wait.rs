@@ -483,17 +483,23 @@ impl AcceptWait {
         let Some(after) = self.expire_after else {
             return 0;
         };
-        let live = self.live_rows();
+        // Fingerprints only: a full row is 4.4 kB, the table 4.5 MB.
+        let mut live = Vec::new();
+        for entry in self.map.iter() {
+            match entry {
+                Ok((key, stats)) => live.push((key, Fingerprint::of(&stats))),
+                Err(_) => self.read_errors += 1,
+            }
+        }
         let present: HashSet<AcceptKey> = live.iter().map(|(k, _)| *k).collect();
         self.seen.retain(|k, _| present.contains(k));
         let mut idle = Vec::new();
-        for (key, stats) in &live {
-            let print = Fingerprint::of(stats);
-            let entry = self.seen.entry(*key).or_insert((print, now));
+        for (key, print) in live {
+            let entry = self.seen.entry(key).or_insert((print, now));
             if entry.0 != print {
                 *entry = (print, now);
             } else if now.duration_since(entry.1) >= after {
-                idle.push(*key);
+                idle.push(key);
             }
         }
         let mut gone = 0;
@@ -539,15 +545,19 @@ impl AcceptWait {
         // A retired row that is not live again has no new crossing: only
         // the live rows are read (with their retired parts, so that the
         // counts compare with what was warned before).
-        let live: Vec<_> = self
-            .live_rows()
-            .into_iter()
-            .map(|(key, stats)| match self.retired.get(&key) {
-                Some(part) => (key, part.merged_with(&stats)),
-                None => (key, stats),
-            })
-            .collect();
-        for (key, stats) in live {
+        // One row at a time: the table is 4.5 MB when full.
+        for entry in self.map.iter() {
+            let (key, stats) = match entry {
+                Ok(row) => row,
+                Err(_) => {
+                    self.read_errors += 1;
+                    continue;
+                }
+            };
+            let stats = match self.retired.get(&key) {
+                Some(part) => part.merged_with(&stats),
+                None => stats,
+            };
             let seen = self.warned.entry(key).or_insert(0);
             if stats.near_full_count > *seen {
                 if let Some(listener) = RowListener::of(&key, &stats) {
