@@ -89,11 +89,12 @@ fn mb(kb: u64) -> String {
 }
 
 /// Starts `bin` (default: this build) with BACKLOG_MEMORY_PHASES set.
-fn start_agent(bin: Option<&Path>) -> Agent {
+fn start_agent(bin: Option<&Path>, args: &[&str]) -> Agent {
     let bin = bin.map(Path::to_path_buf).unwrap_or_else(common::agent_bin);
     let mut command = Command::new(&bin);
     command
         .args(["--output", "json"])
+        .args(args)
         .env("BACKLOG_MEMORY_PHASES", "1");
     match Agent::start_command(command) {
         Started::Ready(agent) => agent,
@@ -130,7 +131,7 @@ fn phases(stderr: &str) -> String {
 /// The start-up alone: RSS and peak at ready, and the peak after each
 /// step, for this build and, when given, another.
 fn startup(label: &str, bin: Option<&Path>) {
-    let agent = start_agent(bin);
+    let agent = start_agent(bin, &[]);
     let pid = agent.pid();
     let (hwm, rss, ring) = (
         status_kb(pid, "VmHWM"),
@@ -261,8 +262,17 @@ fn accounted(run: &common::AgentRun, paths: &HashSet<String>) -> (u64, u64, u64)
     (events, aggregated, lost)
 }
 
-fn case(dir: &Path, tag: &str, listeners: usize, processes: usize) {
-    let agent = start_agent(None);
+/// `expire`: with `--expire-after 1`, so that once the listeners are gone
+/// their rows expire and the summary folds them (beyond its 4,096).
+fn case(dir: &Path, tag: &str, listeners: usize, processes: usize, expire: bool) {
+    let mut agent = start_agent(
+        None,
+        if expire {
+            &["--expire-after", "1"]
+        } else {
+            &[]
+        },
+    );
     let pid = agent.pid();
     let (ready_hwm, ready_rss) = (status_kb(pid, "VmHWM"), status_kb(pid, "VmRSS"));
     let cpu0 = process_cpu(pid);
@@ -290,6 +300,11 @@ fn case(dir: &Path, tag: &str, listeners: usize, processes: usize) {
         storm::release(held);
         drop(listener);
     }
+    let folded = if expire {
+        agent.wait_for_stderr("idle listeners into the summary", Duration::from_secs(120))
+    } else {
+        String::new()
+    };
     thread::sleep(SETTLE);
     let (hwm_after, rss_after) = (status_kb(pid, "VmHWM"), status_kb(pid, "VmRSS"));
     let cpu_after = process_cpu(pid).saturating_sub(cpu0);
@@ -337,6 +352,9 @@ fn case(dir: &Path, tag: &str, listeners: usize, processes: usize) {
             println!("    agent {label}: {figures}");
         }
     }
+    if expire {
+        println!("    {folded}");
+    }
     println!("    {walks}");
     println!(
         "    UNIX: {eagain} EAGAINs; events {events}, aggregated {aggregated}, lost {lost} (identity {}); \
@@ -369,11 +387,15 @@ fn main() {
         );
     }
     startup("this build", None);
-    case(dir.path(), "small", LISTENERS_SMALL, 0);
-    // `cargo bench --bench memory -- N`: N listeners and processes.
+    case(dir.path(), "small", LISTENERS_SMALL, 0, false);
+    // `cargo bench --bench memory -- N`: N listeners and processes;
+    // `-- expire`: then N listeners again with `--expire-after 1`.
     let n = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(LISTENERS.max(PROCESSES));
-    case(dir.path(), "big", n, n);
+    case(dir.path(), "big", n, n, false);
+    if std::env::args().any(|a| a == "expire") {
+        case(dir.path(), "expire", n, 0, true);
+    }
 }

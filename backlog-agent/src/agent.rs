@@ -5,14 +5,16 @@
 //! what is still queued and writes the final summary.
 
 use std::{
+    collections::HashSet,
     io,
+    net::SocketAddr,
     path::Path,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
-use backlog_common::DropKind;
+use backlog_common::{DropKind, ACCEPT_STATS_ENTRIES};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     sync::mpsc,
@@ -21,9 +23,12 @@ use tokio::{
 use crate::{
     caps,
     cli::Cli,
-    enrich::{accept_wait::AcceptWait, counted},
+    enrich::{
+        accept_wait::{AcceptWait, RETIRED_ROWS},
+        counted,
+    },
     filter::Filters,
-    flood::Aggregator,
+    flood::{self, Aggregator, FloodListener},
     http,
     kernel::bpfstats,
     kernel::{
@@ -33,6 +38,7 @@ use crate::{
         probes::{self, KernelCounters, Outcome, Probes},
         tracefs,
     },
+    model::{summary::SUMMARY_CAP, ListenerAddr},
     report::{
         metrics::{CountedDrops, Health, Metrics, Snapshot},
         note, text,
@@ -125,11 +131,12 @@ pub async fn start(cli: &Cli) -> Result<Running> {
         )),
     }
     // Accept-queue wait and rates (accept_wait.rs): optional, told either way.
+    let expire_after = (cli.expire_after > 0).then(|| Duration::from_secs(cli.expire_after));
     let accept_stats = match &probes.accept_wait {
         Ok(hook) => {
             note(format_args!("accept-queue wait and rates: {hook}"));
             match probes.take_accept_stats() {
-                Ok(map) => Some(AcceptWait::new(map)),
+                Ok(map) => Some(AcceptWait::new(map, expire_after)),
                 Err(err) => {
                     note(format_args!("accept-queue wait and rates: {err}"));
                     None
@@ -176,7 +183,6 @@ pub async fn start(cli: &Cli) -> Result<Running> {
     let ring = probes.take_events()?;
     let mut counters = probes.take_counters()?;
     preflight::memory_phase("mapping the ring buffer");
-    let expire_after = (cli.expire_after > 0).then(|| Duration::from_secs(cli.expire_after));
     counters.inet_expiry = Expiry::new(expire_after, RETIRED_CAP);
     counters.unix_expiry = Expiry::new(expire_after, RETIRED_CAP);
     // Everything that needed CAP_BPF, CAP_PERFMON or CAP_SYSLOG is done:
@@ -319,6 +325,29 @@ pub fn stop(running: Running) {
             other_unix.lost
         ));
     }
+    if let Some(accept) = &sink.accept {
+        if accept.expired > 0 {
+            note(format_args!(
+                "{} idle accept-queue rows moved out of the kernel map (their figures kept)",
+                accept.expired
+            ));
+        }
+        let folded = accept.folded;
+        if folded.rows > 0 {
+            note(format_args!(
+                "expired accept-queue rows beyond the {RETIRED_ROWS} kept one by one: {} rows \
+                 ({} accepts, {} waits measured) no longer shown per listener",
+                folded.rows, folded.accepts, folded.waits
+            ));
+        }
+    }
+    if let Some(line) = counters
+        .accept_stats_full()
+        .ok()
+        .and_then(accept_stats_full_note)
+    {
+        note(line);
+    }
     if let Ok(errors) = counters.read_errors() {
         if errors > 0 {
             note(format_args!(
@@ -388,6 +417,125 @@ pub fn aggregate(counters: &mut KernelCounters, aggregator: &mut Aggregator, sin
             "expired {gone} idle listener rows (unchanged for --expire-after; counts kept)"
         ));
     }
+    if let Some(after) = counters.inet_expiry.after() {
+        fold_idle_listeners(counters, sink, after);
+    }
+    if let Some(accept) = sink.accept.as_mut() {
+        let gone = accept.expire(Instant::now());
+        if gone > 0 {
+            note(format_args!(
+                "expired {gone} idle accept-queue rows (unchanged for --expire-after; figures kept)"
+            ));
+        }
+        // Said when it first happens, then at exit with the final count.
+        if !accept.full_told {
+            if let Some(line) = counters
+                .accept_stats_full()
+                .ok()
+                .and_then(accept_stats_full_note)
+            {
+                accept.full_told = true;
+                note(line);
+            }
+        }
+    }
+}
+
+/// Beyond the summary's cap, folds the listeners idle for `after` whose
+/// kernel rows are gone (expired), and forgets their retired rows: their
+/// counts now live in the summary's folded totals, so every total stays
+/// exact while the summary, the sink and the retired rows stay bounded.
+fn fold_idle_listeners(counters: &mut KernelCounters, sink: &mut Sink, after: Duration) {
+    let now = Instant::now();
+    if sink.summary.listeners.len() <= SUMMARY_CAP || sink.next_fold.is_some_and(|t| now < t) {
+        return;
+    }
+    let (live_inet, live_unix) = match (counters.live_totals(), counters.live_unix_totals()) {
+        (Ok(inet), Ok(unix)) => (inet, unix),
+        _ => return,
+    };
+    // The folded part must be the kernel's latest totals.
+    apply_accounting(counters, sink);
+    let inet: HashSet<(u32, u64, SocketAddr)> = live_inet
+        .iter()
+        .filter_map(|(key, _)| match flood::inet_listener(key) {
+            Some((
+                _,
+                FloodListener::Inet {
+                    netns,
+                    socket_inode,
+                    addr,
+                },
+            )) => Some((netns, socket_inode, addr)),
+            _ => None,
+        })
+        .collect();
+    let unix: HashSet<(u32, String)> = live_unix
+        .iter()
+        .filter_map(|(key, _)| match flood::unix_listener(key) {
+            FloodListener::Unix { netns, path } => Some((netns, path)),
+            FloodListener::Inet { .. } => None,
+        })
+        .collect();
+    let evicted = sink.evict_idle_listeners(after, |key| match &key.listener {
+        ListenerAddr::Inet(addr) => inet.contains(&(key.netns, key.socket_inode, *addr)),
+        ListenerAddr::Unix(path) => unix.contains(&(key.netns, path.clone())),
+    });
+    if evicted.is_empty() {
+        // Nothing idle long enough yet: reading every total each second
+        // would find the same.
+        sink.next_fold = Some(now + (after / 4).max(AGGREGATE_WINDOW));
+        return;
+    }
+    let gone_inet: HashSet<(u32, u64, SocketAddr)> = evicted
+        .iter()
+        .filter_map(|key| match key.listener {
+            ListenerAddr::Inet(addr) => Some((key.netns, key.socket_inode, addr)),
+            ListenerAddr::Unix(_) => None,
+        })
+        .collect();
+    let gone_unix: HashSet<(u32, String)> = evicted
+        .iter()
+        .filter_map(|key| match &key.listener {
+            ListenerAddr::Unix(path) => Some((key.netns, path.clone())),
+            ListenerAddr::Inet(_) => None,
+        })
+        .collect();
+    counters
+        .inet_expiry
+        .forget_retired(|key| match flood::inet_listener(key) {
+            Some((
+                _,
+                FloodListener::Inet {
+                    netns,
+                    socket_inode,
+                    addr,
+                },
+            )) => gone_inet.contains(&(netns, socket_inode, addr)),
+            _ => false,
+        });
+    counters
+        .unix_expiry
+        .forget_retired(|key| match flood::unix_listener(key) {
+            FloodListener::Unix { netns, path } => gone_unix.contains(&(netns, path)),
+            FloodListener::Inet { .. } => false,
+        });
+    note(format_args!(
+        "folded {} idle listeners into the summary's \"other\" row (more than {SUMMARY_CAP}; \
+         totals kept)",
+        evicted.len()
+    ));
+}
+
+/// The line that says `ACCEPT_STATS` was full `n` times; None for 0.
+fn accept_stats_full_note(n: u64) -> Option<String> {
+    (n > 0).then(|| {
+        format!(
+            "{n} accept-queue updates found the kernel's table full ({ACCEPT_STATS_ENTRIES} \
+             listeners): those listeners lack wait and rate figures until idle rows expire \
+             (--expire-after)"
+        )
+    })
 }
 
 fn apply_accounting(counters: &KernelCounters, sink: &mut Sink) {
@@ -456,7 +604,13 @@ pub fn scrape(
         drops_untracked,
         events_aggregated: sink.summary.flood.aggregated,
     };
-    metrics.snapshot(&listeners, health, counted, bpfstats::accounted(ebpf))
+    let mut snapshot = metrics.snapshot(&listeners, health, counted, bpfstats::accounted(ebpf));
+    // Listeners folded out of the summary count under "other" from then
+    // on: every sum stays monotonic.
+    for (kind, count) in &sink.summary.folded.drops {
+        *snapshot.other.entry(kind.as_str()).or_default() += count;
+    }
+    snapshot
 }
 
 /// SYN-stage drops counted by the kernel since start, per namespace,

@@ -25,6 +25,11 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
 }
 
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock of event timestamps.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC) as u64
+}
+
 impl MonotonicToWall {
     pub fn now() -> Self {
         let mono = clock_ns(libc::CLOCK_MONOTONIC);

@@ -146,6 +146,12 @@ impl Reporter {
         summary: &Summary,
         diagnoses: &[(ListenerAddr, String)],
     ) {
+        if self.options.format == OutputFormat::Json {
+            let time = clock::rfc3339(SystemTime::now());
+            if let Some(line) = json::folded_line(&time, &summary.folded) {
+                self.write_line(&line);
+            }
+        }
         self.flush();
         eprint!("{}", text::listener_summary(heading, summary, diagnoses));
     }

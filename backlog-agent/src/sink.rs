@@ -63,9 +63,9 @@ const FRAGMENT_TTL_UNATTRIBUTED: Duration = Duration::from_secs(1);
 /// Bounds the fragment cache (one entry per listener seen recently).
 const MAX_FRAGMENTS: usize = 16384;
 /// Bounds the listen() calls kept (one per listener created while the
-/// agent runs, kept while it may still drop); beyond it the oldest
-/// quarter is forgotten.
-const MAX_LISTENS: usize = 65536;
+/// agent runs, kept while it may still drop; beyond it the oldest quarter
+/// is forgotten) and the command lines (one per holder pid).
+const MAX_LISTENS: usize = 16384;
 
 struct ListenerFragment {
     context: ListenerContext,
@@ -124,6 +124,9 @@ pub struct Sink {
     pub row_filter: RowFilter,
     /// Near-full warnings waiting for their listener's holders.
     near_full_waiting: Vec<(NearFull, Instant)>,
+    /// When the summary's listeners may next be folded (agent.rs), after
+    /// an attempt that found none idle enough.
+    pub next_fold: Option<Instant>,
 }
 
 impl Sink {
@@ -172,6 +175,7 @@ impl Sink {
             accept: None,
             row_filter: RowFilter::default(),
             near_full_waiting: Vec::new(),
+            next_fold: None,
         }
     }
 
@@ -441,6 +445,7 @@ impl Sink {
             view.inode.unwrap_or(0),
             view.queue,
             &processes,
+            event.timestamp_ns,
         );
     }
 
@@ -610,6 +615,61 @@ fn forget_oldest_listens(listens: &mut HashMap<u64, ListenCall>) {
     listens.retain(|_, call| call.timestamp_ns > cut);
 }
 
+impl Sink {
+    /// Folds the summary's idle listeners beyond its cap (summary.rs's
+    /// `evict_idle`) and forgets what the sink kept per listener for
+    /// them; returns the folded keys, whose kernel rows the caller
+    /// forgets too (their counts are in the folded totals now).
+    pub fn evict_idle_listeners(
+        &mut self,
+        idle: Duration,
+        live: impl Fn(&ListenerKey) -> bool,
+    ) -> Vec<ListenerKey> {
+        let now = crate::clock::monotonic_ns();
+        let idle_ns = u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX);
+        let evicted = self.summary.evict_idle(now, idle_ns, live);
+        for key in &evicted {
+            self.netns_sysctls.remove(&(key.netns, key.socket_inode));
+            self.listens.remove(&key.socket_inode);
+            if let ListenerAddr::Unix(path) = &key.listener {
+                self.unix_seen.remove(&(key.netns, path.clone()));
+            }
+        }
+        if !evicted.is_empty() {
+            let gone: std::collections::BTreeSet<&ListenerKey> = evicted.iter().collect();
+            self.flooded.retain(|(listener, _)| match listener {
+                FloodListener::Inet {
+                    netns,
+                    socket_inode,
+                    addr,
+                } => !gone.contains(&ListenerKey {
+                    netns: *netns,
+                    listener: ListenerAddr::Inet(*addr),
+                    socket_inode: *socket_inode,
+                }),
+                FloodListener::Unix { netns, path } => !evicted
+                    .iter()
+                    .any(|k| k.netns == *netns && k.listener == ListenerAddr::Unix(path.clone())),
+            });
+        }
+        // listen() calls of listeners that never dropped: not in the
+        // summary, so bounded here, keeping those the summary names.
+        if self.listens.len() > MAX_LISTENS {
+            let named: HashSet<u64> = self
+                .summary
+                .listeners
+                .keys()
+                .map(|k| k.socket_inode)
+                .collect();
+            self.listens.retain(|inode, _| named.contains(inode));
+        }
+        if self.cmdlines.len() > MAX_LISTENS {
+            self.cmdlines.clear();
+        }
+        evicted
+    }
+}
+
 // ---- accept-queue wait, rates, advice and near-full warnings ----
 impl Sink {
     /// Prints the near-full crossings the kernel recorded since the last
@@ -691,7 +751,13 @@ impl Sink {
                     matched = true;
                 }
             }
-            if matched || !figures.worth_reporting() {
+            // Over the summary's cap, a listener idle this interval is not
+            // brought back: it would be folded again at once (summary.rs).
+            let idle = figures.accepts == 0 && figures.arrivals == 0;
+            if matched
+                || !figures.worth_reporting()
+                || (idle && self.summary.listeners.len() >= crate::model::summary::SUMMARY_CAP)
+            {
                 continue;
             }
             let (netns, socket_inode) = row.netns_and_inode();
@@ -715,6 +781,9 @@ impl Sink {
             };
             let stats = self.summary.listeners.entry(key).or_default();
             stats.processes = processes;
+            if !idle {
+                stats.last_active_ns = crate::clock::monotonic_ns();
+            }
             stats.accept = Some(figures);
         }
         let timeout = self.options.client_timeout.as_secs_f64();
@@ -805,7 +874,12 @@ impl Sink {
             .iter()
             .filter(|(key, _)| u64::from(key.netns) == netns)
             .map(|(_, stats)| stats.count(DropKind::AckDroppedAcceptQueueFull))
-            .sum()
+            .sum::<u64>()
+            + u32::try_from(netns)
+                .ok()
+                .and_then(|netns| self.summary.folded.acks_by_netns.get(&netns))
+                .copied()
+                .unwrap_or(0)
     }
 }
 

@@ -311,3 +311,135 @@ fn unix_listener_wait_percentiles_match_the_test_clock() {
         "{summary}"
     );
 }
+
+/// Connects `clients` at once to `port`, then accepts one every `every`;
+/// the waits (connect() returning to accept() returning) in ms.
+fn slow_accepts(server: &Socket, port: u16, clients: usize, every: Duration) -> Vec<f64> {
+    let mut connected = HashMap::new();
+    let mut held = Vec::new();
+    for _ in 0..clients {
+        let client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        connected.insert(client.local_addr().unwrap().port(), Instant::now());
+        held.push(client);
+    }
+    let mut waits = Vec::new();
+    for _ in 0..clients {
+        thread::sleep(every);
+        let (conn, peer) = server.accept().expect("accept");
+        let since = connected[&peer.as_socket().unwrap().port()];
+        waits.push(since.elapsed().as_secs_f64() * 1000.0);
+        drop(conn);
+    }
+    waits
+}
+
+/// Expiry (issue 11): a listener's ACCEPT_STATS row, idle for
+/// `--expire-after 1`, leaves the kernel map; the listener, still open,
+/// then accepts again. Its summary's percentiles are those of every wait
+/// of both phases (slow ones before the expiry, quick ones after), as the
+/// test's clock measured them: the retired figures were added back.
+#[test]
+fn expired_accept_row_keeps_its_waits() {
+    if !privileged("expired_accept_row_keeps_its_waits") {
+        return;
+    }
+    let _serial = serial();
+    let mut agent = Agent::expect_ready(&["--output", "json", "--expire-after", "1"]);
+    let (phase_done, phase_seen) = std::sync::mpsc::channel::<(u64, u16)>();
+    let (expired_tx, expired_rx) = std::sync::mpsc::channel::<()>();
+    let server_thread = thread::spawn(move || {
+        in_new_netns(move || {
+            let server = listener(64);
+            let port = port_of(&server);
+            let mut waits = slow_accepts(&server, port, 10, Duration::from_millis(40));
+            phase_done.send((netns_inode(), port)).unwrap();
+            // The listener stays open, idle, until its row has expired.
+            expired_rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("no expiry");
+            waits.extend(slow_accepts(&server, port, 10, Duration::from_millis(5)));
+            waits
+        })
+    });
+    let (netns, port) = phase_seen
+        .recv_timeout(Duration::from_secs(30))
+        .expect("first phase");
+    let expired = agent.wait_for_stderr("idle accept-queue rows", Duration::from_secs(30));
+    expired_tx.send(()).unwrap();
+    let waits_ms = server_thread.join().expect("server thread");
+    let run = agent.stop();
+    assert!(run.status.success(), "agent failed:\n{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("idle accept-queue rows moved out of the kernel map"),
+        "no expiry in the final notes:\n{}",
+        run.stderr
+    );
+    let events = run.json_events();
+    let summary = summary_for(&events, netns, port)
+        .unwrap_or_else(|| panic!("no listener_summary for port {port}:\n{}", run.stdout));
+    let mut sorted = waits_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)] {
+        let want = percentile(&sorted, q);
+        let got = summary["accept_wait_ms"][name]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no accept_wait_ms.{name}: {summary}"));
+        common::figure(&format!(
+            "accept wait across an expiry, {name}: agent {got:.1} ms, test clock {want:.1} ms ({expired})"
+        ));
+        assert!(
+            (got - want).abs() <= want * 0.10,
+            "{name}: agent {got:.1} ms vs test {want:.1} ms\n{summary}"
+        );
+    }
+}
+
+/// More listeners than ACCEPT_STATS holds (1,024 rows; every listen()
+/// makes one) come and go: the agent says the table was full, the idle
+/// rows expire (`--expire-after 1`), and a listener made afterwards gets
+/// its wait figures again.
+#[test]
+fn full_accept_table_is_said_and_freed_by_expiry() {
+    if !privileged("full_accept_table_is_said_and_freed_by_expiry") {
+        return;
+    }
+    let _serial = serial();
+    const LISTENERS: u16 = 1100;
+    let mut agent = Agent::expect_ready(&["--output", "json", "--expire-after", "1"]);
+    let made = in_new_netns(|| {
+        // One at a time, closed at once: rows outlive their listener.
+        for port in 20_000..20_000 + LISTENERS {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+            socket
+                .bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+                .expect("bind");
+            socket.listen(8).expect("listen");
+        }
+        LISTENERS
+    });
+    let full = agent.wait_for_stderr("found the kernel's table full", Duration::from_secs(30));
+    let expired = agent.wait_for_stderr("idle accept-queue rows", Duration::from_secs(30));
+    let (netns, port, waits) = in_new_netns(|| {
+        let server = listener(64);
+        let port = port_of(&server);
+        let waits = slow_accepts(&server, port, 5, Duration::from_millis(20));
+        (netns_inode(), port, waits)
+    });
+    let run = agent.stop();
+    assert!(run.status.success(), "agent failed:\n{}", run.stderr);
+    common::figure(&format!(
+        "{made} listeners made and closed: {full}; then {expired}"
+    ));
+    let events = run.json_events();
+    let summary = summary_for(&events, netns, port)
+        .unwrap_or_else(|| panic!("no listener_summary for port {port}:\n{}", run.stdout));
+    let max = waits.iter().copied().fold(0.0, f64::max);
+    let got = summary["accept_wait_ms"]["max"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no wait figures after the expiry: {summary}"));
+    assert!(
+        (got - max).abs() <= max * 0.10,
+        "max wait: agent {got:.1} ms vs test {max:.1} ms\n{summary}"
+    );
+}

@@ -236,6 +236,68 @@ fn expired_listener_rows_keep_their_counts() {
     matrix("auto", "expiry_identity", "pass", &expired);
 }
 
+/// Expiry of UNIX_TOTALS rows (issue 11): an EAGAIN storm on listener A,
+/// A closed and its row expired (`--expire-after 1`), then a storm on
+/// listener B. At exit each path's kernel total equals the EAGAINs its
+/// client saw, and so does events + aggregated + lost.
+#[test]
+fn expired_unix_rows_keep_their_counts() {
+    if !privileged("expired_unix_rows_keep_their_counts") {
+        return;
+    }
+    let _serial = serial();
+    let mut agent = Agent::expect_ready(&[
+        "--output",
+        "json",
+        "--max-events-per-sec",
+        LIMIT,
+        "--expire-after",
+        "1",
+    ]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storm_on = |name: &str| {
+        let path = dir.path().join(name);
+        let (listener, held) = storm::full_listener(&path, 4);
+        // Bounded in count and time; past the limit within a window.
+        let storm = storm::storm(&path, 500_000, Duration::from_millis(1200));
+        storm::release(held);
+        drop(listener);
+        (path, storm)
+    };
+    let (path_a, storm_a) = storm_on("a.sock");
+    // A is closed and idle: its row goes within a few aggregate windows.
+    let expired = agent.wait_for_stderr("idle listener rows", Duration::from_secs(30));
+    let (path_b, storm_b) = storm_on("b.sock");
+    let run = agent.stop();
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("idle listener rows moved out of the kernel maps"),
+        "no expiry in the summary notes:\n{}",
+        run.stderr
+    );
+    let kind = "unix_connect_backlog_full";
+    for (name, path, storm) in [("A", &path_a, &storm_a), ("B", &path_b, &storm_b)] {
+        let path_text = path.to_str().expect("UTF-8 path");
+        let a = accounted(&run, kind, |r| r["listener"]["path"] == path_text);
+        common::figure(&format!(
+            "unix expiry, listener {name}: eagain={} events={} aggregated={} in {} records lost={} kernel_total={} ({expired})",
+            storm.eagain, a.events, a.aggregated, a.aggregates, a.lost, a.total
+        ));
+        assert!(storm.eagain > 100, "{name}: the storm made too few EAGAINs");
+        assert_eq!(
+            a.total, storm.eagain,
+            "{name}: kernel total vs EAGAINs the client saw"
+        );
+        assert_eq!(
+            a.sum(),
+            storm.eagain,
+            "{name}: events + aggregated + lost vs EAGAINs: {a:?}"
+        );
+    }
+    matrix("tracepoint", "unix_expiry_identity", "pass", &expired);
+}
+
 /// SYN-queue drops (cookies off) and SYN cookies past the rate limit,
 /// where the SYN stage can be traced (the guests): events + aggregated +
 /// lost = TCPReqQFullDrop, resp. TCPReqQFullDoCookies.

@@ -379,7 +379,10 @@ pub const COUNTER_EVENTS_SENT: u32 = 2;
 pub const COUNTER_TOTALS_FULL: u32 = 3;
 /// Drops over the rate limit, counted only (all listeners together).
 pub const COUNTER_EVENTS_SUPPRESSED: u32 = 4;
-pub const COUNTER_COUNT: u32 = 5;
+/// An accept-queue figure could not be stored (`ACCEPT_STATS` full: a new
+/// listener gets no wait or rate figures until rows expire).
+pub const COUNTER_ACCEPT_STATS_FULL: u32 = 5;
+pub const COUNTER_COUNT: u32 = 6;
 
 /// Where syscalls:sys_enter_connect keeps `fd`, `uservaddr` and `addrlen`, and
 /// every syscalls:sys_exit_* keeps `ret`: the layout of syscall tracepoints
@@ -575,6 +578,9 @@ impl KernelOffsets {
 pub const ACCEPT_KEY_TCP: u16 = 1;
 /// [`AcceptKey::kind`]: a UNIX stream listener, known by its socket inode.
 pub const ACCEPT_KEY_UNIX: u16 = 2;
+
+/// Rows of `ACCEPT_STATS`: one per TCP (netns, port) or UNIX listener.
+pub const ACCEPT_STATS_ENTRIES: u32 = 1024;
 
 /// Which listener a row of `ACCEPT_STATS` is about.
 ///

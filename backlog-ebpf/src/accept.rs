@@ -42,9 +42,10 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use backlog_common::{
-    wait_bucket, AcceptKey, AcceptOffsets, AcceptStats, ACCEPT_KEY_TCP, ACCEPT_KEY_UNIX, AF_INET,
-    AF_INET6, AF_UNIX, NEAR_FULL_EVERY_NS, OFFSET_ABSENT, RATE_WINDOW_NS, TP_STATE_NEWSTATE,
-    TP_STATE_OLDSTATE, TP_STATE_PROTOCOL, TP_STATE_SKADDR, TP_STATE_SPORT,
+    wait_bucket, AcceptKey, AcceptOffsets, AcceptStats, ACCEPT_KEY_TCP, ACCEPT_KEY_UNIX,
+    ACCEPT_STATS_ENTRIES, AF_INET, AF_INET6, AF_UNIX, COUNTER_ACCEPT_STATS_FULL,
+    NEAR_FULL_EVERY_NS, OFFSET_ABSENT, RATE_WINDOW_NS, TP_STATE_NEWSTATE, TP_STATE_OLDSTATE,
+    TP_STATE_PROTOCOL, TP_STATE_SKADDR, TP_STATE_SPORT,
 };
 
 use crate::read::{tp_field, Reader};
@@ -65,9 +66,11 @@ fn offsets() -> AcceptOffsets {
     unsafe { core::ptr::read_volatile(&ACCEPT_OFFSETS) }
 }
 
-/// Per-listener figures, read by the agent.
+/// Per-listener figures, read by the agent, which deletes the rows idle
+/// for `--expire-after` (keeping their figures user-side).
 #[map]
-static ACCEPT_STATS: HashMap<AcceptKey, AcceptStats> = HashMap::with_max_entries(1024, 0);
+static ACCEPT_STATS: HashMap<AcceptKey, AcceptStats> =
+    HashMap::with_max_entries(ACCEPT_STATS_ENTRIES, 0);
 
 /// When each child socket reached ESTABLISHED, by `struct sock` address.
 /// LRU: children closed before anyone accepted them are never removed
@@ -126,9 +129,14 @@ fn row(key: &AcceptKey) -> Option<&'static mut AcceptStats> {
     // EEXIST when another CPU created it meanwhile: the lookup finds it.
     let _ = ACCEPT_STATS.insert(key, zero, BPF_NOEXIST as u64);
     // SAFETY: as above.
-    ACCEPT_STATS
+    let stats = ACCEPT_STATS
         .get_ptr_mut(key)
-        .map(|stats| unsafe { &mut *stats })
+        .map(|stats| unsafe { &mut *stats });
+    if stats.is_none() {
+        // The map is full: said by the agent, never silent.
+        crate::count(COUNTER_ACCEPT_STATS_FULL);
+    }
+    stats
 }
 
 /// Counts one occurrence in a `RATE_WINDOW_NS` window and keeps the

@@ -7,18 +7,28 @@
 //! kernel already limits to one per listener per second.
 //! (That limit is this module's own; it belongs on the per-listener token
 //! bucket the flood-proof event path keeps, once there is one.)
+//!
+//! Expiry (issue 11): the kernel never removes a row, so once 1,024
+//! listeners have come and gone a new one would get no figures. A row
+//! whose counters have not moved for `--expire-after` is read once more
+//! and deleted, and what it held moves into a user-side retired part that
+//! every later read adds back (counters summed, histograms merged, maxima
+//! kept): the figures stay cumulative, rates per interval stay right, and
+//! a listener that was only idle comes back where it was. Retired parts
+//! are bounded ([`RETIRED_ROWS`], histograms stored sparse); beyond that
+//! a row's figures fold into [`FoldedRows`], and its key starts afresh.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::Path,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use backlog_common::{
     wait_bucket_range, AcceptKey, AcceptOffsets, AcceptStats, KernelOffsets, ACCEPT_KEY_TCP,
-    ACCEPT_KEY_UNIX, AF_UNIX, WAIT_BUCKETS,
+    ACCEPT_KEY_UNIX, ACCEPT_STATS_ENTRIES, AF_UNIX, WAIT_BUCKETS,
 };
 
 use crate::{decode::ip, kernel::btf::Btf, kernel::tracefs::EventFormat};
@@ -256,6 +266,151 @@ pub struct NearFull {
     pub new_warnings: u64,
 }
 
+/// Retired rows kept one per listener: as many as the kernel map holds,
+/// so that a burst of idle listeners can all come back where they were.
+/// A retired row is about 150 bytes plus 16 per wait bucket in use.
+pub const RETIRED_ROWS: usize = ACCEPT_STATS_ENTRIES as usize;
+
+/// What a row counts that can only grow while it lives; a row whose
+/// fingerprint has not changed for `--expire-after` is idle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    arrivals: u64,
+    accepts: u64,
+    waits: u64,
+    near_full_count: u64,
+    max_queue_seen: u32,
+    listener_inode: u64,
+}
+
+impl Fingerprint {
+    fn of(stats: &AcceptStats) -> Self {
+        Fingerprint {
+            arrivals: stats.arrivals,
+            accepts: stats.accepts,
+            waits: stats.waits,
+            near_full_count: stats.near_full_count,
+            max_queue_seen: stats.max_queue_seen,
+            listener_inode: stats.listener_inode,
+        }
+    }
+}
+
+/// A deleted row's figures, kept to be added back to the key's later reads.
+/// The histogram is sparse: a closed listener's waits rarely spread over
+/// more than a few dozen of the 528 buckets.
+#[derive(Clone, Debug)]
+struct Retired {
+    /// The row as deleted, but for its histogram (a full row is 4.4 kB).
+    stats: RetiredFigures,
+    buckets: Vec<(u16, u64)>,
+}
+
+/// The fields of `AcceptStats` a retired part adds back.
+#[derive(Clone, Copy, Debug)]
+struct RetiredFigures {
+    arrivals: u64,
+    accepts: u64,
+    waits: u64,
+    wait_sum_us: u64,
+    wait_max_us: u64,
+    max_queue_seen: u32,
+    queue_limit: u32,
+    arrival_window_peak: u64,
+    accept_window_peak: u64,
+    near_full_count: u64,
+    near_full_last_ns: u64,
+    near_full_len: u32,
+    near_full_max: u32,
+    listener_inode: u64,
+    listener_family: u16,
+    listener_addr: [u8; 16],
+}
+
+impl Retired {
+    fn of(stats: &AcceptStats) -> Self {
+        let buckets = stats
+            .wait_buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n != 0)
+            .map(|(i, &n)| (i as u16, n))
+            .collect();
+        let figures = RetiredFigures {
+            arrivals: stats.arrivals,
+            accepts: stats.accepts,
+            waits: stats.waits,
+            wait_sum_us: stats.wait_sum_us,
+            wait_max_us: stats.wait_max_us,
+            max_queue_seen: stats.max_queue_seen,
+            queue_limit: stats.queue_limit,
+            arrival_window_peak: stats.arrival_window_peak,
+            accept_window_peak: stats.accept_window_peak,
+            near_full_count: stats.near_full_count,
+            near_full_last_ns: stats.near_full_last_ns,
+            near_full_len: stats.near_full_len,
+            near_full_max: stats.near_full_max,
+            listener_inode: stats.listener_inode,
+            listener_family: stats.listener_family,
+            listener_addr: stats.listener_addr,
+        };
+        Retired {
+            stats: figures,
+            buckets,
+        }
+    }
+
+    /// Adds a later row of the same key (deleted again) into this one.
+    fn absorb(&mut self, later: &AcceptStats) {
+        let merged = self.merged_with(later);
+        *self = Retired::of(&merged);
+    }
+
+    /// `live` (counting from 0 since its re-creation) with this part added.
+    fn merged_with(&self, live: &AcceptStats) -> AcceptStats {
+        let old = &self.stats;
+        let mut out = *live;
+        out.arrivals += old.arrivals;
+        out.accepts += old.accepts;
+        out.waits += old.waits;
+        out.wait_sum_us += old.wait_sum_us;
+        out.wait_max_us = out.wait_max_us.max(old.wait_max_us);
+        out.max_queue_seen = out.max_queue_seen.max(old.max_queue_seen);
+        out.arrival_window_peak = out.arrival_window_peak.max(old.arrival_window_peak);
+        out.accept_window_peak = out.accept_window_peak.max(old.accept_window_peak);
+        out.near_full_count += old.near_full_count;
+        if live.near_full_count == 0 {
+            out.near_full_last_ns = old.near_full_last_ns;
+            out.near_full_len = old.near_full_len;
+            out.near_full_max = old.near_full_max;
+        }
+        if live.queue_limit == 0 {
+            out.queue_limit = old.queue_limit;
+        }
+        // Who listens: the live row's once it knows, else the last known.
+        if live.listener_family == 0 {
+            out.listener_inode = old.listener_inode;
+            out.listener_family = old.listener_family;
+            out.listener_addr = old.listener_addr;
+        }
+        for &(bucket, count) in &self.buckets {
+            if let Some(slot) = out.wait_buckets.get_mut(usize::from(bucket)) {
+                *slot += count;
+            }
+        }
+        out
+    }
+}
+
+/// Rows retired beyond [`RETIRED_ROWS`]: no longer kept per listener, only
+/// counted, so that the final notes can say what they held.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FoldedRows {
+    pub rows: u64,
+    pub accepts: u64,
+    pub waits: u64,
+}
+
 /// The agent's handle on `ACCEPT_STATS`, with what it last reported.
 pub struct AcceptWait {
     map: BpfHashMap<MapData, AcceptKey, AcceptStats>,
@@ -265,20 +420,40 @@ pub struct AcceptWait {
     /// Near-full warnings already printed, per row.
     warned: HashMap<AcceptKey, u64>,
     pub read_errors: u64,
+    /// None: rows are never deleted (`--expire-after 0`).
+    expire_after: Option<Duration>,
+    /// Each live row's fingerprint and when it last changed.
+    seen: HashMap<AcceptKey, (Fingerprint, Instant)>,
+    retired: HashMap<AcceptKey, Retired>,
+    pub folded: FoldedRows,
+    /// Rows deleted from the kernel map since start.
+    pub expired: u64,
+    /// Whether the map's being full was said already (agent.rs).
+    pub full_told: bool,
 }
 
 impl AcceptWait {
-    pub fn new(map: BpfHashMap<MapData, AcceptKey, AcceptStats>) -> Self {
+    pub fn new(
+        map: BpfHashMap<MapData, AcceptKey, AcceptStats>,
+        expire_after: Option<Duration>,
+    ) -> Self {
         AcceptWait {
             map,
             previous: HashMap::new(),
             previous_at: Instant::now(),
             warned: HashMap::new(),
             read_errors: 0,
+            expire_after,
+            seen: HashMap::new(),
+            retired: HashMap::new(),
+            folded: FoldedRows::default(),
+            expired: 0,
+            full_told: false,
         }
     }
 
-    fn rows(&mut self) -> Vec<(AcceptKey, AcceptStats)> {
+    /// The rows now in the kernel map, as they are there.
+    fn live_rows(&mut self) -> Vec<(AcceptKey, AcceptStats)> {
         let mut rows = Vec::new();
         for entry in self.map.iter() {
             match entry {
@@ -290,10 +465,99 @@ impl AcceptWait {
         rows
     }
 
+    /// Every listener's figures since start: the live rows with their
+    /// retired parts added, and the retired rows not live again.
+    fn rows(&mut self) -> Vec<(AcceptKey, AcceptStats)> {
+        let live = self.live_rows();
+        merge_retired(&self.retired, live)
+    }
+
+    /// Deletes the rows whose counters have not changed for
+    /// `--expire-after`, keeping their figures; returns how many went.
+    ///
+    /// Each is read once more and deleted only if still unchanged. An
+    /// accept() that updates the row between that read and the delete is
+    /// lost from the figures (a window of two syscalls, on a row idle for
+    /// minutes), as for the drop totals (kernel/expire.rs).
+    pub fn expire(&mut self, now: Instant) -> usize {
+        let Some(after) = self.expire_after else {
+            return 0;
+        };
+        // Fingerprints only: a full row is 4.4 kB, the table 4.5 MB.
+        let mut live = Vec::new();
+        for entry in self.map.iter() {
+            match entry {
+                Ok((key, stats)) => live.push((key, Fingerprint::of(&stats))),
+                Err(_) => self.read_errors += 1,
+            }
+        }
+        let present: HashSet<AcceptKey> = live.iter().map(|(k, _)| *k).collect();
+        self.seen.retain(|k, _| present.contains(k));
+        let mut idle = Vec::new();
+        for (key, print) in live {
+            let entry = self.seen.entry(key).or_insert((print, now));
+            if entry.0 != print {
+                *entry = (print, now);
+            } else if now.duration_since(entry.1) >= after {
+                idle.push(key);
+            }
+        }
+        let mut gone = 0;
+        for key in idle {
+            let Ok(last) = self.map.get(&key, 0) else {
+                continue;
+            };
+            let unchanged = self.seen.get(&key).map(|(p, _)| *p) == Some(Fingerprint::of(&last));
+            if !unchanged || self.map.remove(&key).is_err() {
+                continue;
+            }
+            self.seen.remove(&key);
+            self.retire(key, &last);
+            gone += 1;
+        }
+        gone
+    }
+
+    fn retire(&mut self, key: AcceptKey, last: &AcceptStats) {
+        self.expired += 1;
+        let room = self.retired.len() < RETIRED_ROWS;
+        match self.retired.get_mut(&key) {
+            Some(part) => part.absorb(last),
+            None if room => {
+                self.retired.insert(key, Retired::of(last));
+            }
+            None => {
+                // Not kept: a re-created row starts afresh, so what was
+                // reported of this key is forgotten too (its rates and
+                // warnings then count from 0 again, never below).
+                self.folded.rows += 1;
+                self.folded.accepts += last.accepts;
+                self.folded.waits += last.waits;
+                self.previous.remove(&key);
+                self.warned.remove(&key);
+            }
+        }
+    }
+
     /// Near-full crossings since the previous poll.
     pub fn poll_near_full(&mut self) -> Vec<NearFull> {
         let mut out = Vec::new();
-        for (key, stats) in self.rows() {
+        // A retired row that is not live again has no new crossing: only
+        // the live rows are read (with their retired parts, so that the
+        // counts compare with what was warned before).
+        // One row at a time: the table is 4.5 MB when full.
+        for entry in self.map.iter() {
+            let (key, stats) = match entry {
+                Ok(row) => row,
+                Err(_) => {
+                    self.read_errors += 1;
+                    continue;
+                }
+            };
+            let stats = match self.retired.get(&key) {
+                Some(part) => part.merged_with(&stats),
+                None => stats,
+            };
             let seen = self.warned.entry(key).or_insert(0);
             if stats.near_full_count > *seen {
                 if let Some(listener) = RowListener::of(&key, &stats) {
@@ -332,6 +596,60 @@ impl AcceptWait {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+}
+
+fn merge_retired(
+    retired: &HashMap<AcceptKey, Retired>,
+    live: Vec<(AcceptKey, AcceptStats)>,
+) -> Vec<(AcceptKey, AcceptStats)> {
+    if retired.is_empty() {
+        return live;
+    }
+    let mut in_live = HashSet::with_capacity(live.len());
+    let mut out = Vec::with_capacity(live.len() + retired.len());
+    for (key, stats) in live {
+        in_live.insert(key);
+        match retired.get(&key) {
+            Some(part) => out.push((key, part.merged_with(&stats))),
+            None => out.push((key, stats)),
+        }
+    }
+    let zero = zeroed_stats();
+    out.extend(
+        retired
+            .iter()
+            .filter(|(key, _)| !in_live.contains(*key))
+            .map(|(key, part)| (*key, part.merged_with(&zero))),
+    );
+    out
+}
+
+fn zeroed_stats() -> AcceptStats {
+    AcceptStats {
+        arrivals: 0,
+        accepts: 0,
+        waits: 0,
+        wait_sum_us: 0,
+        wait_max_us: 0,
+        listener_inode: 0,
+        listener_addr: [0; 16],
+        listener_family: 0,
+        _pad0: 0,
+        max_queue_seen: 0,
+        queue_limit: 0,
+        _pad1: 0,
+        arrival_window_start_ns: 0,
+        arrival_window_count: 0,
+        arrival_window_peak: 0,
+        accept_window_start_ns: 0,
+        accept_window_count: 0,
+        accept_window_peak: 0,
+        near_full_count: 0,
+        near_full_last_ns: 0,
+        near_full_len: 0,
+        near_full_max: 0,
+        wait_buckets: [0; WAIT_BUCKETS],
     }
 }
 
@@ -409,6 +727,64 @@ mod tests {
             );
         }
         assert_eq!(percentile_us(&buckets, 1.0, max), Some(max as f64));
+    }
+
+    fn row_with(waits_us: &[u64], accepts: u64) -> AcceptStats {
+        let mut stats = zeroed_stats();
+        for &us in waits_us {
+            stats.wait_buckets[wait_bucket(us)] += 1;
+            stats.waits += 1;
+            stats.wait_sum_us += us;
+            stats.wait_max_us = stats.wait_max_us.max(us);
+        }
+        stats.accepts = accepts;
+        stats
+    }
+
+    fn key(port: u16) -> AcceptKey {
+        AcceptKey {
+            socket_inode: 0,
+            netns_inode: 1,
+            port,
+            kind: ACCEPT_KEY_TCP,
+        }
+    }
+
+    /// A retired row added to the re-created one gives the figures of one
+    /// row that saw every wait: counters summed, histogram merged, maxima
+    /// kept; and twice retired, nothing is counted twice.
+    #[test]
+    fn retired_part_adds_back_exactly() {
+        let before = [400_000, 300_000, 200_000];
+        let after = [5_000, 10_000];
+        let mut part = Retired::of(&row_with(&before, 3));
+        let mut live = row_with(&after, 2);
+        live.listener_family = backlog_common::AF_INET;
+        let merged = part.merged_with(&live);
+        let all: Vec<u64> = before.iter().chain(&after).copied().collect();
+        assert_eq!(merged, {
+            let mut one = row_with(&all, 5);
+            one.listener_family = backlog_common::AF_INET;
+            one
+        });
+        part.absorb(&live);
+        let again = part.merged_with(&zeroed_stats());
+        assert_eq!((again.accepts, again.waits), (5, 5));
+        assert_eq!(again.wait_buckets, row_with(&all, 5).wait_buckets);
+        // Sparse: only the buckets in use are kept.
+        assert_eq!(part.buckets.len(), 5);
+    }
+
+    /// Retired rows not live again are still read; live ones get theirs.
+    #[test]
+    fn merge_keeps_retired_rows_that_are_not_live() {
+        let mut retired = HashMap::new();
+        retired.insert(key(1), Retired::of(&row_with(&[1000], 1)));
+        retired.insert(key(2), Retired::of(&row_with(&[2000], 1)));
+        let rows = merge_retired(&retired, vec![(key(1), row_with(&[3000], 1))]);
+        let mut accepts: Vec<(u16, u64)> = rows.iter().map(|(k, s)| (k.port, s.accepts)).collect();
+        accepts.sort_unstable();
+        assert_eq!(accepts, vec![(1, 2), (2, 1)]);
     }
 
     #[test]

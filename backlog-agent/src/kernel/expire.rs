@@ -63,6 +63,11 @@ impl<K: Copy + Eq + Hash> Expiry<K> {
         }
     }
 
+    /// `--expire-after`, None for never.
+    pub fn after(&self) -> Option<Duration> {
+        self.after
+    }
+
     /// Records the live rows as read at `now`; returns the keys unchanged
     /// for at least `after`, to be read once more and deleted.
     pub fn observe(&mut self, live: &[(K, DropCounts)], now: Instant) -> Vec<K> {
@@ -109,6 +114,13 @@ impl<K: Copy + Eq + Hash> Expiry<K> {
             }
             None => self.other = add(self.other, last),
         }
+    }
+
+    /// Drops the retired rows `gone` selects, without folding them into
+    /// `other`: their counts were moved elsewhere (the summary's folded
+    /// listeners, summary.rs).
+    pub fn forget_retired(&mut self, gone: impl Fn(&K) -> bool) {
+        self.retired.retain(|k, _| !gone(k));
     }
 
     /// The live rows with the retired parts added in, plus the retired rows

@@ -12,7 +12,8 @@ use aya::{
 };
 use backlog_common::{
     Config, DropCounts, DropKind, DropTotalKey, FilterConfig, PeerKey, UnixAccount, UnixTotalKey,
-    COUNTER_EVENTS_LOST, COUNTER_EVENTS_SUPPRESSED, COUNTER_READ_ERRORS, COUNTER_TOTALS_FULL,
+    COUNTER_ACCEPT_STATS_FULL, COUNTER_EVENTS_LOST, COUNTER_EVENTS_SUPPRESSED, COUNTER_READ_ERRORS,
+    COUNTER_TOTALS_FULL,
 };
 use thiserror::Error;
 
@@ -956,6 +957,11 @@ impl KernelCounters {
     /// Per-listener totals that could not be stored (map full).
     pub fn totals_full(&self) -> Result<u64, String> {
         self.sum(COUNTER_TOTALS_FULL)
+    }
+
+    /// Accept-queue updates that found `ACCEPT_STATS` full.
+    pub fn accept_stats_full(&self) -> Result<u64, String> {
+        self.sum(COUNTER_ACCEPT_STATS_FULL)
     }
 
     /// What became of the drops per listener and kind, summed over CPUs,

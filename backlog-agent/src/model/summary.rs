@@ -69,6 +69,12 @@ pub struct ListenerStats {
     pub accept: Option<crate::enrich::accept_wait::AcceptFigures>,
     /// Backlog advice from those figures, set at each report.
     pub advice: Option<crate::enrich::advice::Advice>,
+    /// CLOCK_MONOTONIC ns of the last event, aggregate or change of the
+    /// kernel's totals (0: none yet): what `Summary::evict_idle` reads.
+    pub last_active_ns: u64,
+    /// The kernel totals summed over kinds at the last accounting, to
+    /// tell whether they moved.
+    accounted_total: u64,
 }
 
 impl ListenerStats {
@@ -101,6 +107,54 @@ impl ListenerStats {
     }
 }
 
+/// Listeners the summary keeps one by one; beyond, those idle for
+/// `--expire-after` whose kernel rows are gone fold into [`Folded`], so
+/// the summary (and the agent's memory) stays bounded with listeners
+/// coming and going. Folding goes down to 3/4 of this, not at every one.
+pub const SUMMARY_CAP: usize = 4096;
+
+/// The listeners folded out of the summary, added up: every total stays
+/// exact (the per-listener rows plus this are what was counted).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Folded {
+    pub listeners: u64,
+    /// Per kind: what the listeners showed (the kernel's totals, or the
+    /// events where no total was read).
+    pub drops: BTreeMap<DropKind, u64>,
+    pub events: BTreeMap<DropKind, u64>,
+    pub aggregated: BTreeMap<DropKind, u64>,
+    pub lost: BTreeMap<DropKind, u64>,
+    /// Final-ACK drops per netns, which the split of the kernel's
+    /// counters into kinds needs (`Sink::traced_acks`).
+    pub acks_by_netns: BTreeMap<u32, u64>,
+}
+
+impl Folded {
+    fn absorb(&mut self, netns: u32, stats: &ListenerStats) {
+        self.listeners += 1;
+        let acks = stats.count(DropKind::AckDroppedAcceptQueueFull);
+        if acks > 0 {
+            *self.acks_by_netns.entry(netns).or_default() += acks;
+        }
+        for (kind, count) in stats.kind_counts() {
+            *self.drops.entry(kind).or_default() += count;
+        }
+        for (kind, count) in &stats.counts {
+            *self.events.entry(*kind).or_default() += count;
+        }
+        for (kind, count) in &stats.aggregated {
+            *self.aggregated.entry(*kind).or_default() += count;
+        }
+        for (kind, counts) in &stats.accounting {
+            *self.lost.entry(*kind).or_default() += counts.lost;
+        }
+    }
+}
+
+/// Listeners that fold together: the latest activity among them, whether
+/// all are idle, and their keys.
+type FoldGroup = (u64, bool, Vec<ListenerKey>);
+
 /// Agent-side bookkeeping of what could not be reported.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Losses {
@@ -129,6 +183,8 @@ pub struct Summary {
     pub events: u64,
     pub losses: Losses,
     pub flood: FloodTotals,
+    /// Idle listeners folded out of `listeners` (`evict_idle`).
+    pub folded: Folded,
 }
 
 impl Summary {
@@ -150,6 +206,7 @@ impl Summary {
             stats.cgroup_id = event.cgroup_id;
         }
         *stats.counts.entry(event.kind).or_default() += 1;
+        stats.last_active_ns = stats.last_active_ns.max(event.timestamp_ns);
         // Compared before cloned: under a flood the holders rarely change.
         if !processes.is_empty() && stats.processes != processes {
             stats.processes = processes.to_vec();
@@ -170,6 +227,7 @@ impl Summary {
         inode: u64,
         queue: Option<(u32, u32)>,
         processes: &[Process],
+        timestamp_ns: u64,
     ) {
         self.events += 1;
         let key = ListenerKey {
@@ -182,6 +240,7 @@ impl Summary {
             .counts
             .entry(DropKind::UnixConnectBacklogFull)
             .or_default() += 1;
+        stats.last_active_ns = stats.last_active_ns.max(timestamp_ns);
         if !processes.is_empty() {
             stats.processes = processes.to_vec();
         }
@@ -204,6 +263,74 @@ impl Summary {
         }
         self.apply_totals(inet);
         self.apply_unix_totals(unix);
+        let now = crate::clock::monotonic_ns();
+        for stats in self.listeners.values_mut() {
+            let total = stats.accounting.values().map(|c| c.total).sum();
+            if total != stats.accounted_total {
+                stats.accounted_total = total;
+                stats.last_active_ns = now;
+            }
+        }
+    }
+
+    /// Beyond [`SUMMARY_CAP`] listeners, folds those idle for `idle_ns`
+    /// (as of `now_ns`) and not `live` in the kernel's maps into
+    /// `folded`, least recently active first, down to 3/4 of the cap; the
+    /// folded keys are returned. The accounting must be fresh (applied
+    /// just before). UNIX listeners sharing a path share its kernel totals
+    /// (`apply_unix_totals`): they fold together or not at all.
+    pub fn evict_idle(
+        &mut self,
+        now_ns: u64,
+        idle_ns: u64,
+        live: impl Fn(&ListenerKey) -> bool,
+    ) -> Vec<ListenerKey> {
+        self.evict_idle_beyond(SUMMARY_CAP, now_ns, idle_ns, live)
+    }
+
+    fn evict_idle_beyond(
+        &mut self,
+        cap: usize,
+        now_ns: u64,
+        idle_ns: u64,
+        live: impl Fn(&ListenerKey) -> bool,
+    ) -> Vec<ListenerKey> {
+        if self.listeners.len() <= cap {
+            return Vec::new();
+        }
+        let keep = cap - cap / 4;
+        // Group: a UNIX (netns, path), or the TCP listener itself.
+        let mut groups: BTreeMap<(u32, ListenerAddr, u64), FoldGroup> = BTreeMap::new();
+        for (key, stats) in &self.listeners {
+            let group = match &key.listener {
+                ListenerAddr::Unix(_) => (key.netns, key.listener.clone(), 0),
+                ListenerAddr::Inet(_) => (key.netns, key.listener.clone(), key.socket_inode),
+            };
+            let idle = now_ns.saturating_sub(stats.last_active_ns) >= idle_ns && !live(key);
+            let entry = groups.entry(group).or_insert((0, true, Vec::new()));
+            entry.0 = entry.0.max(stats.last_active_ns);
+            entry.1 &= idle;
+            entry.2.push(key.clone());
+        }
+        let mut idle: Vec<(u64, Vec<ListenerKey>)> = groups
+            .into_values()
+            .filter(|(_, idle, _)| *idle)
+            .map(|(last, _, keys)| (last, keys))
+            .collect();
+        idle.sort_by_key(|(last, _)| *last);
+        let mut evicted = Vec::new();
+        for (_, keys) in idle {
+            if self.listeners.len() <= keep {
+                break;
+            }
+            for key in keys {
+                if let Some(stats) = self.listeners.remove(&key) {
+                    self.folded.absorb(key.netns, &stats);
+                    evicted.push(key);
+                }
+            }
+        }
+        evicted
     }
 
     fn apply_totals(&mut self, totals: &[(DropTotalKey, DropCounts)]) {
@@ -223,16 +350,26 @@ impl Summary {
     /// The kernel's UNIX EAGAIN accounting, keyed by (client netns, path),
     /// goes to the listener the events were attributed to.
     fn apply_unix_totals(&mut self, totals: &[(UnixTotalKey, DropCounts)]) {
+        if totals.is_empty() {
+            return;
+        }
+        // The first listener of each (netns, path), found once: a search
+        // per total would be quadratic with thousands of listeners.
+        let mut first: std::collections::HashMap<(u32, String), ListenerKey> =
+            std::collections::HashMap::new();
+        for key in self.listeners.keys() {
+            if let ListenerAddr::Unix(path) = &key.listener {
+                first
+                    .entry((key.netns, path.clone()))
+                    .or_insert_with(|| key.clone());
+            }
+        }
         for (key, counts) in totals {
             let FloodListener::Unix { netns, path } = flood::unix_listener(key) else {
                 continue;
             };
+            let existing = first.get(&(netns, path.clone())).cloned();
             let listener = ListenerAddr::Unix(path);
-            let existing = self
-                .listeners
-                .keys()
-                .find(|k| k.netns == netns && k.listener == listener)
-                .cloned();
             let key = existing.unwrap_or(ListenerKey {
                 netns,
                 listener,
@@ -262,12 +399,106 @@ impl Summary {
             listener,
             socket_inode,
         };
-        *self
+        let stats = self.listeners.entry(key).or_default();
+        *stats.aggregated.entry(aggregate.kind).or_default() += aggregate.count;
+        stats.last_active_ns = crate::clock::monotonic_ns();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> ListenerKey {
+        ListenerKey {
+            netns: 1,
+            listener: ListenerAddr::Inet(SocketAddr::from(([127, 0, 0, 1], port))),
+            socket_inode: u64::from(port),
+        }
+    }
+
+    fn unix_key(path: &str, inode: u64) -> ListenerKey {
+        ListenerKey {
+            netns: 1,
+            listener: ListenerAddr::Unix(path.into()),
+            socket_inode: inode,
+        }
+    }
+
+    fn stats(events: u64, total: u64, last_active_ns: u64) -> ListenerStats {
+        let kind = DropKind::AckDroppedAcceptQueueFull;
+        let mut stats = ListenerStats {
+            last_active_ns,
+            ..ListenerStats::default()
+        };
+        stats.counts.insert(kind, events);
+        stats.aggregated.insert(kind, total - events);
+        stats.accounting.insert(
+            kind,
+            DropCounts {
+                total,
+                sent: events,
+                suppressed: total - events,
+                lost: 0,
+            },
+        );
+        stats
+    }
+
+    fn total(summary: &Summary) -> u64 {
+        let kind = DropKind::AckDroppedAcceptQueueFull;
+        summary
             .listeners
-            .entry(key)
-            .or_default()
-            .aggregated
-            .entry(aggregate.kind)
-            .or_default() += aggregate.count;
+            .values()
+            .map(|s| s.count(kind))
+            .sum::<u64>()
+            + summary.folded.drops.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// Over the cap, idle listeners that are not live fold into `folded`
+    /// (least recently active first, down to 3/4 of the cap); the total
+    /// over rows and folded part does not change; recent or live ones stay.
+    #[test]
+    fn idle_listeners_fold_beyond_the_cap_keeping_totals() {
+        let mut summary = Summary::default();
+        for port in 1..=12u16 {
+            // Ports 1..=8 idle since t=port, 9..=12 active at t=100.
+            let last = if port <= 8 { u64::from(port) } else { 100 };
+            summary
+                .listeners
+                .insert(key(port), stats(2, 10 + u64::from(port), last));
+        }
+        let before = total(&summary);
+        // Port 1 is still live in the kernel: never folded.
+        let evicted = summary.evict_idle_beyond(8, 110, 50, |k| *k == key(1));
+        assert_eq!(
+            evicted,
+            vec![key(2), key(3), key(4), key(5), key(6), key(7)]
+        );
+        assert_eq!(summary.listeners.len(), 6);
+        assert!(summary.listeners.contains_key(&key(1)));
+        assert_eq!(total(&summary), before);
+        assert_eq!(summary.folded.listeners, 6);
+        let kind = DropKind::AckDroppedAcceptQueueFull;
+        assert_eq!(summary.folded.events[&kind], 12);
+        // Within the cap: nothing happens.
+        assert!(summary.evict_idle_beyond(8, 1000, 50, |_| false).is_empty());
+    }
+
+    /// UNIX listeners of one path share the kernel's total: they fold
+    /// together, and not while one of them is active.
+    #[test]
+    fn unix_listeners_of_one_path_fold_together() {
+        let mut summary = Summary::default();
+        summary.listeners.insert(unix_key("/a", 1), stats(1, 5, 1));
+        summary
+            .listeners
+            .insert(unix_key("/a", 2), stats(1, 1, 100));
+        summary.listeners.insert(unix_key("/b", 3), stats(1, 7, 1));
+        summary.listeners.insert(unix_key("/b", 4), stats(1, 1, 2));
+        let before = total(&summary);
+        let evicted = summary.evict_idle_beyond(2, 110, 50, |_| false);
+        assert_eq!(evicted, vec![unix_key("/b", 3), unix_key("/b", 4)]);
+        assert_eq!(total(&summary), before);
     }
 }

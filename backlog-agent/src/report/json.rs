@@ -14,8 +14,8 @@ use crate::{
     enrich::{accept_wait::WaitMs, advice::Advice, attribution::Process},
     flood::FloodListener,
     model::{
-        AggregateRecord, CountedNetns, DropEvent, ListenerAddr, ListenerContext, ListenerReport,
-        NearFullWarning, Placement, UnixDrop,
+        summary::Folded, AggregateRecord, CountedNetns, DropEvent, ListenerAddr, ListenerContext,
+        ListenerReport, NearFullWarning, Placement, UnixDrop,
     },
 };
 
@@ -419,6 +419,41 @@ struct SummaryJson<'a> {
     arrival_rate_per_s: Option<f64>,
     backlog_advice: Option<&'a Advice>,
     near_full_warnings: u64,
+}
+
+/// The listeners folded out of the summary (summary.rs's `Folded`), per
+/// kind: what they showed, and where it went.
+#[derive(Serialize)]
+struct FoldedJson<'a> {
+    kind: &'static str,
+    time: &'a str,
+    listeners: u64,
+    counts: BTreeMap<&'static str, u64>,
+    events: BTreeMap<&'static str, u64>,
+    aggregated: BTreeMap<&'static str, u64>,
+    lost: BTreeMap<&'static str, u64>,
+}
+
+/// The `listeners_folded` line; None while nothing was folded.
+pub fn folded_line(time: &str, folded: &Folded) -> Option<String> {
+    if folded.listeners == 0 {
+        return None;
+    }
+    let by_kind = |map: &BTreeMap<DropKind, u64>| {
+        map.iter()
+            .map(|(kind, n)| (kind.as_str(), *n))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let json = FoldedJson {
+        kind: "listeners_folded",
+        time,
+        listeners: folded.listeners,
+        counts: by_kind(&folded.drops),
+        events: by_kind(&folded.events),
+        aggregated: by_kind(&folded.aggregated),
+        lost: by_kind(&folded.lost),
+    };
+    serde_json::to_string(&json).ok()
 }
 
 /// The `listener_summary` line of one listener.

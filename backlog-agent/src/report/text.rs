@@ -178,6 +178,33 @@ pub fn summary_table(summary: &Summary) -> String {
             }
         }
     }
+    let folded = &summary.folded;
+    if folded.listeners > 0 {
+        let kinds: Vec<String> = folded
+            .drops
+            .iter()
+            .map(|(kind, n)| {
+                let events = folded.events.get(kind).copied().unwrap_or(0);
+                let aggregated = folded.aggregated.get(kind).copied().unwrap_or(0);
+                let lost = folded.lost.get(kind).copied().unwrap_or(0);
+                format!(
+                    "{} {n} ({events} events, {aggregated} aggregated, {lost} lost)",
+                    kind.as_str()
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "other: {} idle listeners folded (more than {} listeners): {}",
+            folded.listeners,
+            crate::model::summary::SUMMARY_CAP,
+            if kinds.is_empty() {
+                "no drops".to_owned()
+            } else {
+                kinds.join(", ")
+            }
+        );
+    }
     let l = summary.losses;
     let _ = writeln!(
         out,
@@ -343,6 +370,32 @@ mod tests {
             partial: false,
             reset_sent: false,
         }
+    }
+
+    /// Folded listeners get one "other" line with where their drops went.
+    #[test]
+    fn folded_listeners_show_as_other() {
+        let mut s = Summary::default();
+        s.record(&drop_at(DropKind::SynCookieSent, 80, 10), &[]);
+        let kind = DropKind::AckDroppedAcceptQueueFull;
+        s.folded.listeners = 3;
+        s.folded.drops.insert(kind, 50);
+        s.folded.events.insert(kind, 20);
+        s.folded.aggregated.insert(kind, 30);
+        let table = summary_table(&s);
+        assert!(
+            table.contains(
+                "other: 3 idle listeners folded (more than 4096 listeners): \
+                 ack_dropped_accept_queue_full 50 (20 events, 30 aggregated, 0 lost)"
+            ),
+            "{table}"
+        );
+        let line = crate::report::json::folded_line("t", &s.folded).expect("a line");
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(json["kind"], "listeners_folded");
+        assert_eq!(json["counts"]["ack_dropped_accept_queue_full"], 50);
+        assert_eq!(json["aggregated"]["ack_dropped_accept_queue_full"], 30);
+        assert!(crate::report::json::folded_line("t", &Summary::default().folded).is_none());
     }
 
     #[test]
