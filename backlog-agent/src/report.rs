@@ -153,7 +153,9 @@ impl Reporter {
             }
         }
         self.flush();
-        eprint!("{}", text::listener_summary(heading, summary, diagnoses));
+        let mut stderr = StderrLines(std::io::BufWriter::new(std::io::stderr().lock()));
+        text::write_listener_summary(&mut stderr, heading, summary, diagnoses);
+        let _ = std::io::Write::flush(&mut stderr.0);
     }
 
     /// Drops counted by the kernel during the run in namespaces where they
@@ -167,6 +169,16 @@ impl Reporter {
         }
         self.flush();
         eprint!("{}", text::counted(namespaces));
+    }
+}
+
+/// stderr as a `fmt::Write`, buffered: the summary is written to it line
+/// by line instead of being built as one string first.
+struct StderrLines<W: std::io::Write>(W);
+
+impl<W: std::io::Write> std::fmt::Write for StderrLines<W> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.write_all(s.as_bytes()).map_err(|_| std::fmt::Error)
     }
 }
 
@@ -217,3 +229,4 @@ pub(crate) mod fixtures {
         UNIX_EPOCH + Duration::from_secs(1_795_316_400)
     }
 }
+

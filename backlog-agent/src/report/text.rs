@@ -2,7 +2,7 @@
 //! stderr the per-listener table with its diagnoses and the counts the
 //! kernel kept where it could not trace.
 
-use std::fmt::Write as _;
+use std::fmt::Write;
 
 use backlog_common::DropKind;
 
@@ -119,11 +119,20 @@ pub fn near_full_line(warning: &NearFullWarning, percent: u32) -> String {
         process_list(warning.processes),
     )
 }
-/// The table printed to stderr at exit.
+/// The table printed to stderr at exit, as one string (tests).
+#[cfg(test)]
 pub fn summary_table(summary: &Summary) -> String {
     let mut out = String::new();
+    write_summary_table(&mut out, summary);
+    out
+}
+
+/// The table printed to stderr at exit, written line by line: with
+/// thousands of listeners, building it as one string was megabytes held
+/// at once at the end of the run.
+pub fn write_summary_table(out: &mut impl Write, summary: &Summary) {
     if summary.listeners.is_empty() {
-        out.push_str("no drops seen\n");
+        let _ = out.write_str("no drops seen\n");
     } else {
         let _ = writeln!(
             out,
@@ -232,21 +241,21 @@ pub fn summary_table(summary: &Summary) -> String {
             if engaged.is_empty() { "none".to_owned() } else { engaged.join(", ") }
         );
     }
-    out
 }
 
 /// The summary for stderr: `heading`, the table, then each listener's
 /// diagnosis.
-pub fn listener_summary(
+pub fn write_listener_summary(
+    out: &mut impl Write,
     heading: &str,
     summary: &Summary,
     diagnoses: &[(ListenerAddr, String)],
-) -> String {
-    let mut text = format!("{heading}\n{}", summary_table(summary));
+) {
+    let _ = writeln!(out, "{heading}");
+    write_summary_table(out, summary);
     for (listener, diagnosis) in diagnoses {
-        let _ = writeln!(text, "  {listener}: {diagnosis}");
+        let _ = writeln!(out, "  {listener}: {diagnosis}");
     }
-    text
 }
 
 /// Drops counted by the kernel where they could not be traced: per-kind
