@@ -229,4 +229,3 @@ pub(crate) mod fixtures {
         UNIX_EPOCH + Duration::from_secs(1_795_316_400)
     }
 }
-

@@ -39,6 +39,9 @@ pub struct ListenerKey {
     pub socket_inode: u64,
 }
 
+/// Peers counted per listener (see `ListenerStats::count_peer`).
+pub const PEERS_KEPT: usize = 32;
+
 /// A value per drop kind, held inline: the summary keeps three of these
 /// per listener, and as `BTreeMap`s each allocated a whole node even for
 /// one kind (about 600 bytes per listener on the heap, 6 MB at 10,000
@@ -153,8 +156,9 @@ pub struct ListenerStats {
     /// The same since the last metrics scrape, which resets it.
     pub max_accept_queue_since_scrape: u32,
     pub accept_queue_limit: u32,
-    /// Drops per peer address, for the busiest peers.
-    pub peers: BTreeMap<IpAddr, u64>,
+    /// Drops per peer address, for the busiest peers: at most
+    /// PEERS_KEPT of them (see `count_peer`).
+    peers: Vec<(IpAddr, u64)>,
     pub cgroup_id: u64,
     /// Accept-queue wait and rates (accept_wait.rs), set at each report.
     pub accept: Option<crate::enrich::accept_wait::AcceptFigures>,
@@ -189,9 +193,25 @@ impl ListenerStats {
         kinds.into_iter().map(|k| (k, self.count(k))).collect()
     }
 
+    /// One more drop from `peer`. The list is bounded (a spoofed-source
+    /// flood brings a new peer with every event, 100 a second per
+    /// listener): once PEERS_KEPT are known, a new one takes the slot of
+    /// the least counted and starts from its count ("space saving"), so
+    /// the busiest stay and a count is at most overstated by what the
+    /// slot held.
+    pub fn count_peer(&mut self, peer: IpAddr) {
+        if let Some(known) = self.peers.iter_mut().find(|(ip, _)| *ip == peer) {
+            known.1 += 1;
+        } else if self.peers.len() < PEERS_KEPT {
+            self.peers.push((peer, 1));
+        } else if let Some(least) = self.peers.iter_mut().min_by_key(|(_, count)| *count) {
+            *least = (peer, least.1 + 1);
+        }
+    }
+
     /// The `n` peers with the most drops, busiest first.
     pub fn top_peers(&self, n: usize) -> Vec<(IpAddr, u64)> {
-        let mut peers: Vec<_> = self.peers.iter().map(|(a, c)| (*a, *c)).collect();
+        let mut peers = self.peers.clone();
         peers.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         peers.truncate(n);
         peers
@@ -291,7 +311,7 @@ impl Summary {
         };
         let stats = self.listeners.entry(key).or_default();
         if let Some(peer) = event.peer {
-            *stats.peers.entry(peer.ip()).or_default() += 1;
+            stats.count_peer(peer.ip());
         }
         if event.cgroup_id != 0 {
             stats.cgroup_id = event.cgroup_id;
@@ -499,6 +519,42 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peers_stay_bounded_and_keep_the_busiest() {
+        let mut stats = ListenerStats::default();
+        let busy = IpAddr::from([198, 18, 0, 1]);
+        for i in 0..10_000u32 {
+            // A spoofed-source flood: every other drop from a new peer.
+            stats.count_peer(IpAddr::from((0xc612_0100u32 + i).to_be_bytes()));
+            stats.count_peer(busy);
+        }
+        assert!(stats.peers.len() <= PEERS_KEPT);
+        let top = stats.top_peers(1);
+        assert_eq!(top[0].0, busy);
+        // Never understated; overstated by at most what a slot held.
+        assert!(top[0].1 >= 10_000, "{top:?}");
+    }
+
+    #[test]
+    fn kind_map_iterates_in_kind_order() {
+        let mut map = KindMap::<u64>::default();
+        assert!(map.is_empty());
+        *map.entry(DropKind::UnixConnectBacklogFull).or_default() += 2;
+        map.insert(DropKind::SynDroppedSynQueueFull, 5);
+        *map.entry(DropKind::UnixConnectBacklogFull).or_default() += 1;
+        let seen: Vec<(DropKind, u64)> = map.iter().map(|(k, v)| (*k, *v)).collect();
+        assert_eq!(
+            seen,
+            vec![
+                (DropKind::SynDroppedSynQueueFull, 5),
+                (DropKind::UnixConnectBacklogFull, 3)
+            ]
+        );
+        assert_eq!(map.get(&DropKind::SynCookieSent), None);
+        map.clear();
+        assert!(map.is_empty());
+    }
 
     fn key(port: u16) -> ListenerKey {
         ListenerKey {
