@@ -83,21 +83,7 @@ fn slow_acceptor_wait_percentiles_match_the_test_clock() {
     let events = run.json_events();
     let summary = summary_for(&events, netns, port)
         .unwrap_or_else(|| panic!("no listener_summary for port {port}:\n{}", run.stdout));
-    let mut sorted = waits_ms.clone();
-    sorted.sort_by(f64::total_cmp);
-    for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)] {
-        let want = percentile(&sorted, q);
-        let got = summary["accept_wait_ms"][name]
-            .as_f64()
-            .unwrap_or_else(|| panic!("no accept_wait_ms.{name}: {summary}"));
-        common::figure(&format!(
-            "accept wait {name}: agent {got:.1} ms, test clock {want:.1} ms"
-        ));
-        assert!(
-            (got - want).abs() <= want * 0.10,
-            "{name}: agent {got:.1} ms vs test {want:.1} ms\n{summary}"
-        );
-    }
+    assert_waits_match(summary, &waits_ms, "accept wait");
     assert!(
         summary["accept_rate_per_s"].as_f64().unwrap() > 0.0,
         "{summary}"
@@ -289,21 +275,7 @@ fn unix_listener_wait_percentiles_match_the_test_clock() {
         .iter()
         .find(|e| e["kind"] == "listener_summary" && e["listener"]["path"] == path)
         .unwrap_or_else(|| panic!("no listener_summary for {path}:\n{}", run.stdout));
-    let mut sorted = waits_ms.clone();
-    sorted.sort_by(f64::total_cmp);
-    for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)] {
-        let want = percentile(&sorted, q);
-        let got = summary["accept_wait_ms"][name]
-            .as_f64()
-            .unwrap_or_else(|| panic!("no accept_wait_ms.{name}: {summary}"));
-        common::figure(&format!(
-            "UNIX accept wait {name}: agent {got:.1} ms, test clock {want:.1} ms"
-        ));
-        assert!(
-            (got - want).abs() <= want * 0.10,
-            "{name}: agent {got:.1} ms vs test {want:.1} ms\n{summary}"
-        );
-    }
+    assert_waits_match(summary, &waits_ms, "UNIX accept wait");
     // No handshake to count for UNIX listeners: arrivals stay unknown.
     assert!(summary["arrival_rate_per_s"].is_null(), "{summary}");
     assert!(
@@ -378,21 +350,11 @@ fn expired_accept_row_keeps_its_waits() {
     let events = run.json_events();
     let summary = summary_for(&events, netns, port)
         .unwrap_or_else(|| panic!("no listener_summary for port {port}:\n{}", run.stdout));
-    let mut sorted = waits_ms.clone();
-    sorted.sort_by(f64::total_cmp);
-    for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)] {
-        let want = percentile(&sorted, q);
-        let got = summary["accept_wait_ms"][name]
-            .as_f64()
-            .unwrap_or_else(|| panic!("no accept_wait_ms.{name}: {summary}"));
-        common::figure(&format!(
-            "accept wait across an expiry, {name}: agent {got:.1} ms, test clock {want:.1} ms ({expired})"
-        ));
-        assert!(
-            (got - want).abs() <= want * 0.10,
-            "{name}: agent {got:.1} ms vs test {want:.1} ms\n{summary}"
-        );
-    }
+    assert_waits_match(
+        summary,
+        &waits_ms,
+        &format!("accept wait across an expiry ({expired})"),
+    );
 }
 
 /// More listeners than ACCEPT_STATS holds (1,024 rows; every listen()
@@ -442,4 +404,24 @@ fn full_accept_table_is_said_and_freed_by_expiry() {
         (got - max).abs() <= max * 0.10,
         "max wait: agent {got:.1} ms vs test {max:.1} ms\n{summary}"
     );
+}
+
+/// The agent's accept-wait percentiles in `summary` against the test's
+/// own clock (`waits_ms`), within 10%; each printed as a figure.
+fn assert_waits_match(summary: &Value, waits_ms: &[f64], what: &str) {
+    let mut sorted = waits_ms.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)] {
+        let want = percentile(&sorted, q);
+        let got = summary["accept_wait_ms"][name]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no accept_wait_ms.{name}: {summary}"));
+        common::figure(&format!(
+            "{what} {name}: agent {got:.1} ms, test clock {want:.1} ms"
+        ));
+        assert!(
+            (got - want).abs() <= want * 0.10,
+            "{name}: agent {got:.1} ms vs test {want:.1} ms\n{summary}"
+        );
+    }
 }

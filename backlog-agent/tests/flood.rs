@@ -175,14 +175,7 @@ fn expired_listener_rows_keep_their_counts() {
         return;
     }
     let _serial = serial();
-    let mut agent = Agent::expect_ready(&[
-        "--output",
-        "json",
-        "--max-events-per-sec",
-        LIMIT,
-        "--expire-after",
-        "1",
-    ]);
+    let mut agent = expiring_agent();
     // Namespace inodes are reused once freed, so B may get A's: the two
     // listeners are told apart by port as well (B's is A's + 1).
     let overflow = |port: u16| {
@@ -246,14 +239,7 @@ fn expired_unix_rows_keep_their_counts() {
         return;
     }
     let _serial = serial();
-    let mut agent = Agent::expect_ready(&[
-        "--output",
-        "json",
-        "--max-events-per-sec",
-        LIMIT,
-        "--expire-after",
-        "1",
-    ]);
+    let mut agent = expiring_agent();
     let dir = tempfile::tempdir().expect("tempdir");
     let storm_on = |name: &str| {
         let path = dir.path().join(name);
@@ -377,4 +363,17 @@ fn syn_stage_past_the_rate_limit_is_accounted_exactly() {
             ),
         );
     }
+}
+
+/// The agent for the expiry tests: the tests' rate limit, and idle rows
+/// expiring after 1 s.
+fn expiring_agent() -> Agent {
+    Agent::expect_ready(&[
+        "--output",
+        "json",
+        "--max-events-per-sec",
+        LIMIT,
+        "--expire-after",
+        "1",
+    ])
 }
