@@ -764,6 +764,42 @@ pub struct AcceptOffsets {
     pub unix_peer: u32,
 }
 
+/// The offsets of the walk current->files->fdt->fd[fd]->private_data
+/// (the struct socket behind a socket fd), which both KernelOffsets and
+/// AcceptOffsets carry: one walk in the eBPF crate serves both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdWalk {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+}
+
+impl KernelOffsets {
+    pub const fn fd_walk(&self) -> FdWalk {
+        FdWalk {
+            task_files: self.task_files,
+            files_fdt: self.files_fdt,
+            fdtable_max_fds: self.fdtable_max_fds,
+            fdtable_fd: self.fdtable_fd,
+            file_private_data: self.file_private_data,
+        }
+    }
+}
+
+impl AcceptOffsets {
+    pub const fn fd_walk(&self) -> FdWalk {
+        FdWalk {
+            task_files: self.task_files,
+            files_fdt: self.files_fdt,
+            fdtable_max_fds: self.fdtable_max_fds,
+            fdtable_fd: self.fdtable_fd,
+            file_private_data: self.file_private_data,
+        }
+    }
+}
+
 const _: () = assert!(size_of::<AcceptOffsets>() == 28 * 4);
 
 impl AcceptOffsets {

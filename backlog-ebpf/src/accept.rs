@@ -36,7 +36,7 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TracePointContext,
@@ -253,25 +253,6 @@ pub fn accept_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// current->files->fdt->fd[fd]->private_data: the struct socket behind a
-/// socket fd of the calling process; NULL when it cannot be read.
-#[inline(always)]
-fn socket_of_fd(o: &AcceptOffsets, fd: u32) -> *const u8 {
-    let mut r = Reader::new();
-    let task = unsafe { bpf_get_current_task() } as *const u8;
-    let files = r.ptr(task, o.task_files);
-    let fdt = r.ptr(files, o.files_fdt);
-    let max_fds = r.at::<u32>(fdt, o.fdtable_max_fds);
-    let fds = r.ptr(fdt, o.fdtable_fd);
-    let file = r.ptr(fds, fd.wrapping_mul(8));
-    let socket = r.ptr(file, o.file_private_data);
-    if r.ok() && fd < max_fds {
-        socket
-    } else {
-        core::ptr::null()
-    }
-}
-
 #[inline(always)]
 fn save_fd(ctx: &TracePointContext) {
     let o = offsets();
@@ -329,7 +310,7 @@ pub fn unix_arrival(fd: u32) {
     if !layout_known(&o) || o.unix_peer == OFFSET_ABSENT {
         return;
     }
-    let socket = socket_of_fd(&o, fd);
+    let socket = crate::read::socket_of_fd(&o.fd_walk(), fd);
     if socket.is_null() {
         return;
     }
@@ -358,7 +339,7 @@ pub fn accept_sys_exit_accept(ctx: TracePointContext) -> u32 {
 /// The listener behind `fd` and its row key, with its identity filled in.
 #[inline(always)]
 fn listener_of_fd(o: &AcceptOffsets, fd: u32) -> Option<(*const u8, AcceptKey, Identity)> {
-    let socket = socket_of_fd(o, fd);
+    let socket = crate::read::socket_of_fd(&o.fd_walk(), fd);
     if socket.is_null() {
         return None;
     }
@@ -449,7 +430,7 @@ fn accepted(ctx: &TracePointContext) {
     // The queue held this connection too until a moment ago.
     queue_fill(stats, &o, listener, 1);
 
-    let child_socket = socket_of_fd(&o, new_fd as u32);
+    let child_socket = crate::read::socket_of_fd(&o.fd_walk(), new_fd as u32);
     if child_socket.is_null() {
         return;
     }

@@ -71,3 +71,23 @@ pub unsafe fn tp_field<T: Copy, const AT: usize>(ctx: &aya_ebpf::programs::Trace
     use aya_ebpf::EbpfContext as _;
     core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(AT).cast::<T>())
 }
+
+/// current->files->fdt->fd[fd]->private_data: the struct socket behind a
+/// socket fd of the calling process; NULL when it cannot be read.
+#[inline(always)]
+pub fn socket_of_fd(walk: &backlog_common::FdWalk, fd: u32) -> *const u8 {
+    let mut r = Reader::new();
+    // SAFETY: a helper without memory preconditions.
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() } as *const u8;
+    let files = r.ptr(task, walk.task_files);
+    let fdt = r.ptr(files, walk.files_fdt);
+    let max_fds = r.at::<u32>(fdt, walk.fdtable_max_fds);
+    let fds = r.ptr(fdt, walk.fdtable_fd);
+    let file = r.ptr(fds, fd.wrapping_mul(8));
+    let socket = r.ptr(file, walk.file_private_data);
+    if r.ok() && fd < max_fds {
+        socket
+    } else {
+        core::ptr::null()
+    }
+}

@@ -410,7 +410,7 @@ pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
         comm: current_comm(),
     };
     // Fields that cannot be read stay 0; the agent treats 0 as unknown.
-    let socket = socket_of_fd(args.fd);
+    let socket = crate::read::socket_of_fd(&o.fd_walk(), args.fd);
     if !socket.is_null() {
         let mut r = Reader::new();
         let inode = socket.wrapping_add(o.socket_to_inode as usize);
@@ -425,26 +425,6 @@ pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
     crate::filter::note_listen(event.pid, event.socket_inode);
     crate::submit(&event);
     0
-}
-
-/// current->files->fdt->fd[fd]->private_data: the struct socket behind a
-/// socket fd of the calling process; NULL when it cannot be read.
-#[inline(always)]
-fn socket_of_fd(fd: u32) -> *const u8 {
-    let o = crate::offsets();
-    let mut r = Reader::new();
-    let task = unsafe { bpf_get_current_task() } as *const u8;
-    let files = r.ptr(task, o.task_files);
-    let fdt = r.ptr(files, o.files_fdt);
-    let max_fds = r.at::<u32>(fdt, o.fdtable_max_fds);
-    let fds = r.ptr(fdt, o.fdtable_fd);
-    let file = r.ptr(fds, fd.wrapping_mul(8));
-    let socket = r.ptr(file, o.file_private_data);
-    if r.ok() && fd < max_fds {
-        socket
-    } else {
-        core::ptr::null()
-    }
 }
 
 /// The calling task's comm, zeroed when unreadable (a zeroed buffer, not
