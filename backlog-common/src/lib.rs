@@ -776,29 +776,24 @@ pub struct FdWalk {
     pub file_private_data: u32,
 }
 
-impl KernelOffsets {
-    pub const fn fd_walk(&self) -> FdWalk {
-        FdWalk {
-            task_files: self.task_files,
-            files_fdt: self.files_fdt,
-            fdtable_max_fds: self.fdtable_max_fds,
-            fdtable_fd: self.fdtable_fd,
-            file_private_data: self.file_private_data,
+/// `fd_walk()` for each offsets struct that carries the walk's fields.
+macro_rules! fd_walk_of {
+    ($($offsets:ty),*) => {$(
+        impl $offsets {
+            pub const fn fd_walk(&self) -> FdWalk {
+                FdWalk {
+                    task_files: self.task_files,
+                    files_fdt: self.files_fdt,
+                    fdtable_max_fds: self.fdtable_max_fds,
+                    fdtable_fd: self.fdtable_fd,
+                    file_private_data: self.file_private_data,
+                }
+            }
         }
-    }
+    )*};
 }
 
-impl AcceptOffsets {
-    pub const fn fd_walk(&self) -> FdWalk {
-        FdWalk {
-            task_files: self.task_files,
-            files_fdt: self.files_fdt,
-            fdtable_max_fds: self.fdtable_max_fds,
-            fdtable_fd: self.fdtable_fd,
-            file_private_data: self.file_private_data,
-        }
-    }
-}
+fd_walk_of!(KernelOffsets, AcceptOffsets);
 
 const _: () = assert!(size_of::<AcceptOffsets>() == 28 * 4);
 
