@@ -26,7 +26,8 @@ use std::{
 };
 
 use common::{
-    bench::{accounted, process_cpu},
+    accounting::{accounted, in_netns},
+    bench::process_cpu,
     counter_delta, in_new_netns, tcp_ext, Agent,
 };
 use socket2::{Domain, Socket, Type};
@@ -149,7 +150,7 @@ fn main() {
             .any(|l| l.contains(kind) && l.contains("not observable"))
     };
     let ack_kind = "ack_dropped_accept_queue_full";
-    let ack = accounted(&records, &[ack_kind], with.netns);
+    let ack = accounted(&records, &[ack_kind], in_netns(with.netns));
     // Which kind the SYN flood produces depends on the kernel's defaults
     // (a small tcp_max_syn_backlog drops by the 3/4 rule before the queue
     // is full), and handshakes whose TCP_DEFER_ACCEPT ran out overflow at
@@ -163,7 +164,7 @@ fn main() {
             "syn_dropped_other",
             ack_kind,
         ],
-        syn_with.netns,
+        in_netns(syn_with.netns),
     );
     let printed = ack.events + syn.events;
     let rate = |f: &Flood| f.drops as f64 / f.elapsed.as_secs_f64();

@@ -35,6 +35,7 @@ use std::{
 };
 
 use common::{
+    accounting::accounted,
     bench::{idle_processes, process_cpu, task_cpu},
     storm, Agent, Started,
 };
@@ -239,29 +240,6 @@ fn unix_listeners(dir: &Path, tag: &str, n: usize) -> (Vec<FullUnix>, u64, HashS
     (listeners, eagain, paths)
 }
 
-/// Events, aggregated and lost the agent reported for `paths`.
-fn accounted(run: &common::AgentRun, paths: &HashSet<String>) -> (u64, u64, u64) {
-    let (mut events, mut aggregated, mut lost) = (0, 0, 0);
-    for r in run.json_events() {
-        let Some(path) = r["listener"]["path"].as_str() else {
-            continue;
-        };
-        if !paths.contains(path) {
-            continue;
-        }
-        if r["kind"] == "listener_summary" {
-            lost += r["accounting"]["unix_connect_backlog_full"]["lost"]
-                .as_u64()
-                .unwrap_or(0);
-        } else if r["aggregated"] == true {
-            aggregated += r["count"].as_u64().unwrap_or(0);
-        } else if r["kind"] == "unix_connect_backlog_full" {
-            events += 1;
-        }
-    }
-    (events, aggregated, lost)
-}
-
 /// `expire`: with `--expire-after 1`, so that once the listeners are gone
 /// their rows expire and the summary folds them (beyond its 4,096).
 fn case(dir: &Path, tag: &str, listeners: usize, processes: usize, expire: bool) {
@@ -310,7 +288,12 @@ fn case(dir: &Path, tag: &str, listeners: usize, processes: usize, expire: bool)
     let cpu_after = process_cpu(pid).saturating_sub(cpu0);
     let threads = threads_cpu(pid);
     let run = agent.stop();
-    let (events, aggregated, lost) = accounted(&run, &paths);
+    let a = accounted(&run.json_events(), &["unix_connect_backlog_full"], |r| {
+        r["listener"]["path"]
+            .as_str()
+            .is_some_and(|path| paths.contains(path))
+    });
+    let (events, aggregated, lost) = (a.events, a.aggregated, a.lost);
     let walks = run
         .stderr
         .lines()

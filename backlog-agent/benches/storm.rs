@@ -26,10 +26,12 @@ use std::{
 };
 
 use common::{
+    accounting::{accounted, Accounted},
     bench::{bpf_costs, bpf_programs, idle_processes, print_costs, process_cpu},
     storm, Agent,
 };
 
+const UNIX_KIND: &str = "unix_connect_backlog_full";
 const STORM: Duration = Duration::from_secs(3);
 const TCP_CONNECTS: u64 = 200_000;
 /// Below the ephemeral port range, so every connect() gets a port.
@@ -169,24 +171,11 @@ fn stats_floor(dir: &Path) -> Result<Floor, String> {
     })
 }
 
-/// Sums what the agent accounted for `path`: events, aggregated, lost.
-fn accounted(run: &common::AgentRun, path: &str) -> (u64, u64, u64, u64) {
-    let (mut events, mut aggregated, mut lost, mut total) = (0, 0, 0, 0);
-    for r in run.json_events() {
-        if r["listener"]["path"] != path {
-            continue;
-        }
-        if r["kind"] == "listener_summary" {
-            let c = &r["accounting"]["unix_connect_backlog_full"];
-            lost += c["lost"].as_u64().unwrap_or(0);
-            total += c["total"].as_u64().unwrap_or(0);
-        } else if r["aggregated"] == true {
-            aggregated += r["count"].as_u64().unwrap_or(0);
-        } else if r["kind"] == "unix_connect_backlog_full" {
-            events += 1;
-        }
-    }
-    (events, aggregated, lost, total)
+/// What the agent accounted for the UNIX listeners at `paths`.
+fn accounted_paths(run: &common::AgentRun, paths: &[&str]) -> Accounted {
+    accounted(&run.json_events(), &[UNIX_KIND], |r| {
+        paths.iter().any(|p| r["listener"]["path"] == *p)
+    })
 }
 
 /// 200 new UNIX listeners, each hit by a 20 ms storm, one after the other:
@@ -221,13 +210,13 @@ fn many_listeners(dir: &Path, tag: &str) -> ManyListeners {
     thread::sleep(Duration::from_millis(1200));
     let agent_cpu = process_cpu(agent.pid()).saturating_sub(cpu0);
     let run = agent.stop();
-    let (mut events, mut aggregated, mut lost) = (0, 0, 0);
-    for path in &paths {
-        let (e, a, l, _) = accounted(&run, path);
-        events += e;
-        aggregated += a;
-        lost += l;
-    }
+    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let Accounted {
+        events,
+        aggregated,
+        lost,
+        ..
+    } = accounted_paths(&run, &paths);
     ManyListeners {
         eagain,
         events,
@@ -305,7 +294,13 @@ fn side_by_side(dir: &Path) {
     let (without_after, _) = one_storm(dir, "none-after.sock");
     let without_rate = (without.rate() + without_after.rate()) / 2.0;
     assert!(run.status.success(), "agent failed:\n{}", run.stderr);
-    let (events, aggregated, lost, total) = accounted(&run, &path);
+    let Accounted {
+        events,
+        aggregated,
+        lost,
+        total,
+        ..
+    } = accounted_paths(&run, &[&path]);
 
     // bpftrace, the same one-line question.
     let out = dir.join("bpftrace.out");

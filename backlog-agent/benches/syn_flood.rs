@@ -19,7 +19,8 @@ mod common;
 use std::{thread, time::Duration};
 
 use common::{
-    bench::{accounted, bpf_costs, bpf_programs, print_costs, process_cpu},
+    accounting::{accounted, in_netns},
+    bench::{bpf_costs, bpf_programs, print_costs, process_cpu},
     synflood::{counter_and_kind, syn_flood, SynFlood},
     Agent,
 };
@@ -90,7 +91,7 @@ fn main() {
             println!("    {kind} is counted, not traced, on this kernel: {line}");
             continue;
         }
-        let a = accounted(&records, &[kind], flood.netns);
+        let a = accounted(&records, &[kind], in_netns(flood.netns));
         println!("    {kind}: {}", a.line(counter, flood.drops));
     }
     println!(

@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::{
+    accounting::{in_netns, Accounted},
     counter_delta, in_new_netns, matrix, netns_inode, privileged, scenarios, serial, set_sysctl,
     storm, tcp_ext, Agent, AgentRun,
 };
@@ -17,42 +18,10 @@ use serde_json::Value;
 /// Low enough that every scenario below goes past it.
 const LIMIT: &str = "5";
 
-/// Where the drops of one listener and kind went, from the agent's output.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Accounted {
-    events: u64,
-    aggregated: u64,
-    aggregates: u64,
-    lost: u64,
-    /// The kernel's total in the listener summary.
-    total: u64,
-}
-
-impl Accounted {
-    fn sum(&self) -> u64 {
-        self.events + self.aggregated + self.lost
-    }
-}
-
-/// Sums the records of `kind` that `matches` selects (by listener).
+/// Where the drops of one listener and `kind` went (`matches` picks the
+/// listener's records).
 fn accounted(run: &AgentRun, kind: &str, matches: impl Fn(&Value) -> bool) -> Accounted {
-    let mut a = Accounted::default();
-    for record in run.json_events() {
-        if !matches(&record) {
-            continue;
-        }
-        if record["kind"] == "listener_summary" {
-            let c = &record["accounting"][kind];
-            a.lost += c["lost"].as_u64().unwrap_or(0);
-            a.total += c["total"].as_u64().unwrap_or(0);
-        } else if record["kind"] == kind && record["aggregated"] == true {
-            a.aggregated += record["count"].as_u64().expect("aggregate count");
-            a.aggregates += 1;
-        } else if record["kind"] == kind {
-            a.events += 1;
-        }
-    }
-    a
+    common::accounting::accounted(&run.json_events(), &[kind], matches)
 }
 
 /// A storm of non-blocking connect()s to a full UNIX listener: every
@@ -89,15 +58,7 @@ fn unix_storm_past_the_rate_limit_is_accounted_exactly() {
         a.total
     ));
     assert!(storm.eagain > 1000, "the storm made too few EAGAINs");
-    assert_eq!(
-        a.total, storm.eagain,
-        "kernel total vs EAGAINs the client saw"
-    );
-    assert_eq!(
-        a.sum(),
-        storm.eagain,
-        "events + aggregated + lost vs EAGAINs: {a:?}"
-    );
+    a.assert_holds("storm", "EAGAINs the client saw", storm.eagain);
     assert!(a.aggregates > 0, "flood mode never engaged: {a:?}");
     assert!(
         run.stderr.contains("flood mode: unix:"),
@@ -145,14 +106,13 @@ fn final_ack_overflows_past_the_rate_limit_are_accounted_exactly() {
     let run = agent.stop();
     assert!(run.status.success(), "{}", run.stderr);
     let kind = "ack_dropped_accept_queue_full";
-    let a = accounted(&run, kind, |r| r["netns"].as_u64() == Some(netns));
+    let a = accounted(&run, kind, in_netns(netns));
     let overflows = counter_delta(&before, &after, "ListenOverflows");
     common::figure(&format!(
         "final-ACK past the limit: ListenOverflows={overflows} events={} aggregated={} in {} records lost={} kernel_total={}",
         a.events, a.aggregated, a.aggregates, a.lost, a.total
     ));
-    assert_eq!(a.total, overflows, "kernel total vs ListenOverflows");
-    assert_eq!(a.sum(), overflows, "events + aggregated + lost: {a:?}");
+    a.assert_holds(kind, "ListenOverflows", overflows);
     assert!(a.aggregates > 0, "flood mode never engaged: {a:?}");
     matrix(
         "auto",
@@ -207,7 +167,7 @@ fn expired_listener_rows_keep_their_counts() {
         ("B", netns_b, port_b, before_b, after_b),
     ] {
         let a = accounted(&run, kind, |r| {
-            r["netns"].as_u64() == Some(netns)
+            common::accounting::in_netns(netns)(r)
                 && r["listener"]["port"].as_u64() == Some(u64::from(port))
         });
         let overflows = counter_delta(&before, &after, "ListenOverflows");
@@ -216,15 +176,7 @@ fn expired_listener_rows_keep_their_counts() {
             a.events, a.aggregated, a.aggregates, a.lost, a.total
         ));
         assert!(overflows > 0, "{name}: no overflow");
-        assert_eq!(
-            a.total, overflows,
-            "{name}: kernel total vs ListenOverflows"
-        );
-        assert_eq!(
-            a.sum(),
-            overflows,
-            "{name}: events + aggregated + lost: {a:?}"
-        );
+        a.assert_holds(name, "ListenOverflows", overflows);
     }
     matrix("auto", "expiry_identity", "pass", &expired);
 }
@@ -271,15 +223,7 @@ fn expired_unix_rows_keep_their_counts() {
             storm.eagain, a.events, a.aggregated, a.aggregates, a.lost, a.total
         ));
         assert!(storm.eagain > 100, "{name}: the storm made too few EAGAINs");
-        assert_eq!(
-            a.total, storm.eagain,
-            "{name}: kernel total vs EAGAINs the client saw"
-        );
-        assert_eq!(
-            a.sum(),
-            storm.eagain,
-            "{name}: events + aggregated + lost vs EAGAINs: {a:?}"
-        );
+        a.assert_holds(name, "EAGAINs the client saw", storm.eagain);
     }
     matrix("tracepoint", "unix_expiry_identity", "pass", &expired);
 }
@@ -340,18 +284,13 @@ fn syn_stage_past_the_rate_limit_is_accounted_exactly() {
     let run = agent.stop();
     assert!(run.status.success(), "{}", run.stderr);
     for (kind, expected, netns, counter) in cases {
-        let a = accounted(&run, kind, |r| r["netns"].as_u64() == Some(netns));
+        let a = accounted(&run, kind, in_netns(netns));
         common::figure(&format!(
             "{kind} past the limit: {counter}={expected} events={} aggregated={} in {} records lost={} kernel_total={}",
             a.events, a.aggregated, a.aggregates, a.lost, a.total
         ));
         assert!(expected > 50, "{counter} moved only {expected}");
-        assert_eq!(a.total, expected, "{kind}: kernel total vs {counter}");
-        assert_eq!(
-            a.sum(),
-            expected,
-            "{kind}: events + aggregated + lost: {a:?}"
-        );
+        a.assert_holds(kind, counter, expected);
         assert!(a.aggregates > 0, "{kind}: flood mode never engaged: {a:?}");
         matrix(
             "auto",

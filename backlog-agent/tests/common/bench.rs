@@ -85,56 +85,6 @@ pub fn print_costs(what: &str, costs: &[(String, u64, f64)]) {
     }
 }
 
-/// Where the drops of some kinds in one network namespace went, from the
-/// agent's JSON output: events printed, inside aggregates, lost, and the
-/// kernel's own total from the listener summaries.
-#[derive(Debug, Default)]
-pub struct Accounted {
-    pub events: u64,
-    pub aggregated: u64,
-    pub lost: u64,
-    pub total: u64,
-}
-
-impl Accounted {
-    /// events + aggregated + lost = `counter` = the kernel's total.
-    pub fn holds(&self, counter: u64) -> bool {
-        self.events + self.aggregated + self.lost == counter && self.total == counter
-    }
-
-    pub fn line(&self, counter_name: &str, counter: u64) -> String {
-        format!(
-            "events printed {}, aggregated {}, lost {}; kernel total {}; {counter_name} {counter}: identity {}",
-            self.events,
-            self.aggregated,
-            self.lost,
-            self.total,
-            if self.holds(counter) { "holds" } else { "BROKEN" }
-        )
-    }
-}
-
-pub fn accounted(records: &[serde_json::Value], kinds: &[&str], netns: u64) -> Accounted {
-    let mut a = Accounted::default();
-    for r in records
-        .iter()
-        .filter(|r| r["netns"].as_u64() == Some(netns))
-    {
-        for kind in kinds {
-            if r["kind"] == "listener_summary" {
-                let c = &r["accounting"][*kind];
-                a.lost += c["lost"].as_u64().unwrap_or(0);
-                a.total += c["total"].as_u64().unwrap_or(0);
-            } else if r["kind"] == *kind && r["aggregated"] == true {
-                a.aggregated += r["count"].as_u64().unwrap_or(0);
-            } else if r["kind"] == *kind {
-                a.events += 1;
-            }
-        }
-    }
-    a
-}
-
 /// `n` idle processes (sleep 600) for the cases that ask whether the
 /// agent's cost grows with the processes on the machine; the caller kills
 /// them. Fewer when the machine refuses more.

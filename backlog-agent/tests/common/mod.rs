@@ -7,6 +7,7 @@
 //! must mean the kernel paths were really exercised.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod accounting;
 pub mod bench;
 pub mod http;
 pub mod scenarios;
