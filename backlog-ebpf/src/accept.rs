@@ -45,7 +45,7 @@ use backlog_common::{
     wait_bucket, AcceptKey, AcceptOffsets, AcceptStats, ACCEPT_KEY_TCP, ACCEPT_KEY_UNIX,
     ACCEPT_STATS_ENTRIES, AF_INET, AF_INET6, AF_UNIX, COUNTER_ACCEPT_STATS_FULL,
     NEAR_FULL_EVERY_NS, OFFSET_ABSENT, RATE_WINDOW_NS, TP_STATE_NEWSTATE, TP_STATE_OLDSTATE,
-    TP_STATE_PROTOCOL, TP_STATE_SKADDR, TP_STATE_SPORT,
+    TP_STATE_PROTOCOL, TP_STATE_SKADDR, TP_STATE_SPORT, TP_SYS_EXIT_RET,
 };
 
 use crate::read::{tp_field, Reader};
@@ -84,8 +84,10 @@ static ESTABLISHED_AT: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536
 static LISTENER_SOCK: LruHashMap<AcceptKey, u64> = LruHashMap::with_max_entries(4096, 0);
 
 /// The fd argument of accept()/accept4() between entry and exit, per
-/// thread (a thread is in one syscall at a time). listen() and connect()
-/// keep theirs in syscalls.rs, whose programs call into this module.
+/// thread (a thread is in one syscall at a time), on kernels without
+/// bpf_task_pt_regs (before 5.15); from 5.15 the exit reads it from the
+/// saved registers instead. listen() and connect() keep theirs in
+/// syscalls.rs, whose programs call into this module.
 #[map]
 static SYSCALL_FD: HashMap<u64, u32> = HashMap::with_max_entries(8192, 0);
 
@@ -336,6 +338,35 @@ pub fn accept_sys_exit_accept(ctx: TracePointContext) -> u32 {
     0
 }
 
+// The exit-only pair, where the kernel has bpf_task_pt_regs (5.15+): no
+// sys_enter_accept{,4} program, so no map insert and delete per accept();
+// a failed accept() (EAGAIN on a non-blocking listener, the common case
+// of an event loop) leaves after one load and one comparison.
+
+#[tracepoint]
+pub fn accept_sys_exit_accept4_regs(ctx: TracePointContext) -> u32 {
+    accepted_regs(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn accept_sys_exit_accept_regs(ctx: TracePointContext) -> u32 {
+    accepted_regs(&ctx);
+    0
+}
+
+#[inline(always)]
+fn accepted_regs(ctx: &TracePointContext) {
+    // SAFETY: an aligned field of the record, where the agent checked
+    // that sys_exit_accept{,4} have `ret` (see TP_SYS_EXIT_RET).
+    let new_fd = unsafe { tp_field::<i64, { TP_SYS_EXIT_RET }>(ctx) };
+    if new_fd < 0 {
+        return;
+    }
+    let (listen_fd, _) = crate::read::syscall_args01();
+    accepted_on(&offsets(), listen_fd as u32, new_fd);
+}
+
 /// The listener behind `fd` and its row key, with its identity filled in.
 #[inline(always)]
 fn listener_of_fd(o: &AcceptOffsets, fd: u32) -> Option<(*const u8, AcceptKey, Identity)> {
@@ -405,7 +436,14 @@ fn accepted(ctx: &TracePointContext) {
     let Some((listen_fd, new_fd)) = take_fd(ctx, &o) else {
         return;
     };
-    let Some((listener, key, identity)) = listener_of_fd(&o, listen_fd) else {
+    accepted_on(&o, listen_fd, new_fd);
+}
+
+/// accept() on `listen_fd` returned `new_fd`: the listener's row, and the
+/// wait of the connection it handed out.
+#[inline(always)]
+fn accepted_on(o: &AcceptOffsets, listen_fd: u32, new_fd: i64) {
+    let Some((listener, key, identity)) = listener_of_fd(o, listen_fd) else {
         return;
     };
     let now = unsafe { bpf_ktime_get_ns() };
@@ -428,7 +466,7 @@ fn accepted(ctx: &TracePointContext) {
         now,
     );
     // The queue held this connection too until a moment ago.
-    queue_fill(stats, &o, listener, 1);
+    queue_fill(stats, o, listener, 1);
 
     let child_socket = crate::read::socket_of_fd(&o.fd_walk(), new_fd as u32);
     if child_socket.is_null() {

@@ -91,3 +91,50 @@ pub fn socket_of_fd(walk: &backlog_common::FdWalk, fd: u32) -> *const u8 {
         core::ptr::null()
     }
 }
+
+/// The user registers the current task saved at syscall entry, as a
+/// pointer the verifier knows the type of (struct pt_regs).
+#[inline(always)]
+pub fn syscall_regs() -> *const u8 {
+    // SAFETY: helpers without memory preconditions; the verifier checks
+    // that the task pointer is a trusted one.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_task_pt_regs(
+            aya_ebpf::helpers::generated::bpf_get_current_task_btf(),
+        ) as *const u8
+    }
+}
+
+/// The current syscall's first and second arguments, read at its exit
+/// from the registers saved at entry (5.15+): what a sys_enter_* program
+/// would otherwise keep in a map for the exit. On arm64 the first is
+/// orig_x0, x0 holding the return value by then (see
+/// KernelOffsets::pt_regs_arg0). Only for programs whose hook needs
+/// Needs::SyscallRegs: elsewhere they do not load.
+#[inline(always)]
+pub fn syscall_args01() -> (u64, u64) {
+    let (arg0_at, arg1_at) = (crate::offset!(pt_regs_arg0), crate::offset!(pt_regs_arg1));
+    let regs = syscall_regs();
+    // SAFETY (both): register slots of pt_regs (see btf_field).
+    unsafe {
+        (
+            btf_field::<u64>(regs, arg0_at),
+            btf_field::<u64>(regs, arg1_at),
+        )
+    }
+}
+
+/// A field behind a pointer the verifier has BTF for (the current task,
+/// its pt_regs, and the pointers read from their fields): a plain load,
+/// which the verifier checks against BTF at load time and turns into a
+/// fault-safe load, where a bpf_probe_read_kernel() call would cost a
+/// helper call per field. The offset must be known to the verifier: it
+/// comes from OFFSETS, in the frozen read-only data.
+///
+/// SAFETY: `base` must be such a pointer and `offset` a field of type `T`
+/// of its struct (else the program does not load, and the agent falls
+/// back to the enter+exit pair).
+#[inline(always)]
+pub unsafe fn btf_field<T: Copy>(base: *const u8, offset: u32) -> T {
+    core::ptr::read_volatile(base.wrapping_add(offset as usize).cast::<T>())
+}

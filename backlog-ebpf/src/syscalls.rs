@@ -27,7 +27,10 @@ use backlog_common::{
     TP_CONNECT_ADDR, TP_CONNECT_ADDRLEN, TP_CONNECT_FD, TP_SYS_EXIT_RET, UNIX_PATH_MAX,
 };
 
-use crate::{account, read::Reader};
+use crate::{
+    account,
+    read::{btf_field, syscall_args01, Reader},
+};
 
 const EAGAIN: i64 = 11;
 const EINPROGRESS: i64 = 115;
@@ -61,6 +64,8 @@ static UNIX_KEY_SCRATCH: PerCpuArray<UnixTotalKey> = PerCpuArray::with_max_entri
 #[map]
 static UNIX_EVENT_SCRATCH: PerCpuArray<UnixConnectEvent> = PerCpuArray::with_max_entries(1, 0);
 
+/// What sys_enter_listen keeps for the exit on kernels without
+/// bpf_task_pt_regs (before 5.15).
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct ListenArgs {
@@ -194,12 +199,8 @@ pub fn sys_exit_connect_regs(ctx: TracePointContext) -> u32 {
     if ret != 0 || !crate::accept::arrivals_known() {
         return 0;
     }
-    let regs = syscall_regs();
-    let (pt_regs_arg0_at, pt_regs_arg1_at) =
-        (crate::offset!(pt_regs_arg0), crate::offset!(pt_regs_arg1));
-    // SAFETY (both): as above.
-    let addr = unsafe { btf_field::<u64>(regs, pt_regs_arg1_at) };
-    let fd = unsafe { btf_field::<u64>(regs, pt_regs_arg0_at) } as u32;
+    let (fd, addr) = syscall_args01();
+    let fd = fd as u32;
     if addr != 0 && unsafe { bpf_probe_read_user(addr as *const u16) } == Ok(AF_UNIX) {
         crate::accept::unix_arrival(fd);
     }
@@ -217,30 +218,6 @@ fn zero_key(key: &mut UnixTotalKey) {
         // that LLVM does not fold the stores back into a memset call.
         unsafe { core::ptr::write_volatile(words.add(i), 0) };
     }
-}
-
-/// The user registers the current task saved at syscall entry, as a
-/// pointer the verifier knows the type of (struct pt_regs).
-#[inline(always)]
-fn syscall_regs() -> *const u8 {
-    // SAFETY: helpers without memory preconditions; the verifier checks
-    // that the task pointer is a trusted one.
-    unsafe { generated::bpf_task_pt_regs(generated::bpf_get_current_task_btf()) as *const u8 }
-}
-
-/// A field behind a pointer the verifier has BTF for (the current task,
-/// its pt_regs, and the pointers read from their fields): a plain load,
-/// which the verifier checks against BTF at load time and turns into a
-/// fault-safe load, where a bpf_probe_read_kernel() call would cost a
-/// helper call per field. The offset must be known to the verifier: it
-/// comes from OFFSETS, in the frozen read-only data.
-///
-/// SAFETY: `base` must be such a pointer and `offset` a field of type `T`
-/// of its struct (else the program does not load, and the agent falls
-/// back to the enter+exit pair).
-#[inline(always)]
-unsafe fn btf_field<T: Copy>(base: *const u8, offset: u32) -> T {
-    core::ptr::read_volatile(base.wrapping_add(offset as usize).cast::<T>())
 }
 
 /// task->nsproxy->net_ns->ns.inum through BTF pointers (see btf_field),
@@ -361,6 +338,8 @@ fn client_netns() -> u32 {
     }
 }
 
+/// The fallback pair's entry (kernels without bpf_task_pt_regs): keeps
+/// listen()'s arguments for the exit.
 #[tracepoint]
 pub fn sys_enter_listen(ctx: TracePointContext) -> u32 {
     let o = crate::offsets();
@@ -395,22 +374,47 @@ pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
     if unsafe { ctx.read_at::<i64>(o.tp_sys_exit_ret as usize) } != Ok(0) {
         return 0;
     }
+    listened(args.fd, args.backlog, key);
+    0
+}
+
+/// The only listen() program where the kernel has bpf_task_pt_regs
+/// (5.15+): no sys_enter_listen program, and so no map insert and delete
+/// per call; a failed listen() leaves on its return value, and a
+/// successful one takes its fd and backlog from the registers the task
+/// saved at syscall entry.
+#[tracepoint]
+pub fn sys_exit_listen_regs(ctx: TracePointContext) -> u32 {
+    if field::<{ TP_SYS_EXIT_RET }>(&ctx) != 0 {
+        return 0;
+    }
+    let (fd, backlog) = syscall_args01();
+    // int arguments: the upper halves of the registers are not theirs.
+    listened(fd as u32, backlog as i32, bpf_get_current_pid_tgid());
+    0
+}
+
+/// A successful listen(fd, backlog) by `pid_tgid`: the accept-queue side
+/// learns the listener, and the agent gets a ListenEvent.
+#[inline(always)]
+fn listened(fd: u32, backlog: i32, pid_tgid: u64) {
+    let o = crate::offsets();
     // The accept-queue side (a no-op without its offsets).
-    crate::accept::listened(args.fd);
+    crate::accept::listened(fd);
     let mut event = ListenEvent {
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         socket_inode: 0,
-        pid: (key >> 32) as u32,
+        pid: (pid_tgid >> 32) as u32,
         netns_inode: 0,
-        backlog_requested: args.backlog,
+        backlog_requested: backlog,
         backlog_applied: 0,
         family: 0,
         port: 0,
-        fd: args.fd,
+        fd,
         comm: current_comm(),
     };
     // Fields that cannot be read stay 0; the agent treats 0 as unknown.
-    let socket = crate::read::socket_of_fd(&o.fd_walk(), args.fd);
+    let socket = crate::read::socket_of_fd(&o.fd_walk(), fd);
     if !socket.is_null() {
         let mut r = Reader::new();
         let inode = socket.wrapping_add(o.socket_to_inode as usize);
@@ -424,7 +428,6 @@ pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
     }
     crate::filter::note_listen(event.pid, event.socket_inode);
     crate::submit(&event);
-    0
 }
 
 /// The calling task's comm, zeroed when unreadable (a zeroed buffer, not

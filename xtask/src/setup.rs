@@ -430,7 +430,7 @@ backlog-agent: ack_dropped_accept_queue_full: tracepoint skb:kfree_skb (reason T
 backlog-agent:   skipped: the kernel has no kprobes (CONFIG_KPROBES off)\n\
 backlog-agent: syn_dropped_accept_queue_full: fentry/fexit tcp_conn_request\n\
 backlog-agent: syn_dropped_other: kprobe/kretprobe tcp_conn_request\n\
-backlog-agent: listen() calls: tracepoint syscalls:sys_enter_listen, sys_exit_listen\n\
+backlog-agent: listen() calls: tracepoint syscalls:sys_exit_listen (arguments from the saved registers)\n\
 backlog-agent: ready: watching 2 of 7 drop kinds; Ctrl-C to stop";
         let seen = support::observed(stderr);
         assert_eq!(

@@ -65,6 +65,7 @@ pub fn resolve(
     let enter_accept = format("syscalls", "sys_enter_accept")?;
     let enter_listen = format("syscalls", "sys_enter_listen")?;
     let exit_accept4 = format("syscalls", "sys_exit_accept4")?;
+    let exit_accept = format("syscalls", "sys_exit_accept")?;
     // UNIX waits only; TCP ones do without it.
     let unix_peer = btf
         .field("unix_sock.peer")
@@ -75,6 +76,11 @@ pub fn resolve(
     // One program reads `fd` for all three syscalls.
     if field(&enter_accept, "fd", 8)? != fd || field(&enter_listen, "fd", 8)? != fd {
         return Err("accept(), accept4() and listen() records differ in where `fd` is".into());
+    }
+    let ret = field(&exit_accept4, "ret", 8)?;
+    // One program reads `ret` for both exits.
+    if field(&exit_accept, "ret", 8)? != ret {
+        return Err("accept() and accept4() exit records differ in where `ret` is".into());
     }
     let sk_state = btf
         .field("sock.__sk_common.skc_state")
@@ -90,7 +96,7 @@ pub fn resolve(
         tp_state_protocol: field(&state, "protocol", 2)?,
         tp_accept_fd: fd,
         tp_listen_fd: fd,
-        tp_sys_exit_ret: field(&exit_accept4, "ret", 8)?,
+        tp_sys_exit_ret: ret,
         sk_state: sk_state.offset,
         sk_family: kernel.sk_family,
         sk_num: kernel.sk_num,

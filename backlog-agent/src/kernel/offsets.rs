@@ -170,6 +170,7 @@ pub fn apply_syscalls(
     enter_connect: &EventFormat,
     enter_listen: &EventFormat,
     exit_connect: &EventFormat,
+    exit_listen: &EventFormat,
 ) -> Result<(), String> {
     let field = |format: &EventFormat, name: &str| {
         format
@@ -198,6 +199,12 @@ pub fn apply_syscalls(
             backlog_common::TP_CONNECT_ADDRLEN,
         ),
         ("ret", o.tp_sys_exit_ret, backlog_common::TP_SYS_EXIT_RET),
+        // Both listen() exits read `ret` where connect()'s is.
+        (
+            "ret",
+            field(exit_listen, "ret")?,
+            backlog_common::TP_SYS_EXIT_RET,
+        ),
     ];
     for (name, found, expected) in direct {
         if found as usize != expected {
@@ -280,6 +287,16 @@ fn same_place(
         }),
         None => Ok(()),
     }
+}
+
+/// The exit-only accept() programs read `ret` at a compile-time offset
+/// (backlog_common::TP_SYS_EXIT_RET): `o` holds where tracefs shows it
+/// for sys_exit_accept and sys_exit_accept4 (checked equal by resolve).
+pub fn check_sys_exit_accept(o: &AcceptOffsets) -> Result<(), RecordMoved> {
+    same_place(
+        "syscalls:sys_exit_accept4",
+        &[("ret", o.tp_sys_exit_ret, backlog_common::TP_SYS_EXIT_RET)],
+    )
 }
 
 /// The accept-queue wait's sock:inet_sock_set_state program reads its
@@ -413,6 +430,18 @@ mod tests {
     fn inet_sock_set_state_where_the_program_reads_it() {
         let o = state_offsets(TP_STATE_SKADDR, TP_STATE_SPORT);
         assert_eq!(check_inet_sock_set_state(&o), Ok(()));
+    }
+
+    #[test]
+    fn sys_exit_accept_ret_where_the_program_reads_it() {
+        let at = |ret: usize| AcceptOffsets {
+            tp_sys_exit_ret: ret as u32,
+            ..AcceptOffsets::ABSENT
+        };
+        let here = backlog_common::TP_SYS_EXIT_RET;
+        assert_eq!(check_sys_exit_accept(&at(here)), Ok(()));
+        let err = check_sys_exit_accept(&at(here + 8)).unwrap_err();
+        assert_eq!((err.field, err.found), ("ret", here as u32 + 8));
     }
 
     #[test]

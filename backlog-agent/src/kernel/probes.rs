@@ -120,6 +120,10 @@ enum Needs {
     /// sock:inet_sock_set_state (its fields where the program reads them,
     /// TP_STATE_*) and the accept()/listen() record layouts.
     AcceptLayout,
+    /// AcceptLayout, SyscallRegs' helpers and registers, and `ret` of
+    /// sys_exit_accept{,4} where the exit-only programs read it
+    /// (TP_SYS_EXIT_RET). Checked before load, like SyscallRegs.
+    AcceptRegs,
 }
 
 impl Hook {
@@ -183,7 +187,25 @@ const UNIX_CONNECT: Hook = Hook {
 };
 
 /// Not a drop kind: records listen() calls for attribution and for the
-/// backlog a process asked for.
+/// backlog a process asked for. Preferred: the exit alone, listen()'s fd
+/// and backlog from the task's saved registers (5.15+). Any program on a
+/// sys_enter_* tracepoint puts every syscall on the machine through the
+/// kernel's perf_syscall_enter, and the pair paid a map insert and delete
+/// per call.
+const LISTEN_CALLS_REGS: Hook = Hook {
+    family: HookFamily::Tracepoint,
+    label: "tracepoint syscalls:sys_exit_listen (arguments from the saved registers)",
+    needs: Needs::SyscallRegs,
+    programs: &[(
+        "sys_exit_listen_regs",
+        Attach::Tracepoint {
+            category: "syscalls",
+            name: "sys_exit_listen",
+        },
+    )],
+};
+
+/// The fallback before 5.15: the entry keeps the arguments for the exit.
 const LISTEN_CALLS: Hook = Hook {
     family: HookFamily::Tracepoint,
     label: "tracepoint syscalls:sys_enter_listen, sys_exit_listen",
@@ -207,12 +229,45 @@ const LISTEN_CALLS: Hook = Hook {
 };
 
 /// Not a drop kind: accept-queue wait, arrival and accept rates, and
-/// near-full warnings (accept.rs). Exits first, so that no entry is armed
-/// without its exit. listen() and connect() have one program each, shared
-/// with LISTEN_CALLS and UNIX_CONNECT (every connect() on the machine
-/// pays for each program on its tracepoints): the listener is remembered
-/// through LISTEN_CALLS, UNIX arrivals through UNIX_CONNECT's programs, or
-/// through UNIX_ARRIVALS when `--attach` left that kind out.
+/// near-full warnings (accept.rs). listen() and connect() have one
+/// program each, shared with the listen() hook and the UNIX kind's
+/// (every connect() on the machine pays for each program on its
+/// tracepoints): the listener is remembered through LISTEN_CALLS_REGS or
+/// LISTEN_CALLS, UNIX arrivals through the UNIX kind's programs, or
+/// through UNIX_ARRIVALS_REGS / UNIX_ARRIVALS when `--attach` left that
+/// kind out. Preferred: accept()'s listening fd from the saved registers
+/// at exit (5.15+), so that no program runs at sys_enter_accept{,4}.
+const ACCEPT_WAIT_REGS: Hook = Hook {
+    family: HookFamily::Tracepoint,
+    label: "tracepoint sock:inet_sock_set_state, syscalls:sys_exit_{accept,accept4} (listening fd from the saved registers)",
+    needs: Needs::AcceptRegs,
+    programs: &[
+        (
+            "accept_sys_exit_accept4_regs",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_exit_accept4",
+            },
+        ),
+        (
+            "accept_sys_exit_accept_regs",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_exit_accept",
+            },
+        ),
+        (
+            "accept_inet_sock_set_state",
+            Attach::Tracepoint {
+                category: "sock",
+                name: "inet_sock_set_state",
+            },
+        ),
+    ],
+};
+
+/// The fallback before 5.15. Exits first, so that no entry is armed
+/// without its exit.
 const ACCEPT_WAIT: Hook = Hook {
     family: HookFamily::Tracepoint,
     label: "tracepoint sock:inet_sock_set_state, syscalls:sys_{enter,exit}_{accept,accept4}",
@@ -407,6 +462,8 @@ struct Preconditions {
     /// The SYN-stage classification reads this CPU's SNMP counters.
     snmp_counters: Result<(), String>,
     accept: Result<(), String>,
+    /// `ret` of sys_exit_accept{,4} at TP_SYS_EXIT_RET (AcceptRegs).
+    accept_exit_ret: Result<(), String>,
 }
 
 impl Preconditions {
@@ -419,6 +476,11 @@ impl Preconditions {
             Needs::SynRecvSockPrototype => self.syn_recv_sock_fexit.clone(),
             Needs::SnmpCounters => self.snmp_counters.clone(),
             Needs::AcceptLayout => self.accept.clone(),
+            Needs::AcceptRegs => self
+                .accept
+                .clone()
+                .and(self.syscall_regs.clone())
+                .and(self.accept_exit_ret.clone()),
         }
     }
 }
@@ -474,6 +536,7 @@ pub fn start(
             &read("sys_enter_connect")?,
             &read("sys_enter_listen")?,
             &read("sys_exit_connect")?,
+            &read("sys_exit_listen")?,
         )
     })();
     let syn_recv_sock_params = btf.function_param_count("tcp_v4_syn_recv_sock").ok();
@@ -507,6 +570,10 @@ pub fn start(
             .as_ref()
             .map_err(Clone::clone)
             .and_then(|o| offsets::check_inet_sock_set_state(o).map_err(|e| e.to_string())),
+        accept_exit_ret: accept_offsets
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|o| offsets::check_sys_exit_accept(o).map_err(|e| e.to_string())),
     };
     let accept_offsets = accept_offsets.unwrap_or(backlog_common::AcceptOffsets::ABSENT);
     drop(vmlinux);
@@ -633,10 +700,12 @@ pub fn start(
         });
     }
     memory_phase("attaching the drop hooks");
-    let listen_calls = preconditions
-        .of(&LISTEN_CALLS)
-        .and_then(|()| attach(&mut ebpf, &LISTEN_CALLS, &mut kernel_btf))
-        .map(|()| LISTEN_CALLS.describe());
+    let listen_calls = first_of(
+        &[LISTEN_CALLS_REGS, LISTEN_CALLS],
+        &preconditions,
+        &mut ebpf,
+        &mut kernel_btf,
+    );
     // Tracepoints only: whatever --attach forces applies to drop kinds.
     let unix_connect = outcomes.iter().find_map(|(kind, outcome)| match outcome {
         Outcome::Attached { hook, .. } if *kind == DropKind::UnixConnectBacklogFull => {
@@ -644,37 +713,42 @@ pub fn start(
         }
         _ => None,
     });
-    let accept_wait = preconditions
-        .of(&ACCEPT_WAIT)
-        .and_then(|()| attach(&mut ebpf, &ACCEPT_WAIT, &mut kernel_btf))
-        .map(|()| {
-            // The parts carried by shared programs, named only when they run.
-            let mut hook = ACCEPT_WAIT.describe();
-            if listen_calls.is_ok() {
-                hook.push_str(", sys_{enter,exit}_listen");
+    let accept_wait = first_of(
+        &[ACCEPT_WAIT_REGS, ACCEPT_WAIT],
+        &preconditions,
+        &mut ebpf,
+        &mut kernel_btf,
+    )
+    .map(|accept| {
+        // The parts carried by shared programs, named only when they run.
+        let mut hook = accept.describe();
+        match &listen_calls {
+            Ok(listen) if listen.label == LISTEN_CALLS_REGS.label => {
+                hook.push_str(", sys_exit_listen")
             }
-            // The same ladder as the UNIX kind's: exit-only first.
-            let arrivals = match unix_connect {
-                Some(label) if label == UNIX_CONNECT_REGS.label => Ok(true),
-                Some(_) => Ok(false),
-                None => preconditions
-                    .of(&UNIX_ARRIVALS_REGS)
-                    .and_then(|()| attach(&mut ebpf, &UNIX_ARRIVALS_REGS, &mut kernel_btf))
-                    .map(|()| true)
-                    .or_else(|_| {
-                        preconditions
-                            .of(&UNIX_ARRIVALS)
-                            .and_then(|()| attach(&mut ebpf, &UNIX_ARRIVALS, &mut kernel_btf))
-                            .map(|()| false)
-                    }),
-            };
-            match arrivals {
-                Ok(true) => hook.push_str(", sys_exit_connect (UNIX arrivals)"),
-                Ok(false) => hook.push_str(", sys_{enter,exit}_connect (UNIX arrivals)"),
-                Err(reason) => hook.push_str(&format!(" (no UNIX arrivals: {reason})")),
-            }
-            hook
-        });
+            Ok(_) => hook.push_str(", sys_{enter,exit}_listen"),
+            Err(_) => {}
+        }
+        // The same ladder as the UNIX kind's: exit-only first.
+        let arrivals = match unix_connect {
+            Some(label) if label == UNIX_CONNECT_REGS.label => Ok(true),
+            Some(_) => Ok(false),
+            None => first_of(
+                &[UNIX_ARRIVALS_REGS, UNIX_ARRIVALS],
+                &preconditions,
+                &mut ebpf,
+                &mut kernel_btf,
+            )
+            .map(|arrivals| arrivals.label == UNIX_ARRIVALS_REGS.label),
+        };
+        match arrivals {
+            Ok(true) => hook.push_str(", sys_exit_connect (UNIX arrivals)"),
+            Ok(false) => hook.push_str(", sys_{enter,exit}_connect (UNIX arrivals)"),
+            Err(reason) => hook.push_str(&format!(" (no UNIX arrivals: {reason})")),
+        }
+        hook
+    });
+    let listen_calls = listen_calls.map(|hook| hook.describe());
     memory_phase("attaching the other hooks");
     Ok((
         Probes {
@@ -685,6 +759,29 @@ pub fn start(
         },
         resolved.absent,
     ))
+}
+
+/// The first of `ladder` whose preconditions hold and whose programs all
+/// attach, best first (hooks that are not drop kinds: nothing is reported
+/// for a rung given up but the rung used); the last rung's reason when
+/// none does.
+fn first_of(
+    ladder: &[Hook],
+    preconditions: &Preconditions,
+    ebpf: &mut Ebpf,
+    kernel_btf: &mut KernelBtf,
+) -> Result<Hook, String> {
+    let mut reason = String::from("no hook");
+    for hook in ladder {
+        match preconditions
+            .of(hook)
+            .and_then(|()| attach(ebpf, hook, kernel_btf))
+        {
+            Ok(()) => return Ok(*hook),
+            Err(why) => reason = why,
+        }
+    }
+    Err(reason)
 }
 
 fn mode_name(mode: AttachMode) -> &'static str {
