@@ -60,6 +60,59 @@ fn startup_matches_support_matrix() {
     );
 }
 
+/// Where the kernel has bpf_task_pt_regs (5.15+; the agent looks for it in
+/// /proc/kallsyms too), no program may run at a sys_enter_* tracepoint:
+/// one there sends every syscall on the machine through
+/// perf_syscall_enter. Elsewhere (5.10) the enter+exit pairs are the
+/// fallback, and the start-up lines, which name each rung, say so.
+#[test]
+fn no_sys_enter_program_where_the_registers_can_be_read() {
+    if !privileged("no_sys_enter_program_where_the_registers_can_be_read") {
+        return;
+    }
+    let _serial = serial();
+    let agent = Agent::expect_ready(&["--duration", "600"]);
+    let startup = agent.startup();
+    let run = agent.stop();
+    assert!(run.status.success(), "agent failed:\n{}", run.stderr);
+    let syscall_hooks: Vec<&str> = startup
+        .lines()
+        .filter(|line| line.contains("syscalls:"))
+        .collect();
+    common::figure(&format!("syscall hooks: {}", syscall_hooks.join(" | ")));
+    for what in [
+        "listen() calls: ",
+        "accept-queue wait and rates: ",
+        "unix_connect_backlog_full: ",
+    ] {
+        assert!(
+            syscall_hooks.iter().any(|line| line.contains(what)),
+            "no syscall hook for {what}in:\n{startup}"
+        );
+    }
+    let kallsyms = std::fs::read_to_string("/proc/kallsyms").expect("read /proc/kallsyms");
+    let has_regs = kallsyms
+        .lines()
+        .any(|line| line.split_whitespace().nth(2) == Some("bpf_task_pt_regs"));
+    let enters: Vec<&&str> = syscall_hooks
+        .iter()
+        .filter(|line| line.contains("sys_enter") || line.contains("sys_{enter"))
+        .collect();
+    if has_regs {
+        assert!(
+            enters.is_empty(),
+            "bpf_task_pt_regs exists, yet sys_enter_* programs run:\n{}",
+            syscall_hooks.join("\n")
+        );
+    } else {
+        assert!(
+            enters.iter().any(|line| line.contains("sys_enter_listen")),
+            "without bpf_task_pt_regs listen() needs its enter+exit pair:\n{}",
+            syscall_hooks.join("\n")
+        );
+    }
+}
+
 fn events_of<'a>(events: &'a [Value], kind: &str, netns: u64) -> Vec<&'a Value> {
     events
         .iter()
