@@ -5,7 +5,8 @@
 //! (the `listeners_folded` JSON line, the table's `other:` line, the
 //! metrics' `listener="other"`), and lose nothing: the listed totals plus
 //! the folded ones are the EAGAINs the client saw, which for UNIX is the
-//! kernel's own count.
+//! kernel's own count. And a path's total, shared by the listeners that
+//! held it in turn, is counted once over them.
 //!
 //! Host only (xtask's HOST_ONLY_TESTS): folding is the agent's own
 //! bookkeeping, the same on every kernel, and the UNIX EAGAIN hook it
@@ -263,4 +264,76 @@ fn idle_listeners_past_the_cap_fold_into_other_with_exact_totals() {
             "backlog_drops_total {when} the fold, \"other\" included"
         );
     }
+}
+
+/// A UNIX path whose listener was replaced (php-fpm restarted: a new
+/// socket at the same path) has one kernel total for both listeners: the
+/// summary's counts over the two add up to the EAGAINs the client saw,
+/// once (the second listener's own events are not counted again).
+#[test]
+fn a_replaced_unix_listener_counts_its_path_once() {
+    if !privileged("a_replaced_unix_listener_counts_its_path_once") {
+        return;
+    }
+    let _serial = serial();
+    // Under the rate limit: every EAGAIN is an event as well.
+    let attempts = 5;
+    let mut agent = Agent::expect_ready(&["--output", "json", "--expire-after", "1"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fpm.sock");
+    let path_text = path.to_str().expect("UTF-8 path").to_owned();
+    let storm_once = |path: &Path| {
+        let (listener, held) = storm::full_listener(path, 0);
+        let storm = storm::storm(path, attempts, Duration::from_secs(10));
+        (listener, held, storm.eagain)
+    };
+    let (first, held, eagain_first) = storm_once(&path);
+    let of_path = |r: &Value| r["listener"]["path"] == path_text.as_str();
+    agent.wait_for_events(eagain_first as usize, Duration::from_secs(30), |r| {
+        r["kind"] == KIND && of_path(r)
+    });
+    // Once the first listener's row expired (after 1 s), the agent's
+    // cached view of the path is stale too: the next EAGAINs find the
+    // new listener.
+    agent.wait_for_stderr("idle listener rows", Duration::from_secs(30));
+    storm::release(held);
+    drop(first);
+    std::fs::remove_file(&path).expect("remove the first socket");
+    let (second, held, eagain_second) = storm_once(&path);
+    agent.wait_for_events(
+        (eagain_first + eagain_second) as usize,
+        Duration::from_secs(30),
+        |r| r["kind"] == KIND && of_path(r),
+    );
+    let run = agent.stop();
+    storm::release(held);
+    drop(second);
+    assert!(run.status.success(), "{}", run.stderr);
+    let records = run.json_events();
+    let summaries: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "listener_summary" && of_path(r))
+        .collect();
+    let inodes: std::collections::BTreeSet<u64> = summaries
+        .iter()
+        .filter_map(|r| r["socket_inode"].as_u64())
+        .collect();
+    let counted: u64 = summaries
+        .iter()
+        .map(|r| r["counts"][KIND].as_u64().unwrap_or(0))
+        .sum();
+    let eagain = eagain_first + eagain_second;
+    common::figure(&format!(
+        "replaced UNIX listener: eagain={eagain_first}+{eagain_second} listeners={} \
+         (inodes {inodes:?}) counted={counted}",
+        summaries.len()
+    ));
+    assert_eq!(
+        inodes.len(),
+        2,
+        "not two listeners at the path: {summaries:?}"
+    );
+    assert_eq!(counted, eagain, "the path's counts over its listeners");
+    let a = accounted(&records, &[KIND], of_path);
+    a.assert_holds("replaced listener", "EAGAINs the client saw", eagain);
 }
