@@ -475,11 +475,13 @@ impl Summary {
                     .or_insert_with(|| key.clone());
             }
         }
+        let mut with_total = std::collections::HashSet::new();
         for (key, counts) in totals {
             let FloodListener::Unix { netns, path } = flood::unix_listener(key) else {
                 continue;
             };
             let existing = first.get(&(netns, path.clone())).cloned();
+            with_total.insert((netns, path.clone()));
             let listener = ListenerAddr::Unix(path);
             let key = existing.unwrap_or(ListenerKey {
                 netns,
@@ -488,6 +490,21 @@ impl Summary {
             });
             let stats = self.listeners.entry(key).or_default();
             add_counts(stats, DropKind::UnixConnectBacklogFull, counts);
+        }
+        // The other listeners of a path with a total (a restarted
+        // listener, an EAGAIN whose listener was not found) hold none of
+        // it: without an entry their count would fall back to their events
+        // and count those drops twice, in the table, the metrics and the
+        // folded part.
+        for (key, stats) in self.listeners.iter_mut() {
+            if let ListenerAddr::Unix(path) = &key.listener {
+                if with_total.contains(&(key.netns, path.clone())) {
+                    stats
+                        .accounting
+                        .entry(DropKind::UnixConnectBacklogFull)
+                        .or_default();
+                }
+            }
         }
     }
 
@@ -630,6 +647,37 @@ mod tests {
         assert_eq!(summary.folded.events[&kind], 12);
         // Within the cap: nothing happens.
         assert!(summary.evict_idle_beyond(8, 1000, 50, |_| false).is_empty());
+    }
+
+    /// A UNIX path with two listeners (php-fpm restarted: a new socket at
+    /// the same path, or one EAGAIN whose listener was not found) has one
+    /// kernel total: the listeners' counts and the folded part add up to
+    /// it once, not once plus the other listener's events.
+    #[test]
+    fn a_unix_path_total_counts_once_over_its_listeners() {
+        let mut summary = Summary::default();
+        for (inode, t) in [(10, 1), (11, 2), (11, 3)] {
+            summary.record_unix(1, "/a", inode, None, &[], t);
+        }
+        let mut key = UnixTotalKey::ZERO;
+        key.netns_inode = 1;
+        key.path[..2].copy_from_slice(b"/a");
+        key.path_len = 2;
+        let counts = DropCounts {
+            total: 7,
+            sent: 3,
+            suppressed: 4,
+            lost: 0,
+        };
+        summary.apply_accounting(&[], &[(key, counts)]);
+        let kind = DropKind::UnixConnectBacklogFull;
+        let listed: u64 = summary.listeners.values().map(|s| s.count(kind)).sum();
+        assert_eq!(listed, 7);
+        // apply_accounting stamped them active now (monotonic): fold at "ever after".
+        summary.evict_idle_beyond(0, u64::MAX, 1, |_| false);
+        assert!(summary.listeners.is_empty());
+        assert_eq!(summary.folded.drops[&kind], 7);
+        assert_eq!(summary.folded.events[&kind], 3);
     }
 
     /// UNIX listeners of one path share the kernel's total: they fold
