@@ -246,13 +246,8 @@ pub fn ready(running: &Running) {
     running.sink.resolver.wait_first_walk(FIRST_WALK_WAIT);
     preflight::memory_phase("the first walk of /proc");
     // Start-up parsed the kernel's BTF and tracefs formats and walked
-    // /proc; glibc keeps what they freed unless asked to give it back
-    // (musl, the static build's libc, returns it by itself).
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    // /proc.
+    give_back_freed();
     preflight::memory_phase("giving freed memory back");
     let outcomes = &running.probes.outcomes;
     let attached = outcomes
@@ -356,6 +351,9 @@ pub fn stop(running: Running) {
         }
     }
     sink.report(&summary_heading(started));
+    // The summary's rows and lines were made and freed one listener at a
+    // time, in the same heap as the live state.
+    give_back_freed();
     preflight::memory_phase("the final summary");
     if let Some(before) = counted_before {
         let after = counted::snapshot(Path::new("/proc"));
@@ -559,6 +557,19 @@ pub fn drain(ring: &mut RingBuf<MapData>, sink: &mut Sink) {
 pub fn summary(running: &mut Running) {
     apply_accounting(&running.counters, &mut running.sink);
     running.sink.report(&summary_heading(running.started));
+    give_back_freed();
+}
+
+/// Returns to the kernel what glibc keeps of the memory freed since (the
+/// free pages inside its heaps too, not only the top): it keeps them
+/// otherwise, in the resident set. musl, the static build's libc, returns
+/// large blocks by itself.
+fn give_back_freed() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn summary_heading(started: Instant) -> String {

@@ -139,13 +139,20 @@ impl Reporter {
         }
     }
 
-    /// The table (from `summary`) and each listener's diagnosis on stderr.
-    pub fn listener_summary_text(
-        &mut self,
-        heading: &str,
-        summary: &Summary,
-        diagnoses: &[(ListenerAddr, String)],
-    ) {
+    /// The heading and the table (from `summary`) on stderr, after what
+    /// is pending on stdout; each listener's diagnosis follows through the
+    /// writer returned, as its report is made.
+    pub fn listener_summary_text(&mut self, heading: &str, summary: &Summary) -> Diagnoses {
+        self.flush();
+        let mut stderr = StderrLines(std::io::BufWriter::new(std::io::stderr().lock()));
+        text::write_summary_head(&mut stderr, heading, summary);
+        let _ = std::io::Write::flush(&mut stderr.0);
+        Diagnoses(StderrLines(std::io::BufWriter::new(std::io::stderr())))
+    }
+
+    /// With `--output json`, the line of the listeners folded out of the
+    /// summary, after the listeners' lines.
+    pub fn folded_summary_line(&mut self, summary: &Summary) {
         if self.options.format == OutputFormat::Json {
             let time = clock::rfc3339(SystemTime::now());
             if let Some(line) = json::folded_line(&time, &summary.folded) {
@@ -153,9 +160,6 @@ impl Reporter {
             }
         }
         self.flush();
-        let mut stderr = StderrLines(std::io::BufWriter::new(std::io::stderr().lock()));
-        text::write_listener_summary(&mut stderr, heading, summary, diagnoses);
-        let _ = std::io::Write::flush(&mut stderr.0);
     }
 
     /// Drops counted by the kernel during the run in namespaces where they
@@ -169,6 +173,20 @@ impl Reporter {
         }
         self.flush();
         eprint!("{}", text::counted(namespaces));
+    }
+}
+
+/// The diagnoses of a summary, one line per listener on stderr (buffered:
+/// one write per few lines, not one per listener).
+pub struct Diagnoses(StderrLines<std::io::BufWriter<std::io::Stderr>>);
+
+impl Diagnoses {
+    pub fn write(&mut self, listener: &ListenerAddr, diagnosis: Option<&str>) {
+        text::write_diagnosis(&mut self.0, listener, diagnosis.unwrap_or_default());
+    }
+
+    pub fn finish(mut self) {
+        let _ = std::io::Write::flush(&mut self.0 .0);
     }
 }
 

@@ -185,7 +185,7 @@ pub fn of(report: &ListenerReport) -> String {
     let drops = diagnose(&facts);
     match (&report.stats.accept, &report.stats.advice) {
         (Some(figures), advice) if figures.worth_reporting() || advice.is_some() => {
-            let note = accept_queue_note(&facts, figures, advice.as_ref());
+            let note = accept_queue_note(&facts, figures, advice.as_deref());
             if facts.kind_counts.iter().any(|(_, count)| *count > 0) {
                 format!("{drops}; {note}")
             } else {

@@ -516,7 +516,7 @@ pub fn listener_summary_line(time: &str, report: &ListenerReport) -> String {
         accept_wait_ms: stats.accept.as_ref().and_then(|a| a.wait_ms),
         accept_rate_per_s: stats.accept.as_ref().map(|a| a.accept_rate_per_s),
         arrival_rate_per_s: stats.accept.as_ref().and_then(|a| a.arrival_rate_per_s),
-        backlog_advice: stats.advice.as_ref(),
+        backlog_advice: stats.advice.as_deref(),
         near_full_warnings: stats.accept.as_ref().map_or(0, |a| a.near_full_warnings),
     };
     serde_json::to_string(&json).unwrap_or_default()

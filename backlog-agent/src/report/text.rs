@@ -243,19 +243,16 @@ pub fn write_summary_table(out: &mut impl Write, summary: &Summary) {
     }
 }
 
-/// The summary for stderr: `heading`, the table, then each listener's
-/// diagnosis.
-pub fn write_listener_summary(
-    out: &mut impl Write,
-    heading: &str,
-    summary: &Summary,
-    diagnoses: &[(ListenerAddr, String)],
-) {
+/// The summary for stderr: `heading` and the table; each listener's
+/// diagnosis follows (`write_diagnosis`).
+pub fn write_summary_head(out: &mut impl Write, heading: &str, summary: &Summary) {
     let _ = writeln!(out, "{heading}");
     write_summary_table(out, summary);
-    for (listener, diagnosis) in diagnoses {
-        let _ = writeln!(out, "  {listener}: {diagnosis}");
-    }
+}
+
+/// One listener's diagnosis line, after the table.
+pub fn write_diagnosis(out: &mut impl Write, listener: &ListenerAddr, diagnosis: &str) {
+    let _ = writeln!(out, "  {listener}: {diagnosis}");
 }
 
 /// Drops counted by the kernel where they could not be traced: per-kind
