@@ -348,14 +348,9 @@ pub struct Config {
     /// Wake the agent only when this many bytes are pending in the ring
     /// buffer (it also polls every few milliseconds); 0 = every record.
     pub wakeup_bytes: u64,
-    /// 1 when UNIX connect() EAGAINs are reported. The connect() programs
-    /// also serve the accept-queue wait (UNIX arrivals), which attaches
-    /// them when `--attach` leaves the UNIX kind unobserved: they must
-    /// then count nothing for that kind.
-    pub unix_eagain: u64,
 }
 
-const _: () = assert!(size_of::<Config>() == 32);
+const _: () = assert!(size_of::<Config>() == 24);
 
 impl Config {
     /// Before the agent writes it: no limit, a wakeup per record.
@@ -363,7 +358,6 @@ impl Config {
         event_interval_ns: 0,
         burst_ns: 0,
         wakeup_bytes: 0,
-        unix_eagain: 1,
     };
 }
 

@@ -304,8 +304,7 @@ pub fn arrivals_known() -> bool {
 
 /// A successful UNIX connect() on `fd` (called by syscalls.rs's
 /// sys_exit_connect, which saved `fd` at entry for AF_UNIX addresses
-/// only): the server's end of the connection is queued on the listener
-/// now, and `unix_sk(client)->peer` is the socket its accept() returns.
+/// only).
 #[inline(always)]
 pub fn unix_arrival(fd: u32) {
     let o = offsets();
@@ -313,6 +312,25 @@ pub fn unix_arrival(fd: u32) {
         return;
     }
     let socket = crate::read::socket_of_fd(&o.fd_walk(), fd);
+    unix_arrival_of(&o, socket);
+}
+
+/// A successful UNIX connect() of the client's `struct socket`: the
+/// server's end of the connection is queued on the listener now, and
+/// `unix_sk(client)->peer` is the socket its accept() returns. Called
+/// with the socket by unix_stream_connect.rs's fexit, which has it as an
+/// argument, and through the fd walk above by the syscall hooks.
+#[inline(always)]
+pub fn unix_arrival_of_socket(socket: *const u8) {
+    let o = offsets();
+    if !layout_known(&o) || o.unix_peer == OFFSET_ABSENT {
+        return;
+    }
+    unix_arrival_of(&o, socket);
+}
+
+#[inline(always)]
+fn unix_arrival_of(o: &AcceptOffsets, socket: *const u8) {
     if socket.is_null() {
         return;
     }

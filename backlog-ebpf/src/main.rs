@@ -17,6 +17,7 @@ mod kfree_skb;
 mod read;
 mod syn_recv_sock;
 mod syscalls;
+mod unix_stream_connect;
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},

@@ -142,7 +142,30 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 /// connect() pays for one program per tracepoint.
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
-    let ret = field::<{ TP_SYS_EXIT_RET }>(&ctx) as i64;
+    exit_connect(&ctx, Eagains::Counted)
+}
+
+/// The same exit attached for the accept-queue wait's UNIX arrivals
+/// alone, where `--attach` leaves the UNIX kind unobserved: it counts no
+/// EAGAIN for a kind the agent says it does not see.
+#[tracepoint]
+pub fn sys_exit_connect_arrivals(ctx: TracePointContext) -> u32 {
+    exit_connect(&ctx, Eagains::Ignored)
+}
+
+/// Whether a connect() program counts UNIX EAGAINs or serves the
+/// accept-queue wait's arrivals alone: one program each, so that what a
+/// program does is decided by which one the agent attaches, after it
+/// knows which rung took the UNIX kind.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Eagains {
+    Counted,
+    Ignored,
+}
+
+#[inline(always)]
+fn exit_connect(ctx: &TracePointContext, eagains: Eagains) -> u32 {
+    let ret = field::<{ TP_SYS_EXIT_RET }>(ctx) as i64;
     if ret == -EINPROGRESS {
         return 0;
     }
@@ -159,16 +182,20 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         crate::accept::unix_arrival(args.fd as u32);
         return 0;
     }
-    // Attached for the arrivals alone (see Config::unix_eagain).
-    if crate::config!(unix_eagain) == 0 {
-        return 0;
+    if eagains == Eagains::Counted {
+        unix_eagain(
+            args.addr,
+            args.addrlen,
+            SockaddrIn::CallerMemory,
+            client_netns,
+        );
     }
-    unix_eagain(args.addr, args.addrlen, client_netns);
     0
 }
 
 /// The only connect() program where the kernel has bpf_task_pt_regs
-/// (5.15+): nothing runs at sys_enter_connect, and the exit takes the
+/// (5.15+) and no fexit on unix_stream_connect (unix_stream_connect.rs)
+/// attaches: nothing runs at sys_enter_connect, and the exit takes the
 /// arguments from the registers the task saved at syscall entry, only on
 /// the returns that matter. So a connect() that is not a UNIX EAGAIN or
 /// success pays two comparisons (EINPROGRESS, ECONNREFUSED, ...); one
@@ -178,10 +205,21 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
 /// when ephemeral ports run out).
 #[tracepoint]
 pub fn sys_exit_connect_regs(ctx: TracePointContext) -> u32 {
-    let ret = field::<{ TP_SYS_EXIT_RET }>(&ctx) as i64;
+    exit_connect_regs(&ctx, Eagains::Counted)
+}
+
+/// sys_exit_connect_regs for the accept-queue wait's UNIX arrivals alone
+/// (see sys_exit_connect_arrivals).
+#[tracepoint]
+pub fn sys_exit_connect_regs_arrivals(ctx: TracePointContext) -> u32 {
+    exit_connect_regs(&ctx, Eagains::Ignored)
+}
+
+#[inline(always)]
+fn exit_connect_regs(ctx: &TracePointContext, eagains: Eagains) -> u32 {
+    let ret = field::<{ TP_SYS_EXIT_RET }>(ctx) as i64;
     if ret == -EAGAIN {
-        // Attached for the arrivals alone (see Config::unix_eagain).
-        if crate::config!(unix_eagain) != 0 {
+        if eagains == Eagains::Counted {
             // SAFETY: a helper without memory preconditions.
             let task = unsafe { generated::bpf_get_current_task_btf() };
             let regs = unsafe { generated::bpf_task_pt_regs(task) } as *const u8;
@@ -190,9 +228,12 @@ pub fn sys_exit_connect_regs(ctx: TracePointContext) -> u32 {
             // SAFETY (both): register slots of pt_regs (see btf_field).
             let addr = unsafe { btf_field::<u64>(regs, pt_regs_arg1_at) };
             let addrlen = unsafe { btf_field::<u64>(regs, pt_regs_arg2_at) };
-            unix_eagain(addr, addrlen as u32 as u64, || {
-                client_netns_btf(task as *const u8)
-            });
+            unix_eagain(
+                addr,
+                addrlen as u32 as u64,
+                SockaddrIn::CallerMemory,
+                || client_netns_btf(task as *const u8),
+            );
         }
         return 0;
     }
@@ -205,6 +246,45 @@ pub fn sys_exit_connect_regs(ctx: TracePointContext) -> u32 {
         crate::accept::unix_arrival(fd);
     }
     0
+}
+
+/// Where connect()'s sockaddr is when a program reads it: still in the
+/// caller's memory at the syscall's exit (the thread has not run on), or
+/// the kernel's copy (move_addr_to_kernel, on __sys_connect's stack) that
+/// unix_stream_connect() was handed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum SockaddrIn {
+    CallerMemory,
+    Kernel,
+}
+
+impl SockaddrIn {
+    /// `len` bytes at `src` into `dst`: the helper's return code (0 on
+    /// success; it reports a fault instead of faulting).
+    #[inline(always)]
+    fn read(self, dst: *mut u8, len: u32, src: u64) -> i64 {
+        // SAFETY: the callers pass `dst` with room for `len` bytes.
+        unsafe {
+            match self {
+                SockaddrIn::CallerMemory => {
+                    generated::bpf_probe_read_user(dst.cast(), len, src as *const c_void)
+                }
+                SockaddrIn::Kernel => {
+                    generated::bpf_probe_read_kernel(dst.cast(), len, src as *const c_void)
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn family(self, src: u64) -> u16 {
+        let mut family = 0u16;
+        if self.read((&mut family as *mut u16).cast(), 2, src) == 0 {
+            family
+        } else {
+            0
+        }
+    }
 }
 
 /// Zeroes the key with 4-byte stores. `*key = UnixTotalKey::ZERO` compiles
@@ -242,7 +322,12 @@ fn client_netns_btf(task: *const u8) -> u32 {
 /// One EAGAIN of connect(addr, addrlen): counted for its (client netns,
 /// path) if `addr` is an AF_UNIX address, and reported unless suppressed.
 #[inline(always)]
-fn unix_eagain(addr: u64, addrlen: u64, client_netns: impl FnOnce() -> u32) {
+pub fn unix_eagain(
+    addr: u64,
+    addrlen: u64,
+    sockaddr_in: SockaddrIn,
+    client_netns: impl FnOnce() -> u32,
+) {
     if addrlen <= SUN_PATH_OFFSET as u64 || addr == 0 {
         return;
     }
@@ -258,8 +343,8 @@ fn unix_eagain(addr: u64, addrlen: u64, client_netns: impl FnOnce() -> u32) {
     // same path over and over.
     let previous_len = key.path_len as u64;
     // Exactly the bytes the caller passed, so that the rest of the key
-    // stays zero and keys compare. The sockaddr is still the caller's:
-    // connect() has returned but the thread has not run on. One copy
+    // stays zero and keys compare, whichever hook read them (see
+    // SockaddrIn for where they are). One copy
     // takes sun_family and sun_path: the family lands in bytes 6..8 of
     // the key (the upper half of path_len, written below), the path on
     // `path` (offsets asserted in backlog-common).
@@ -271,15 +356,8 @@ fn unix_eagain(addr: u64, addrlen: u64, client_netns: impl FnOnce() -> u32) {
         zero_key(key);
     }
     let dst = (key as *mut UnixTotalKey as *mut u8).wrapping_add(8 - SUN_PATH_OFFSET);
-    // SAFETY: at most 2 + UNIX_PATH_MAX bytes into bytes 6..116 of the
-    // key; the helper reports a fault instead of faulting.
-    let rc = unsafe {
-        generated::bpf_probe_read_user(
-            dst.cast(),
-            (len + SUN_PATH_OFFSET as u64) as u32,
-            addr as *const c_void,
-        )
-    };
+    // At most 2 + UNIX_PATH_MAX bytes into bytes 6..116 of the key.
+    let rc = sockaddr_in.read(dst, (len + SUN_PATH_OFFSET as u64) as u32, addr);
     if rc == 0 {
         // Little-endian (bpfel): bytes 6..8 are the upper half.
         if key.path_len >> 16 != AF_UNIX as u32 {
@@ -291,7 +369,7 @@ fn unix_eagain(addr: u64, addrlen: u64, client_netns: impl FnOnce() -> u32) {
         // expected; if it happens the EAGAIN is still counted, path
         // unknown (length 0), when the family alone can be read.
         zero_key(key);
-        if unsafe { bpf_probe_read_user(addr as *const u16) } != Ok(AF_UNIX) {
+        if sockaddr_in.family(addr) != AF_UNIX {
             return;
         }
     }
@@ -325,7 +403,7 @@ fn unix_eagain(addr: u64, addrlen: u64, client_netns: impl FnOnce() -> u32) {
 
 /// current->nsproxy->net_ns->ns.inum: where the client looked the path up.
 #[inline(always)]
-fn client_netns() -> u32 {
+pub fn client_netns() -> u32 {
     let mut r = Reader::new();
     let task = unsafe { bpf_get_current_task() } as *const u8;
     let nsproxy = r.ptr(task, crate::offset!(task_nsproxy));

@@ -115,6 +115,9 @@ enum Needs {
     SyscallRegs,
     /// A tcp_v4_syn_recv_sock prototype the fexit programs know.
     SynRecvSockPrototype,
+    /// unix_stream_connect with the four arguments the fexit program
+    /// takes its return value after.
+    UnixStreamConnectPrototype,
     /// This CPU's SNMP counters (BTF indexes and __per_cpu_offset).
     SnmpCounters,
     /// sock:inet_sock_set_state (its fields where the program reads them,
@@ -145,7 +148,22 @@ const KFREE_SKB: Hook = Hook {
     )],
 };
 
-/// Preferred: one program, on the exit only. Every connect() on the
+/// Preferred where fexit attaches: a program on unix_stream_connect()
+/// itself, which only AF_UNIX stream connect()s reach, so that no
+/// connect() pays for a syscall tracepoint program (see
+/// backlog-ebpf/src/unix_stream_connect.rs). It also carries the
+/// accept-queue wait's UNIX arrivals.
+const UNIX_CONNECT_FEXIT: Hook = Hook {
+    family: HookFamily::Fentry,
+    label: "fexit unix_stream_connect (EAGAIN)",
+    needs: Needs::UnixStreamConnectPrototype,
+    programs: &[(
+        "fexit_unix_stream_connect",
+        Attach::Fexit("unix_stream_connect"),
+    )],
+};
+
+/// Next: one program, on the exit only. Every connect() on the
 /// machine reaches it, and all but UNIX EAGAINs and successes leave after
 /// two comparisons; the arguments come from the task's saved registers
 /// (5.15+), so no sys_enter_connect program runs at all.
@@ -311,14 +329,30 @@ const ACCEPT_WAIT: Hook = Hook {
     ],
 };
 
-/// UNIX_CONNECT's programs (or UNIX_CONNECT_REGS's, preferred) attached
-/// for the accept-queue wait's UNIX arrivals alone (Config::unix_eagain is
-/// then 0: no EAGAIN is counted).
+/// UNIX_CONNECT's entry and an exit that counts no EAGAIN (or
+/// UNIX_CONNECT_REGS's twin, preferred), attached for the accept-queue
+/// wait's UNIX arrivals alone, when `--attach` left the UNIX kind
+/// unobserved.
 const UNIX_ARRIVALS: Hook = Hook {
     family: HookFamily::Tracepoint,
     label: "tracepoint syscalls:sys_enter_connect, sys_exit_connect (UNIX arrivals)",
     needs: Needs::SyscallLayout,
-    programs: UNIX_CONNECT.programs,
+    programs: &[
+        (
+            "sys_exit_connect_arrivals",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_exit_connect",
+            },
+        ),
+        (
+            "sys_enter_connect",
+            Attach::Tracepoint {
+                category: "syscalls",
+                name: "sys_enter_connect",
+            },
+        ),
+    ],
 };
 
 const UNIX_ARRIVALS_REGS: Hook = Hook {
@@ -326,7 +360,13 @@ const UNIX_ARRIVALS_REGS: Hook = Hook {
     label:
         "tracepoint syscalls:sys_exit_connect (UNIX arrivals, arguments from the saved registers)",
     needs: Needs::SyscallRegs,
-    programs: UNIX_CONNECT_REGS.programs,
+    programs: &[(
+        "sys_exit_connect_regs_arrivals",
+        Attach::Tracepoint {
+            category: "syscalls",
+            name: "sys_exit_connect",
+        },
+    )],
 };
 
 /// fexit programs per prototype of `*_syn_recv_sock()`: the return value
@@ -423,7 +463,7 @@ fn hooks_for(kind: DropKind, syn_recv_sock_params: Option<u32>) -> &'static [Hoo
         | DropKind::SynDroppedAcceptQueueFull
         | DropKind::SynDroppedSynBacklogPressure
         | DropKind::SynDroppedOther => &[CONN_REQUEST_FENTRY, CONN_REQUEST_KPROBE],
-        DropKind::UnixConnectBacklogFull => &[UNIX_CONNECT_REGS, UNIX_CONNECT],
+        DropKind::UnixConnectBacklogFull => &[UNIX_CONNECT_FEXIT, UNIX_CONNECT_REGS, UNIX_CONNECT],
     }
 }
 
@@ -459,6 +499,7 @@ struct Preconditions {
     syscall_regs: Result<(), String>,
     /// The fexit programs exist for 6- and 7-argument prototypes only.
     syn_recv_sock_fexit: Result<(), String>,
+    unix_stream_connect_fexit: Result<(), String>,
     /// The SYN-stage classification reads this CPU's SNMP counters.
     snmp_counters: Result<(), String>,
     accept: Result<(), String>,
@@ -474,6 +515,7 @@ impl Preconditions {
             Needs::SyscallLayout => self.syscalls.clone(),
             Needs::SyscallRegs => self.syscalls.clone().and(self.syscall_regs.clone()),
             Needs::SynRecvSockPrototype => self.syn_recv_sock_fexit.clone(),
+            Needs::UnixStreamConnectPrototype => self.unix_stream_connect_fexit.clone(),
             Needs::SnmpCounters => self.snmp_counters.clone(),
             Needs::AcceptLayout => self.accept.clone(),
             Needs::AcceptRegs => self
@@ -498,8 +540,6 @@ pub fn config(max_events_per_sec: u32, ring_buffer_kib: u32) -> Config {
         // An eighth of the ring: the agent is woken well before it fills,
         // and polls for the rest.
         wakeup_bytes: u64::from(ring_buffer_kib) * 1024 / 8,
-        // Decided in start(), from --attach.
-        unix_eagain: 1,
     }
 }
 
@@ -547,6 +587,13 @@ pub fn start(
         )),
         None => Err("tcp_v4_syn_recv_sock is not in the kernel's BTF".into()),
     };
+    let unix_stream_connect_fexit = match btf.function_param_count("unix_stream_connect") {
+        Ok(4) => Ok(()),
+        Ok(n) => Err(format!(
+            "unix_stream_connect takes {n} arguments here; this build knows 4"
+        )),
+        Err(_) => Err("unix_stream_connect is not in the kernel's BTF".into()),
+    };
     // Only the lines of the symbols asked about (the whole file is 5 MB).
     let kallsyms = crate::kernel::kallsyms::read(offsets::KALLSYMS_NEEDED);
     let snmp_counters = kallsyms
@@ -565,6 +612,7 @@ pub fn start(
         syscalls,
         syscall_regs,
         syn_recv_sock_fexit,
+        unix_stream_connect_fexit,
         snmp_counters,
         accept: accept_offsets
             .as_ref()
@@ -587,16 +635,9 @@ pub fn start(
             name: "EVENTS",
             reason: format!("{ring_buffer_kib} KiB does not fit the kernel's u32 map size"),
         })?;
-    // The UNIX kind's only hook is a tracepoint: when --attach excludes it,
-    // the connect() programs may still run for the accept-queue wait and
-    // must not count EAGAINs for a kind reported as not observable.
-    let config = Config {
-        unix_eagain: u64::from(HookFamily::Tracepoint.allowed_by(mode)),
-        ..*config
-    };
     let mut ebpf = EbpfLoader::new()
         .override_global("OFFSETS", &kernel_offsets, true)
-        .override_global("CONFIG", &config, true)
+        .override_global("CONFIG", config, true)
         .override_global("ACCEPT_OFFSETS", &accept_offsets, true)
         .override_global("FILTER", filter, true)
         .map_max_entries("EVENTS", ring_buffer_bytes)
@@ -729,21 +770,27 @@ pub fn start(
             Ok(_) => hook.push_str(", sys_{enter,exit}_listen"),
             Err(_) => {}
         }
-        // The same ladder as the UNIX kind's: exit-only first.
+        // Carried by the UNIX kind's programs when it is attached; else
+        // the tracepoint ladder, exit-only first, with programs that count
+        // no EAGAIN.
         let arrivals = match unix_connect {
-            Some(label) if label == UNIX_CONNECT_REGS.label => Ok(true),
-            Some(_) => Ok(false),
+            Some(label) => Ok(label),
             None => first_of(
                 &[UNIX_ARRIVALS_REGS, UNIX_ARRIVALS],
                 &preconditions,
                 &mut ebpf,
                 &mut kernel_btf,
             )
-            .map(|arrivals| arrivals.label == UNIX_ARRIVALS_REGS.label),
+            .map(|arrivals| arrivals.label.to_owned()),
         };
-        match arrivals {
-            Ok(true) => hook.push_str(", sys_exit_connect (UNIX arrivals)"),
-            Ok(false) => hook.push_str(", sys_{enter,exit}_connect (UNIX arrivals)"),
+        match arrivals.as_deref() {
+            Ok(label) if label == UNIX_CONNECT_FEXIT.label => {
+                hook.push_str(", fexit unix_stream_connect (UNIX arrivals)")
+            }
+            Ok(label) if label == UNIX_CONNECT_REGS.label || label == UNIX_ARRIVALS_REGS.label => {
+                hook.push_str(", sys_exit_connect (UNIX arrivals)")
+            }
+            Ok(_) => hook.push_str(", sys_{enter,exit}_connect (UNIX arrivals)"),
             Err(reason) => hook.push_str(&format!(" (no UNIX arrivals: {reason})")),
         }
         hook
