@@ -88,6 +88,14 @@ enum Attach {
     Kretprobe(&'static str),
 }
 
+/// A syscalls:* tracepoint, most of the tracepoint hooks.
+const fn syscall_tracepoint(name: &'static str) -> Attach {
+    Attach::Tracepoint {
+        category: "syscalls",
+        name,
+    }
+}
+
 /// One way of observing a kind: programs that must all attach.
 #[derive(Clone, Copy, Debug)]
 struct Hook {
@@ -173,10 +181,7 @@ const UNIX_CONNECT_REGS: Hook = Hook {
     needs: Needs::SyscallRegs,
     programs: &[(
         "sys_exit_connect_regs",
-        Attach::Tracepoint {
-            category: "syscalls",
-            name: "sys_exit_connect",
-        },
+        syscall_tracepoint("sys_exit_connect"),
     )],
 };
 
@@ -187,20 +192,8 @@ const UNIX_CONNECT: Hook = Hook {
     label: "tracepoint syscalls:sys_enter_connect, sys_exit_connect (EAGAIN on AF_UNIX)",
     needs: Needs::SyscallLayout,
     programs: &[
-        (
-            "sys_exit_connect",
-            Attach::Tracepoint {
-                category: "syscalls",
-                name: "sys_exit_connect",
-            },
-        ),
-        (
-            "sys_enter_connect",
-            Attach::Tracepoint {
-                category: "syscalls",
-                name: "sys_enter_connect",
-            },
-        ),
+        ("sys_exit_connect", syscall_tracepoint("sys_exit_connect")),
+        ("sys_enter_connect", syscall_tracepoint("sys_enter_connect")),
     ],
 };
 
@@ -216,10 +209,7 @@ const LISTEN_CALLS_REGS: Hook = Hook {
     needs: Needs::SyscallRegs,
     programs: &[(
         "sys_exit_listen_regs",
-        Attach::Tracepoint {
-            category: "syscalls",
-            name: "sys_exit_listen",
-        },
+        syscall_tracepoint("sys_exit_listen"),
     )],
 };
 
@@ -229,20 +219,8 @@ const LISTEN_CALLS: Hook = Hook {
     label: "tracepoint syscalls:sys_enter_listen, sys_exit_listen",
     needs: Needs::SyscallLayout,
     programs: &[
-        (
-            "sys_exit_listen",
-            Attach::Tracepoint {
-                category: "syscalls",
-                name: "sys_exit_listen",
-            },
-        ),
-        (
-            "sys_enter_listen",
-            Attach::Tracepoint {
-                category: "syscalls",
-                name: "sys_enter_listen",
-            },
-        ),
+        ("sys_exit_listen", syscall_tracepoint("sys_exit_listen")),
+        ("sys_enter_listen", syscall_tracepoint("sys_enter_listen")),
     ],
 };
 
@@ -262,17 +240,11 @@ const ACCEPT_WAIT_REGS: Hook = Hook {
     programs: &[
         (
             "accept_sys_exit_accept4_regs",
-            Attach::Tracepoint {
-                category: "syscalls",
-                name: "sys_exit_accept4",
-            },
+            syscall_tracepoint("sys_exit_accept4"),
         ),
         (
             "accept_sys_exit_accept_regs",
-            Attach::Tracepoint {
-                category: "syscalls",
-                name: "sys_exit_accept",
-            },
+            syscall_tracepoint("sys_exit_accept"),
         ),
         (
             "accept_inet_sock_set_state",
@@ -293,17 +265,11 @@ const ACCEPT_WAIT: Hook = Hook {
     programs: &[
         (
             "accept_sys_exit_accept4",
-            Attach::Tracepoint {
-                category: "syscalls",
-                name: "sys_exit_accept4",
-            },
+            syscall_tracepoint("sys_exit_accept4"),
         ),
         (
             "accept_sys_exit_accept",
-            Attach::Tracepoint {
-                category: "syscalls",
-                name: "sys_exit_accept",
-            },
+            syscall_tracepoint("sys_exit_accept"),
         ),
         (
             "accept_inet_sock_set_state",
@@ -314,17 +280,11 @@ const ACCEPT_WAIT: Hook = Hook {
         ),
         (
             "accept_sys_enter_accept4",
-            Attach::Tracepoint {
-                category: "syscalls",
-                name: "sys_enter_accept4",
-            },
+            syscall_tracepoint("sys_enter_accept4"),
         ),
         (
             "accept_sys_enter_accept",
-            Attach::Tracepoint {
-                category: "syscalls",
-                name: "sys_enter_accept",
-            },
+            syscall_tracepoint("sys_enter_accept"),
         ),
     ],
 };
@@ -340,18 +300,9 @@ const UNIX_ARRIVALS: Hook = Hook {
     programs: &[
         (
             "sys_exit_connect_arrivals",
-            Attach::Tracepoint {
-                category: "syscalls",
-                name: "sys_exit_connect",
-            },
+            syscall_tracepoint("sys_exit_connect"),
         ),
-        (
-            "sys_enter_connect",
-            Attach::Tracepoint {
-                category: "syscalls",
-                name: "sys_enter_connect",
-            },
-        ),
+        ("sys_enter_connect", syscall_tracepoint("sys_enter_connect")),
     ],
 };
 
@@ -362,10 +313,7 @@ const UNIX_ARRIVALS_REGS: Hook = Hook {
     needs: Needs::SyscallRegs,
     programs: &[(
         "sys_exit_connect_regs_arrivals",
-        Attach::Tracepoint {
-            category: "syscalls",
-            name: "sys_exit_connect",
-        },
+        syscall_tracepoint("sys_exit_connect"),
     )],
 };
 
