@@ -879,6 +879,15 @@ fn attach_program(
                 .map_err(|e| format!("attach: {}", error_chain(&e)))?;
         }
         Attach::Kprobe(function) | Attach::Kretprobe(function) => {
+            // Kprobe programs load where the kernel has no kprobes and only
+            // the attach fails; the load is the verifier's time, half a
+            // second for kretprobe_conn_request on 6.18, paid at every
+            // start for nothing. The PMU's directory is what the attach
+            // needs (perf_event_open of type kprobe; every kernel from 4.17
+            // with CONFIG_KPROBES has it).
+            if !Path::new(KPROBE_PMU).exists() {
+                return Err(format!("attach: {KPROBE_PMU} is missing"));
+            }
             let kprobe: &mut KProbe = program.try_into().map_err(|e| format!("{e}"))?;
             kprobe.load().map_err(|e| format!("load: {e}"))?;
             kprobe
@@ -889,6 +898,7 @@ fn attach_program(
     Ok(())
 }
 
+const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
 const REFUSES_FENTRY: &str = "the kernel refuses fentry/fexit programs (EPERM at load)";
 const NO_KPROBES: &str = "the kernel has no kprobes (CONFIG_KPROBES off)";
 
@@ -921,11 +931,7 @@ fn explain(target: Attach, raw: &str) -> String {
              functions with more than 6 arguments need 6.5+)"
                 .into()
         }
-        Attach::Kprobe(_) | Attach::Kretprobe(_)
-            if raw.contains("/sys/bus/event_source/devices/kprobe") =>
-        {
-            NO_KPROBES.into()
-        }
+        Attach::Kprobe(_) | Attach::Kretprobe(_) if raw.contains(KPROBE_PMU) => NO_KPROBES.into(),
         _ => raw.to_owned(),
     }
 }
