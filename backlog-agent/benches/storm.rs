@@ -47,10 +47,10 @@ fn one_storm(dir: &Path, name: &str) -> (storm::Storm, String) {
     (result, path.to_string_lossy().into_owned())
 }
 
-/// connect()s to a closed port on loopback: the connect() hooks' cost for
+/// `count` connect()s to a closed port on loopback: the connect() hooks' cost for
 /// what is not AF_UNIX. Blocking ones are refused at once; non-blocking
 /// ones return EINPROGRESS (the usual answer for event-driven clients).
-fn tcp_connects(nonblocking: bool) -> Duration {
+fn tcp_connects(nonblocking: bool, count: u64) -> Duration {
     common::in_new_netns(move || {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -59,7 +59,7 @@ fn tcp_connects(nonblocking: bool) -> Duration {
             .port();
         let to: SocketAddr = ([127, 0, 0, 1], port).into();
         let started = Instant::now();
-        for _ in 0..TCP_CONNECTS {
+        for _ in 0..count {
             if nonblocking {
                 let socket =
                     socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
@@ -126,8 +126,8 @@ struct Floor {
 }
 
 /// Attaches the do-nothing program and measures [`Floor`].
-fn stats_floor(dir: &Path) -> Result<Floor, String> {
-    let mut child = Command::new(common::outside("bpftrace"))
+fn stats_floor(dir: &Path, bpftrace: &Path) -> Result<Floor, String> {
+    let mut child = Command::new(bpftrace)
         .args([
             "-e",
             "tracepoint:syscalls:sys_exit_connect /args->ret == 12345/ { }",
@@ -154,7 +154,7 @@ fn stats_floor(dir: &Path) -> Result<Floor, String> {
         thread::sleep(Duration::from_millis(50));
     };
     let b0 = bpf_programs();
-    tcp_connects(true);
+    tcp_connects(true, TCP_CONNECTS);
     let b1 = bpf_programs();
     let (storm, _) = one_storm(dir, "floor.sock");
     // SAFETY: kill has no memory-safety preconditions.
@@ -169,6 +169,60 @@ fn stats_floor(dir: &Path) -> Result<Floor, String> {
         ns: (ns1 - ns0) as f64 / calls.max(1) as f64,
         storm,
     })
+}
+
+/// bpftrace during a storm: what it cost, and the lines it printed.
+struct BpftracePrintf {
+    storm: storm::Storm,
+    cpu: Duration,
+    costs: Vec<(String, u64, f64)>,
+    lines: u64,
+}
+
+/// The storm with bpftrace printing one line per EAGAIN (the same
+/// one-line question the agent answers); None when it cannot start.
+fn bpftrace_printf(dir: &Path, bpftrace: &Path) -> Option<BpftracePrintf> {
+    let out = dir.join("bpftrace.out");
+    let child = Command::new(bpftrace)
+        .args([
+            "-e",
+            "tracepoint:syscalls:sys_exit_connect /args->ret == -11/ { printf(\"%d %s\\n\", pid, comm); }",
+        ])
+        .stdout(fs::File::create(&out).expect("bpftrace output file"))
+        .stderr(Stdio::null())
+        .spawn();
+    match child {
+        Ok(mut child) => {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !fs::read_to_string(&out)
+                .unwrap_or_default()
+                .contains("Attaching")
+                && Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_millis(50));
+            }
+            let cpu0 = process_cpu(child.id());
+            let b0 = bpf_programs();
+            let (storm, _) = one_storm(dir, "bpftrace.sock");
+            let b1 = bpf_programs();
+            thread::sleep(Duration::from_millis(1200));
+            let cpu = process_cpu(child.id()).saturating_sub(cpu0);
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+            let _ = child.wait();
+            let lines = fs::read_to_string(&out).unwrap_or_default().lines().count() as u64;
+            Some(BpftracePrintf {
+                storm,
+                cpu,
+                costs: bpf_costs(&b0, &b1),
+                lines,
+            })
+        }
+        Err(err) => {
+            println!("bpftrace not run: {err} (`cargo xtask setup` installs it)");
+            None
+        }
+    }
 }
 
 /// What the agent accounted for the UNIX listeners at `paths`.
@@ -264,8 +318,8 @@ fn storm_pairs(dir: &Path) -> Vec<f64> {
 /// (b) to (d): the storm, bpftrace beside it, the connect() hooks' cost.
 fn side_by_side(dir: &Path) {
     let (without, _) = one_storm(dir, "none.sock");
-    let tcp_without = tcp_connects(false);
-    let tcp_nb_without = tcp_connects(true);
+    let tcp_without = tcp_connects(false, TCP_CONNECTS);
+    let tcp_nb_without = tcp_connects(true, TCP_CONNECTS);
 
     let agent = Agent::expect_ready(&["--output", "json"]);
     let cpu0 = process_cpu(agent.pid());
@@ -276,9 +330,9 @@ fn side_by_side(dir: &Path) {
     thread::sleep(Duration::from_millis(1200));
     let agent_cpu = process_cpu(agent.pid()).saturating_sub(cpu0);
     let p2 = bpf_programs();
-    let tcp_with = tcp_connects(false);
+    let tcp_with = tcp_connects(false, TCP_CONNECTS);
     let p3 = bpf_programs();
-    let tcp_nb_with = tcp_connects(true);
+    let tcp_nb_with = tcp_connects(true, TCP_CONNECTS);
     let p4 = bpf_programs();
     let accepted_with = successful_connects(false);
     let p5 = bpf_programs();
@@ -287,7 +341,8 @@ fn side_by_side(dir: &Path) {
     let run = agent.stop();
     let accepted_without = successful_connects(false);
     let udp_without = successful_connects(true);
-    let floor = stats_floor(dir);
+    let bpftrace = common::outside("bpftrace");
+    let floor = stats_floor(dir, &bpftrace);
     // A second storm without a tracer, after the others: the ratios use
     // the mean of the two, so that drift over the run (thermal, other
     // load) does not count as the agent's.
@@ -303,42 +358,7 @@ fn side_by_side(dir: &Path) {
     } = accounted_paths(&run, &[&path]);
 
     // bpftrace, the same one-line question.
-    let out = dir.join("bpftrace.out");
-    let bpftrace = Command::new(common::outside("bpftrace"))
-        .args([
-            "-e",
-            "tracepoint:syscalls:sys_exit_connect /args->ret == -11/ { printf(\"%d %s\\n\", pid, comm); }",
-        ])
-        .stdout(fs::File::create(&out).expect("bpftrace output file"))
-        .stderr(Stdio::null())
-        .spawn();
-    let bpftrace_figures = match bpftrace {
-        Ok(mut child) => {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !fs::read_to_string(&out)
-                .unwrap_or_default()
-                .contains("Attaching")
-                && Instant::now() < deadline
-            {
-                thread::sleep(Duration::from_millis(50));
-            }
-            let cpu0 = process_cpu(child.id());
-            let b0 = bpf_programs();
-            let (storm, _) = one_storm(dir, "bpftrace.sock");
-            let b1 = bpf_programs();
-            thread::sleep(Duration::from_millis(1200));
-            let cpu = process_cpu(child.id()).saturating_sub(cpu0);
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-            let _ = child.wait();
-            let lines = fs::read_to_string(&out).unwrap_or_default().lines().count() as u64;
-            Some((storm, cpu, bpf_costs(&b0, &b1), lines))
-        }
-        Err(err) => {
-            println!("bpftrace not run: {err} (`cargo xtask setup` installs it)");
-            None
-        }
-    };
+    let bpftrace_figures = bpftrace_printf(dir, &bpftrace);
 
     println!(
         "(b) UNIX EAGAIN storm, {} s per phase, one client looping non-blocking connect() to a full listener:",
@@ -355,7 +375,7 @@ fn side_by_side(dir: &Path) {
         with.rate(),
         with.rate() / without_rate
     );
-    if let Some((storm, ..)) = &bpftrace_figures {
+    if let Some(BpftracePrintf { storm, .. }) = &bpftrace_figures {
         println!(
             "  with bpftrace printf: {:.0} EAGAIN/s ({:.3}x)",
             storm.rate(),
@@ -383,7 +403,7 @@ fn side_by_side(dir: &Path) {
     }
     println!("  kernel cost during the storm with the agent:");
     print_costs("agent", &bpf_costs(&p0, &p1));
-    if let Some((_, _, costs, _)) = &bpftrace_figures {
+    if let Some(BpftracePrintf { costs, .. }) = &bpftrace_figures {
         print_costs("bpftrace", costs);
     }
     println!(
@@ -392,7 +412,10 @@ fn side_by_side(dir: &Path) {
         with.eagain,
         agent_cpu.as_secs_f64() * 1e6 / with.eagain.max(1) as f64
     );
-    if let Some((storm, cpu, _, lines)) = &bpftrace_figures {
+    if let Some(BpftracePrintf {
+        storm, cpu, lines, ..
+    }) = &bpftrace_figures
+    {
         println!(
             "  bpftrace CPU: {:.3} s for {} EAGAINs = {:.2} us per EAGAIN ({lines} lines)",
             cpu.as_secs_f64(),
