@@ -12,6 +12,12 @@
 //!
 //! Figures from one run on one machine, not assertions. Bounded: each
 //! phase runs STORM seconds.
+//!
+//! `-- guest` (what `cargo xtask vm-test --bench` passes) runs the storm
+//! without a tracer, with the agent at its defaults and with the agent
+//! forced to `--attach tracepoint`, alternated over a few rounds (see
+//! [`rungs`]), skips bpftrace with one line where it is not installed
+//! (the guests' initramfs) and leaves out the many-processes case (e).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -27,7 +33,9 @@ use std::{
 
 use common::{
     accounting::{accounted, Accounted},
-    bench::{bpf_costs, bpf_programs, idle_processes, print_costs, process_cpu},
+    bench::{
+        bpf_costs, bpf_programs, idle_processes, print_costs, print_costs_indented, process_cpu,
+    },
     storm, Agent,
 };
 
@@ -47,9 +55,10 @@ fn one_storm(dir: &Path, name: &str) -> (storm::Storm, String) {
     (result, path.to_string_lossy().into_owned())
 }
 
-/// `count` connect()s to a closed port on loopback: the connect() hooks' cost for
-/// what is not AF_UNIX. Blocking ones are refused at once; non-blocking
-/// ones return EINPROGRESS (the usual answer for event-driven clients).
+/// `count` connect()s to a closed port on loopback: the connect() hooks'
+/// cost for what is not AF_UNIX. Blocking ones are refused at once;
+/// non-blocking ones return EINPROGRESS (the usual answer for
+/// event-driven clients).
 fn tcp_connects(nonblocking: bool, count: u64) -> Duration {
     common::in_new_netns(move || {
         let port = TcpListener::bind("127.0.0.1:0")
@@ -483,6 +492,294 @@ fn side_by_side(dir: &Path) {
     }
 }
 
+/// The agent settings the guest run compares: the defaults (which pick
+/// the best hook the kernel allows for UNIX connect(), fexit on
+/// unix_stream_connect where fentry attaches, once the agent has that
+/// program) and the syscall-tracepoint rung forced.
+const RUNGS: [(&str, &[&str]); 2] = [
+    ("default (--output json)", &["--output", "json"]),
+    (
+        "--attach tracepoint",
+        &["--output", "json", "--attach", "tracepoint"],
+    ),
+];
+
+/// Rounds of (without, one rung, without, the other rung), the rungs'
+/// order alternating, then one more phase without: 13 storms of STORM
+/// seconds plus 6 agent start-ups, about a minute of guest time.
+const ROUNDS: usize = 3;
+
+/// TCP connect()s per kind in the guest: software emulation runs them
+/// several times slower than the host.
+const GUEST_TCP_CONNECTS: u64 = 20_000;
+
+/// Per program: name, calls, ns per call (what bpf_costs returns).
+type Costs = Vec<(String, u64, f64)>;
+
+/// One storm under a freshly started agent.
+struct AgentPhase {
+    storm: storm::Storm,
+    /// The agent's start-up line for the UNIX kind: which hook it chose.
+    hook: String,
+    costs: Costs,
+    /// From ready to the end of the storm plus the agent's last window.
+    cpu: Duration,
+    accounted: Accounted,
+    /// Refused and non-blocking TCP connect()s after the storm (first
+    /// round only): their time and the programs' cost.
+    tcp: Option<[(Duration, Costs); 2]>,
+}
+
+fn agent_phase(dir: &Path, args: &[&str], name: &str, tcp: Option<u64>) -> AgentPhase {
+    let agent = Agent::expect_ready(args);
+    let prefix = format!("{UNIX_KIND}:");
+    let hook = agent
+        .startup()
+        .lines()
+        .map(|l| l.trim_start_matches("backlog-agent: "))
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or(&prefix)
+        .to_owned();
+    let cpu0 = process_cpu(agent.pid());
+    let p0 = bpf_programs();
+    let (storm, path) = one_storm(dir, name);
+    let p1 = bpf_programs();
+    // The agent's last window and drain are part of its cost.
+    thread::sleep(Duration::from_millis(1200));
+    let cpu = process_cpu(agent.pid()).saturating_sub(cpu0);
+    let tcp = tcp.map(|count| {
+        let q0 = bpf_programs();
+        let refused = tcp_connects(false, count);
+        let q1 = bpf_programs();
+        let nonblocking = tcp_connects(true, count);
+        let q2 = bpf_programs();
+        [
+            (refused, bpf_costs(&q0, &q1)),
+            (nonblocking, bpf_costs(&q1, &q2)),
+        ]
+    });
+    let run = agent.stop();
+    assert!(run.status.success(), "agent failed:\n{}", run.stderr);
+    AgentPhase {
+        storm,
+        hook,
+        costs: bpf_costs(&p0, &p1),
+        cpu,
+        accounted: accounted_paths(&run, &[&path]),
+        tcp,
+    }
+}
+
+/// The median, as storm_pairs prints it (the mean of the middle two for
+/// an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    (v[(n - 1) / 2] + v[n / 2]) / 2.0
+}
+
+fn ratios(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|r| format!("{r:.3}x"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Per program over several phases: calls summed, ns per call over all.
+fn merged_costs<'a>(phases: impl IntoIterator<Item = &'a [(String, u64, f64)]>) -> Costs {
+    let mut by_name: std::collections::BTreeMap<&str, (u64, f64)> = Default::default();
+    for costs in phases {
+        for (name, calls, ns) in costs {
+            let entry = by_name.entry(name).or_default();
+            entry.0 += calls;
+            entry.1 += *calls as f64 * ns;
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(name, (calls, ns))| (name.to_owned(), calls, ns / calls.max(1) as f64))
+        .collect()
+}
+
+/// `-- guest` (what `cargo xtask vm-test --bench` passes): the storm
+/// without a tracer, with the agent at its defaults and with the agent
+/// forced to the syscall tracepoints, alternated over ROUNDS rounds
+/// (TCG guests are noisy: each agent phase is compared with the mean of
+/// the phases without a tracer just before and after it, and the median
+/// is printed); bpftrace where it is installed (the guests' initramfs
+/// has none: one line says so); no many-processes case (e).
+fn rungs(dir: &Path) {
+    let (first, _) = one_storm(dir, "guest-none.sock");
+    let tcp_without = [
+        tcp_connects(false, GUEST_TCP_CONNECTS),
+        tcp_connects(true, GUEST_TCP_CONNECTS),
+    ];
+    let mut without = vec![first];
+    let mut phases: [Vec<(AgentPhase, f64)>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..ROUNDS {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for (step, rung) in order.into_iter().enumerate() {
+            let phase = agent_phase(
+                dir,
+                RUNGS[rung].1,
+                &format!("guest-rung{rung}-{round}.sock"),
+                (round == 0).then_some(GUEST_TCP_CONNECTS),
+            );
+            let (after, _) = one_storm(dir, &format!("guest-none-{round}-{step}.sock"));
+            let before = without.last().expect("a phase without tracer came first");
+            let ratio = phase.storm.rate() / ((before.rate() + after.rate()) / 2.0);
+            without.push(after);
+            phases[rung].push((phase, ratio));
+        }
+    }
+    let bpftrace = match common::try_outside("bpftrace") {
+        Ok(path) => {
+            let printf = bpftrace_printf(dir, &path);
+            let floor = stats_floor(dir, &path);
+            let (after, _) = one_storm(dir, "guest-none-bpftrace.sock");
+            Ok((printf, floor, after))
+        }
+        Err(err) => Err(err),
+    };
+
+    let rates: Vec<f64> = without.iter().map(storm::Storm::rate).collect();
+    println!(
+        "(b) UNIX EAGAIN storm, {} s per phase, one client looping non-blocking connect() to a full listener; \
+         {ROUNDS} rounds of (without, agent, without, agent with the other settings), \
+         the settings' order alternating, a fresh agent per phase, then one more without:",
+        STORM.as_secs()
+    );
+    println!(
+        "  without tracer: median {:.0} EAGAIN/s over {} phases ({})",
+        median(&rates),
+        rates.len(),
+        rates
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    for (rung, (what, _)) in RUNGS.iter().enumerate() {
+        let runs = &phases[rung];
+        let hooks: Vec<&str> = {
+            let mut h: Vec<&str> = runs.iter().map(|(p, _)| p.hook.as_str()).collect();
+            h.dedup();
+            h
+        };
+        println!("  with backlog-agent, {what}: {}", hooks.join(" / "));
+        let r: Vec<f64> = runs.iter().map(|(_, r)| *r).collect();
+        println!(
+            "    rate / mean of the phases without just before and after: {}; median {:.3}x",
+            ratios(&r),
+            median(&r)
+        );
+        println!("    kernel cost during its storms ({} phases):", runs.len());
+        print_costs_indented(
+            6,
+            "agent",
+            &merged_costs(runs.iter().map(|(p, _)| p.costs.as_slice())),
+        );
+        let eagain: u64 = runs.iter().map(|(p, _)| p.storm.eagain).sum();
+        let cpu: Duration = runs.iter().map(|(p, _)| p.cpu).sum();
+        println!(
+            "    agent CPU: {:.3} s for {eagain} EAGAINs = {:.2} us per EAGAIN (per phase: {})",
+            cpu.as_secs_f64(),
+            cpu.as_secs_f64() * 1e6 / eagain.max(1) as f64,
+            runs.iter()
+                .map(|(p, _)| format!(
+                    "{:.2}",
+                    p.cpu.as_secs_f64() * 1e6 / p.storm.eagain.max(1) as f64
+                ))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let sum = |f: fn(&Accounted) -> u64| runs.iter().map(|(p, _)| f(&p.accounted)).sum::<u64>();
+        let holding = runs
+            .iter()
+            .filter(|(p, _)| p.accounted.holds(p.storm.eagain))
+            .count();
+        println!(
+            "    events printed {}, aggregated {}, lost {}; kernel total {}; client saw {eagain} EAGAINs: \
+             identity {} ({holding} of {} phases)",
+            sum(|a| a.events),
+            sum(|a| a.aggregated),
+            sum(|a| a.lost),
+            sum(|a| a.total),
+            if holding == runs.len() { "holds" } else { "BROKEN" },
+            runs.len()
+        );
+    }
+    let same_round: Vec<f64> = phases[0]
+        .iter()
+        .zip(&phases[1])
+        .map(|((a, _), (b, _))| a.storm.rate() / b.storm.rate())
+        .collect();
+    println!(
+        "  rate {} / {}, same round: {}; median {:.3}x",
+        RUNGS[0].0,
+        RUNGS[1].0,
+        ratios(&same_round),
+        median(&same_round)
+    );
+    match &bpftrace {
+        Ok((printf, floor, after)) => {
+            let before = without.last().expect("phases without tracer");
+            let around = (before.rate() + after.rate()) / 2.0;
+            if let Some(b) = printf {
+                println!(
+                    "  with bpftrace printf: {:.0} EAGAIN/s ({:.3}x of the phases without around it); \
+                     bpftrace CPU {:.2} us per EAGAIN ({} lines)",
+                    b.storm.rate(),
+                    b.storm.rate() / around,
+                    b.cpu.as_secs_f64() * 1e6 / b.storm.eagain.max(1) as f64,
+                    b.lines
+                );
+                print_costs("bpftrace", &b.costs);
+            }
+            match floor {
+                Ok(f) => println!(
+                    "  with only a do-nothing program on sys_exit_connect (bpftrace filter): \
+                     {:.3}x; bpf_stats floor {:.0} ns per call",
+                    f.storm.rate() / around,
+                    f.ns
+                ),
+                Err(err) => println!("  bpf_stats floor not measured: {err}"),
+            }
+        }
+        Err(err) => println!("  bpftrace phases skipped: {err}"),
+    }
+    for (i, what) in [
+        "TCP connect() (refused, loopback)",
+        "TCP connect() (non-blocking, EINPROGRESS)",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let per_sec = |d: Duration| GUEST_TCP_CONNECTS as f64 / d.as_secs_f64();
+        let mut line = format!(
+            "{what}, {GUEST_TCP_CONNECTS} calls: {:.0}/s without agent",
+            per_sec(tcp_without[i])
+        );
+        let mut costs = Vec::new();
+        for (rung, (name, _)) in RUNGS.iter().enumerate() {
+            if let Some(tcp) = phases[rung].first().and_then(|(p, _)| p.tcp.as_ref()) {
+                line.push_str(&format!(
+                    ", {name} {:.0}/s ({:.3}x)",
+                    per_sec(tcp[i].0),
+                    tcp_without[i].as_secs_f64() / tcp[i].0.as_secs_f64()
+                ));
+                costs.push((*name, &tcp[i].1));
+            }
+        }
+        println!("{line}");
+        for (name, c) in costs {
+            print_costs(&format!("agent, {name}"), c);
+        }
+    }
+}
+
 fn main() {
     if !common::privileged("bench storm") {
         return;
@@ -495,6 +792,14 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     println!("backlog storm bench on {}", common::kernel_release());
 
+    if std::env::args().any(|a| a == "guest") {
+        println!(
+            "guest mode (-- guest): the storm at two agent settings; no bpftrace where it is \
+             missing, no many-processes case (e)"
+        );
+        rungs(dir.path());
+        return;
+    }
     // `cargo bench --bench storm -- many` runs only (e), the
     // many-processes case; `-- side` everything but (e).
     if !std::env::args().any(|a| a == "many") {
