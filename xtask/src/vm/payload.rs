@@ -117,8 +117,8 @@ pub fn build_default(target: &DistTarget) -> Result<Payload> {
 /// (`benches/flood.rs`, `benches/syn_flood.rs`), and the UNIX connect()
 /// EAGAIN storm (`benches/storm.rs`) in its guest mode: the defaults
 /// against `--attach tracepoint`, bpftrace (not in the initramfs) skipped
-/// with a line, no many-processes case; 13 storms of 3 s and 6 agent
-/// start-ups, about 70 s of guest time.
+/// with a line, no many-processes case; 13 storms of 3 s and 8 agent
+/// start-ups, under 90 s of guest time (it prints how long it took).
 const GUEST_BENCHES: [(&str, &[&str]); 3] =
     [("flood", &[]), ("syn_flood", &[]), ("storm", &["guest"])];
 
