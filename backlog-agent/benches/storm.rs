@@ -651,12 +651,17 @@ fn rungs(dir: &Path) {
         }
         Err(err) => Err(err),
     };
-    let tcp_without = [
-        tcp_connects(false, GUEST_TCP_CONNECTS),
-        tcp_connects(true, GUEST_TCP_CONNECTS),
-    ];
+    // Without an agent before and after the agents, as for the storm.
+    let tcp_batches = || {
+        [
+            tcp_connects(false, GUEST_TCP_CONNECTS),
+            tcp_connects(true, GUEST_TCP_CONNECTS),
+        ]
+    };
+    let tcp_before = tcp_batches();
     let tcp_with: Vec<[(Duration, Costs); 2]> =
         RUNGS.iter().map(|(_, args)| tcp_phase(args)).collect();
+    let tcp_after = tcp_batches();
 
     let rates: Vec<f64> = without.iter().map(storm::Storm::rate).collect();
     println!(
@@ -772,16 +777,18 @@ fn rungs(dir: &Path) {
     .enumerate()
     {
         let per_sec = |d: Duration| GUEST_TCP_CONNECTS as f64 / d.as_secs_f64();
+        let without = (per_sec(tcp_before[i]) + per_sec(tcp_after[i])) / 2.0;
         let mut line = format!(
-            "{what}, {GUEST_TCP_CONNECTS} calls: {:.0}/s without agent",
-            per_sec(tcp_without[i])
+            "{what}, {GUEST_TCP_CONNECTS} calls: {without:.0}/s without agent (before and after: {:.0}, {:.0})",
+            per_sec(tcp_before[i]),
+            per_sec(tcp_after[i])
         );
         let mut costs = Vec::new();
         for ((name, _), tcp) in RUNGS.iter().zip(&tcp_with) {
             line.push_str(&format!(
                 ", {name} {:.0}/s ({:.3}x)",
                 per_sec(tcp[i].0),
-                tcp_without[i].as_secs_f64() / tcp[i].0.as_secs_f64()
+                per_sec(tcp[i].0) / without
             ));
             costs.push((*name, &tcp[i].1));
         }
