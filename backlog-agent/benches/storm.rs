@@ -12,6 +12,12 @@
 //!
 //! Figures from one run on one machine, not assertions. Bounded: each
 //! phase runs STORM seconds.
+//!
+//! `-- guest` (what `cargo xtask vm-test --bench` passes) runs the storm
+//! without a tracer, with the agent at its defaults and with the agent
+//! forced to `--attach tracepoint`, alternated over a few rounds (see
+//! [`rungs`]), skips bpftrace with one line where it is not installed
+//! (the guests' initramfs) and leaves out the many-processes case (e).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -27,7 +33,9 @@ use std::{
 
 use common::{
     accounting::{accounted, Accounted},
-    bench::{bpf_costs, bpf_programs, idle_processes, print_costs, process_cpu},
+    bench::{
+        bpf_costs, bpf_programs, idle_processes, print_costs, print_costs_indented, process_cpu,
+    },
     storm, Agent,
 };
 
@@ -47,10 +55,11 @@ fn one_storm(dir: &Path, name: &str) -> (storm::Storm, String) {
     (result, path.to_string_lossy().into_owned())
 }
 
-/// connect()s to a closed port on loopback: the connect() hooks' cost for
-/// what is not AF_UNIX. Blocking ones are refused at once; non-blocking
-/// ones return EINPROGRESS (the usual answer for event-driven clients).
-fn tcp_connects(nonblocking: bool) -> Duration {
+/// `count` connect()s to a closed port on loopback: the connect() hooks'
+/// cost for what is not AF_UNIX. Blocking ones are refused at once;
+/// non-blocking ones return EINPROGRESS (the usual answer for
+/// event-driven clients).
+fn tcp_connects(nonblocking: bool, count: u64) -> Duration {
     common::in_new_netns(move || {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -59,7 +68,7 @@ fn tcp_connects(nonblocking: bool) -> Duration {
             .port();
         let to: SocketAddr = ([127, 0, 0, 1], port).into();
         let started = Instant::now();
-        for _ in 0..TCP_CONNECTS {
+        for _ in 0..count {
             if nonblocking {
                 let socket =
                     socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
@@ -126,8 +135,8 @@ struct Floor {
 }
 
 /// Attaches the do-nothing program and measures [`Floor`].
-fn stats_floor(dir: &Path) -> Result<Floor, String> {
-    let mut child = Command::new(common::outside("bpftrace"))
+fn stats_floor(dir: &Path, bpftrace: &Path) -> Result<Floor, String> {
+    let mut child = Command::new(bpftrace)
         .args([
             "-e",
             "tracepoint:syscalls:sys_exit_connect /args->ret == 12345/ { }",
@@ -154,7 +163,7 @@ fn stats_floor(dir: &Path) -> Result<Floor, String> {
         thread::sleep(Duration::from_millis(50));
     };
     let b0 = bpf_programs();
-    tcp_connects(true);
+    tcp_connects(true, TCP_CONNECTS);
     let b1 = bpf_programs();
     let (storm, _) = one_storm(dir, "floor.sock");
     // SAFETY: kill has no memory-safety preconditions.
@@ -169,6 +178,60 @@ fn stats_floor(dir: &Path) -> Result<Floor, String> {
         ns: (ns1 - ns0) as f64 / calls.max(1) as f64,
         storm,
     })
+}
+
+/// bpftrace during a storm: what it cost, and the lines it printed.
+struct BpftracePrintf {
+    storm: storm::Storm,
+    cpu: Duration,
+    costs: Vec<(String, u64, f64)>,
+    lines: u64,
+}
+
+/// The storm with bpftrace printing one line per EAGAIN (the same
+/// one-line question the agent answers); None when it cannot start.
+fn bpftrace_printf(dir: &Path, bpftrace: &Path) -> Option<BpftracePrintf> {
+    let out = dir.join("bpftrace.out");
+    let child = Command::new(bpftrace)
+        .args([
+            "-e",
+            "tracepoint:syscalls:sys_exit_connect /args->ret == -11/ { printf(\"%d %s\\n\", pid, comm); }",
+        ])
+        .stdout(fs::File::create(&out).expect("bpftrace output file"))
+        .stderr(Stdio::null())
+        .spawn();
+    match child {
+        Ok(mut child) => {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !fs::read_to_string(&out)
+                .unwrap_or_default()
+                .contains("Attaching")
+                && Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_millis(50));
+            }
+            let cpu0 = process_cpu(child.id());
+            let b0 = bpf_programs();
+            let (storm, _) = one_storm(dir, "bpftrace.sock");
+            let b1 = bpf_programs();
+            thread::sleep(Duration::from_millis(1200));
+            let cpu = process_cpu(child.id()).saturating_sub(cpu0);
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+            let _ = child.wait();
+            let lines = fs::read_to_string(&out).unwrap_or_default().lines().count() as u64;
+            Some(BpftracePrintf {
+                storm,
+                cpu,
+                costs: bpf_costs(&b0, &b1),
+                lines,
+            })
+        }
+        Err(err) => {
+            println!("bpftrace not run: {err} (`cargo xtask setup` installs it)");
+            None
+        }
+    }
 }
 
 /// What the agent accounted for the UNIX listeners at `paths`.
@@ -264,8 +327,8 @@ fn storm_pairs(dir: &Path) -> Vec<f64> {
 /// (b) to (d): the storm, bpftrace beside it, the connect() hooks' cost.
 fn side_by_side(dir: &Path) {
     let (without, _) = one_storm(dir, "none.sock");
-    let tcp_without = tcp_connects(false);
-    let tcp_nb_without = tcp_connects(true);
+    let tcp_without = tcp_connects(false, TCP_CONNECTS);
+    let tcp_nb_without = tcp_connects(true, TCP_CONNECTS);
 
     let agent = Agent::expect_ready(&["--output", "json"]);
     let cpu0 = process_cpu(agent.pid());
@@ -276,9 +339,9 @@ fn side_by_side(dir: &Path) {
     thread::sleep(Duration::from_millis(1200));
     let agent_cpu = process_cpu(agent.pid()).saturating_sub(cpu0);
     let p2 = bpf_programs();
-    let tcp_with = tcp_connects(false);
+    let tcp_with = tcp_connects(false, TCP_CONNECTS);
     let p3 = bpf_programs();
-    let tcp_nb_with = tcp_connects(true);
+    let tcp_nb_with = tcp_connects(true, TCP_CONNECTS);
     let p4 = bpf_programs();
     let accepted_with = successful_connects(false);
     let p5 = bpf_programs();
@@ -287,7 +350,8 @@ fn side_by_side(dir: &Path) {
     let run = agent.stop();
     let accepted_without = successful_connects(false);
     let udp_without = successful_connects(true);
-    let floor = stats_floor(dir);
+    let bpftrace = common::outside("bpftrace");
+    let floor = stats_floor(dir, &bpftrace);
     // A second storm without a tracer, after the others: the ratios use
     // the mean of the two, so that drift over the run (thermal, other
     // load) does not count as the agent's.
@@ -303,42 +367,7 @@ fn side_by_side(dir: &Path) {
     } = accounted_paths(&run, &[&path]);
 
     // bpftrace, the same one-line question.
-    let out = dir.join("bpftrace.out");
-    let bpftrace = Command::new(common::outside("bpftrace"))
-        .args([
-            "-e",
-            "tracepoint:syscalls:sys_exit_connect /args->ret == -11/ { printf(\"%d %s\\n\", pid, comm); }",
-        ])
-        .stdout(fs::File::create(&out).expect("bpftrace output file"))
-        .stderr(Stdio::null())
-        .spawn();
-    let bpftrace_figures = match bpftrace {
-        Ok(mut child) => {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !fs::read_to_string(&out)
-                .unwrap_or_default()
-                .contains("Attaching")
-                && Instant::now() < deadline
-            {
-                thread::sleep(Duration::from_millis(50));
-            }
-            let cpu0 = process_cpu(child.id());
-            let b0 = bpf_programs();
-            let (storm, _) = one_storm(dir, "bpftrace.sock");
-            let b1 = bpf_programs();
-            thread::sleep(Duration::from_millis(1200));
-            let cpu = process_cpu(child.id()).saturating_sub(cpu0);
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-            let _ = child.wait();
-            let lines = fs::read_to_string(&out).unwrap_or_default().lines().count() as u64;
-            Some((storm, cpu, bpf_costs(&b0, &b1), lines))
-        }
-        Err(err) => {
-            println!("bpftrace not run: {err} (`cargo xtask setup` installs it)");
-            None
-        }
-    };
+    let bpftrace_figures = bpftrace_printf(dir, &bpftrace);
 
     println!(
         "(b) UNIX EAGAIN storm, {} s per phase, one client looping non-blocking connect() to a full listener:",
@@ -355,7 +384,7 @@ fn side_by_side(dir: &Path) {
         with.rate(),
         with.rate() / without_rate
     );
-    if let Some((storm, ..)) = &bpftrace_figures {
+    if let Some(BpftracePrintf { storm, .. }) = &bpftrace_figures {
         println!(
             "  with bpftrace printf: {:.0} EAGAIN/s ({:.3}x)",
             storm.rate(),
@@ -383,7 +412,7 @@ fn side_by_side(dir: &Path) {
     }
     println!("  kernel cost during the storm with the agent:");
     print_costs("agent", &bpf_costs(&p0, &p1));
-    if let Some((_, _, costs, _)) = &bpftrace_figures {
+    if let Some(BpftracePrintf { costs, .. }) = &bpftrace_figures {
         print_costs("bpftrace", costs);
     }
     println!(
@@ -392,7 +421,10 @@ fn side_by_side(dir: &Path) {
         with.eagain,
         agent_cpu.as_secs_f64() * 1e6 / with.eagain.max(1) as f64
     );
-    if let Some((storm, cpu, _, lines)) = &bpftrace_figures {
+    if let Some(BpftracePrintf {
+        storm, cpu, lines, ..
+    }) = &bpftrace_figures
+    {
         println!(
             "  bpftrace CPU: {:.3} s for {} EAGAINs = {:.2} us per EAGAIN ({lines} lines)",
             cpu.as_secs_f64(),
@@ -460,6 +492,324 @@ fn side_by_side(dir: &Path) {
     }
 }
 
+/// The agent settings the guest run compares: the defaults (which pick
+/// the best hook the kernel allows for UNIX connect(), fexit on
+/// unix_stream_connect where fentry attaches, once the agent has that
+/// program) and the syscall-tracepoint rung forced.
+const RUNGS: [(&str, &[&str]); 2] = [
+    ("default (--output json)", &["--output", "json"]),
+    (
+        "--attach tracepoint",
+        &["--output", "json", "--attach", "tracepoint"],
+    ),
+];
+
+/// Rounds of (without, one rung, without, the other rung), the rungs'
+/// order alternating, then one more phase without: 13 storms of STORM
+/// seconds and 8 agent start-ups (2-4 s each in a 6.12 guest) with the
+/// TCP connect()s; the guest mode prints how long it took.
+const ROUNDS: usize = 3;
+
+/// TCP connect()s per kind in the guest: software emulation runs them
+/// about 15 times slower than the host (3,000-3,500 per second in a 6.12
+/// guest), and six runs of them must fit the guest's time (with 5,000
+/// the whole guest mode took 88 s).
+const GUEST_TCP_CONNECTS: u64 = 2_000;
+
+/// Per program: name, calls, ns per call (what bpf_costs returns).
+type Costs = Vec<(String, u64, f64)>;
+
+/// One storm under a freshly started agent.
+struct AgentPhase {
+    storm: storm::Storm,
+    /// The agent's start-up line for the UNIX kind: which hook it chose.
+    hook: String,
+    /// From start to the agent's `ready` line.
+    startup: Duration,
+    costs: Costs,
+    /// From ready to the end of the storm plus the agent's last window.
+    cpu: Duration,
+    accounted: Accounted,
+}
+
+fn agent_phase(dir: &Path, args: &[&str], name: &str) -> AgentPhase {
+    let started = Instant::now();
+    let agent = Agent::expect_ready(args);
+    let startup = started.elapsed();
+    let prefix = format!("{UNIX_KIND}:");
+    let hook = agent
+        .startup()
+        .lines()
+        .map(|l| l.trim_start_matches("backlog-agent: "))
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or(&prefix)
+        .to_owned();
+    let cpu0 = process_cpu(agent.pid());
+    let p0 = bpf_programs();
+    let (storm, path) = one_storm(dir, name);
+    let p1 = bpf_programs();
+    // The agent's last window and drain are part of its cost.
+    thread::sleep(Duration::from_millis(1200));
+    let cpu = process_cpu(agent.pid()).saturating_sub(cpu0);
+    let run = agent.stop();
+    assert!(run.status.success(), "agent failed:\n{}", run.stderr);
+    AgentPhase {
+        storm,
+        hook,
+        startup,
+        costs: bpf_costs(&p0, &p1),
+        cpu,
+        accounted: accounted_paths(&run, &[&path]),
+    }
+}
+
+/// Refused and non-blocking TCP connect()s (GUEST_TCP_CONNECTS of each)
+/// under a freshly started agent: their time and the programs' cost. Run
+/// after the storms: each batch is a network namespace that the kernel
+/// tears down in the background, which would slow the next storm.
+fn tcp_phase(args: &[&str]) -> [(Duration, Costs); 2] {
+    let agent = Agent::expect_ready(args);
+    let q0 = bpf_programs();
+    let refused = tcp_connects(false, GUEST_TCP_CONNECTS);
+    let q1 = bpf_programs();
+    let nonblocking = tcp_connects(true, GUEST_TCP_CONNECTS);
+    let q2 = bpf_programs();
+    let run = agent.stop();
+    assert!(run.status.success(), "agent failed:\n{}", run.stderr);
+    [
+        (refused, bpf_costs(&q0, &q1)),
+        (nonblocking, bpf_costs(&q1, &q2)),
+    ]
+}
+
+/// The median, as storm_pairs prints it (the mean of the middle two for
+/// an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    (v[(n - 1) / 2] + v[n / 2]) / 2.0
+}
+
+fn ratios(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|r| format!("{r:.3}x"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Per program over several phases: calls summed, ns per call over all.
+fn merged_costs<'a>(phases: impl IntoIterator<Item = &'a [(String, u64, f64)]>) -> Costs {
+    let mut by_name: std::collections::BTreeMap<&str, (u64, f64)> = Default::default();
+    for costs in phases {
+        for (name, calls, ns) in costs {
+            let entry = by_name.entry(name).or_default();
+            entry.0 += calls;
+            entry.1 += *calls as f64 * ns;
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(name, (calls, ns))| (name.to_owned(), calls, ns / calls.max(1) as f64))
+        .collect()
+}
+
+/// `-- guest` (what `cargo xtask vm-test --bench` passes): the storm
+/// without a tracer, with the agent at its defaults and with the agent
+/// forced to the syscall tracepoints, alternated over ROUNDS rounds
+/// (TCG guests are noisy: each agent phase is compared with the mean of
+/// the phases without a tracer just before and after it, and the median
+/// is printed); bpftrace where it is installed (the guests' initramfs
+/// has none: one line says so); no many-processes case (e).
+fn rungs(dir: &Path) {
+    let started = Instant::now();
+    let (first, _) = one_storm(dir, "guest-none.sock");
+    let mut without = vec![first];
+    let mut phases: [Vec<(AgentPhase, f64)>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..ROUNDS {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for (step, rung) in order.into_iter().enumerate() {
+            let phase = agent_phase(
+                dir,
+                RUNGS[rung].1,
+                &format!("guest-rung{rung}-{round}.sock"),
+            );
+            let (after, _) = one_storm(dir, &format!("guest-none-{round}-{step}.sock"));
+            let before = without.last().expect("a phase without tracer came first");
+            let ratio = phase.storm.rate() / ((before.rate() + after.rate()) / 2.0);
+            without.push(after);
+            phases[rung].push((phase, ratio));
+        }
+    }
+    let bpftrace = match common::try_outside("bpftrace") {
+        Ok(path) => {
+            let printf = bpftrace_printf(dir, &path);
+            let floor = stats_floor(dir, &path);
+            let (after, _) = one_storm(dir, "guest-none-bpftrace.sock");
+            Ok((printf, floor, after))
+        }
+        Err(err) => Err(err),
+    };
+    // Without an agent before and after the agents, as for the storm.
+    let tcp_batches = || {
+        [
+            tcp_connects(false, GUEST_TCP_CONNECTS),
+            tcp_connects(true, GUEST_TCP_CONNECTS),
+        ]
+    };
+    let tcp_before = tcp_batches();
+    let tcp_with: Vec<[(Duration, Costs); 2]> =
+        RUNGS.iter().map(|(_, args)| tcp_phase(args)).collect();
+    let tcp_after = tcp_batches();
+
+    let rates: Vec<f64> = without.iter().map(storm::Storm::rate).collect();
+    println!(
+        "(b) UNIX EAGAIN storm, {} s per phase, one client looping non-blocking connect() to a full listener; \
+         {ROUNDS} rounds of (without, agent, without, agent with the other settings), \
+         the settings' order alternating, a fresh agent per phase, then one more without:",
+        STORM.as_secs()
+    );
+    println!(
+        "  without tracer: median {:.0} EAGAIN/s over {} phases ({})",
+        median(&rates),
+        rates.len(),
+        rates
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    for (rung, (what, _)) in RUNGS.iter().enumerate() {
+        let runs = &phases[rung];
+        let hooks: Vec<&str> = {
+            let mut h: Vec<&str> = runs.iter().map(|(p, _)| p.hook.as_str()).collect();
+            h.dedup();
+            h
+        };
+        println!("  with backlog-agent, {what}: {}", hooks.join(" / "));
+        let r: Vec<f64> = runs.iter().map(|(_, r)| *r).collect();
+        println!(
+            "    rate / mean of the phases without just before and after: {}; median {:.3}x",
+            ratios(&r),
+            median(&r)
+        );
+        println!("    kernel cost during its storms ({} phases):", runs.len());
+        print_costs_indented(
+            6,
+            "agent",
+            &merged_costs(runs.iter().map(|(p, _)| p.costs.as_slice())),
+        );
+        let eagain: u64 = runs.iter().map(|(p, _)| p.storm.eagain).sum();
+        let cpu: Duration = runs.iter().map(|(p, _)| p.cpu).sum();
+        println!(
+            "    agent CPU: {:.3} s for {eagain} EAGAINs = {:.2} us per EAGAIN (per phase: {})",
+            cpu.as_secs_f64(),
+            cpu.as_secs_f64() * 1e6 / eagain.max(1) as f64,
+            runs.iter()
+                .map(|(p, _)| format!(
+                    "{:.2}",
+                    p.cpu.as_secs_f64() * 1e6 / p.storm.eagain.max(1) as f64
+                ))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let sum = |f: fn(&Accounted) -> u64| runs.iter().map(|(p, _)| f(&p.accounted)).sum::<u64>();
+        let holding = runs
+            .iter()
+            .filter(|(p, _)| p.accounted.holds(p.storm.eagain))
+            .count();
+        println!(
+            "    events printed {}, aggregated {}, lost {}; kernel total {}; client saw {eagain} EAGAINs: \
+             identity {} ({holding} of {} phases)",
+            sum(|a| a.events),
+            sum(|a| a.aggregated),
+            sum(|a| a.lost),
+            sum(|a| a.total),
+            if holding == runs.len() { "holds" } else { "BROKEN" },
+            runs.len()
+        );
+    }
+    let same_round: Vec<f64> = phases[0]
+        .iter()
+        .zip(&phases[1])
+        .map(|((a, _), (b, _))| a.storm.rate() / b.storm.rate())
+        .collect();
+    println!(
+        "  rate {} / {}, same round: {}; median {:.3}x",
+        RUNGS[0].0,
+        RUNGS[1].0,
+        ratios(&same_round),
+        median(&same_round)
+    );
+    match &bpftrace {
+        Ok((printf, floor, after)) => {
+            let before = without.last().expect("phases without tracer");
+            let around = (before.rate() + after.rate()) / 2.0;
+            if let Some(b) = printf {
+                println!(
+                    "  with bpftrace printf: {:.0} EAGAIN/s ({:.3}x of the phases without around it); \
+                     bpftrace CPU {:.2} us per EAGAIN ({} lines)",
+                    b.storm.rate(),
+                    b.storm.rate() / around,
+                    b.cpu.as_secs_f64() * 1e6 / b.storm.eagain.max(1) as f64,
+                    b.lines
+                );
+                print_costs("bpftrace", &b.costs);
+            }
+            match floor {
+                Ok(f) => println!(
+                    "  with only a do-nothing program on sys_exit_connect (bpftrace filter): \
+                     {:.3}x; bpf_stats floor {:.0} ns per call",
+                    f.storm.rate() / around,
+                    f.ns
+                ),
+                Err(err) => println!("  bpf_stats floor not measured: {err}"),
+            }
+        }
+        Err(err) => println!("  bpftrace phases skipped: {err}"),
+    }
+    for (i, what) in [
+        "TCP connect() (refused, loopback)",
+        "TCP connect() (non-blocking, EINPROGRESS)",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let per_sec = |d: Duration| GUEST_TCP_CONNECTS as f64 / d.as_secs_f64();
+        let without = (per_sec(tcp_before[i]) + per_sec(tcp_after[i])) / 2.0;
+        let mut line = format!(
+            "{what}, {GUEST_TCP_CONNECTS} calls: {without:.0}/s without agent (before and after: {:.0}, {:.0})",
+            per_sec(tcp_before[i]),
+            per_sec(tcp_after[i])
+        );
+        let mut costs = Vec::new();
+        for ((name, _), tcp) in RUNGS.iter().zip(&tcp_with) {
+            line.push_str(&format!(
+                ", {name} {:.0}/s ({:.3}x)",
+                per_sec(tcp[i].0),
+                per_sec(tcp[i].0) / without
+            ));
+            costs.push((*name, &tcp[i].1));
+        }
+        println!("{line}");
+        for (name, c) in costs {
+            print_costs(&format!("agent, {name}"), c);
+        }
+    }
+    let startups: Vec<f64> = phases
+        .iter()
+        .flatten()
+        .map(|(p, _)| p.startup.as_secs_f64())
+        .collect();
+    println!(
+        "guest mode: {:.0} s in all; agent start to ready {:.1}-{:.1} s",
+        started.elapsed().as_secs_f64(),
+        startups.iter().copied().fold(f64::INFINITY, f64::min),
+        startups.iter().copied().fold(0.0, f64::max)
+    );
+}
+
 fn main() {
     if !common::privileged("bench storm") {
         return;
@@ -472,6 +822,14 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     println!("backlog storm bench on {}", common::kernel_release());
 
+    if std::env::args().any(|a| a == "guest") {
+        println!(
+            "guest mode (-- guest): the storm at two agent settings; no bpftrace where it is \
+             missing, no many-processes case (e)"
+        );
+        rungs(dir.path());
+        return;
+    }
     // `cargo bench --bench storm -- many` runs only (e), the
     // many-processes case; `-- side` everything but (e).
     if !std::env::args().any(|a| a == "many") {

@@ -112,9 +112,10 @@ pub struct VmTestOpts {
     #[arg(long, value_name = "PATH")]
     pub test_bin: Vec<PathBuf>,
 
-    /// Run the flood benchmarks (benches/flood.rs, benches/syn_flood.rs) in
-    /// the guests instead of the tests: figures on kernels where every drop
-    /// kind is traced.
+    /// Run the flood benchmarks (benches/flood.rs, benches/syn_flood.rs)
+    /// and the UNIX EAGAIN storm (benches/storm.rs -- guest: the agent's
+    /// defaults against --attach tracepoint) in the guests instead of the
+    /// tests: figures on kernels where every drop kind is traced.
     #[arg(long, conflicts_with = "test_bin")]
     pub bench: bool,
 

@@ -77,11 +77,17 @@ pub fn bpf_costs(before: &BpfSnapshot, after: &BpfSnapshot) -> Vec<(String, u64,
 }
 
 pub fn print_costs(what: &str, costs: &[(String, u64, f64)]) {
+    print_costs_indented(4, what, costs);
+}
+
+/// [`print_costs`] under a heading of its own (`indent` spaces).
+pub fn print_costs_indented(indent: usize, what: &str, costs: &[(String, u64, f64)]) {
+    let pad = " ".repeat(indent);
     if costs.is_empty() {
-        println!("    {what}: no BPF program ran");
+        println!("{pad}{what}: no BPF program ran");
     }
     for (name, calls, ns) in costs {
-        println!("    {what}: {name}: {calls} calls, {ns:.0} ns per call");
+        println!("{pad}{what}: {name}: {calls} calls, {ns:.0} ns per call");
     }
 }
 

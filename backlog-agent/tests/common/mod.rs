@@ -85,6 +85,13 @@ pub fn outside(program: &str) -> PathBuf {
     outside_table::locate(program).unwrap_or_else(|err| panic!("{err}"))
 }
 
+/// Like [`outside`], for a program a benchmark can do without (bpftrace,
+/// which the guests' initramfs does not carry): the caller prints why it
+/// skips what needs it.
+pub fn try_outside(program: &str) -> Result<PathBuf, String> {
+    outside_table::locate(program)
+}
+
 /// What xtask/support-matrix.tsv expects of `family` (`fentry`, `kprobe`,
 /// `tracepoint` or `auto`) on the running kernel, per drop kind. Panics
 /// when the kernel's series is not in the table: a new kernel is added
