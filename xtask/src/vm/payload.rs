@@ -51,9 +51,13 @@ const HOST_ONLY_TESTS: [&str; 4] = ["real_servers", "prometheus", "deploy", "fol
 /// the host: they need no particular kernel.
 pub fn build_default(target: &DistTarget) -> Result<Payload> {
     let linker = target.linker_override();
+    // The agent optimised, the tests not: under software emulation an
+    // unoptimised agent took 17 s from start to ready (its BTF reader and
+    // aya's), and the guests start it some thirty times.
     let agent_artifacts = cargo_artifacts(
         &[
             "build",
+            "--release",
             "--package",
             "backlog-agent",
             "--target",
@@ -64,7 +68,9 @@ pub fn build_default(target: &DistTarget) -> Result<Payload> {
     let agent = agent_artifacts
         .iter()
         .find(|a| a.name == "backlog-agent" && a.kinds.iter().any(|k| k == "bin"))
-        .context("cargo build --package backlog-agent reported no backlog-agent executable")?;
+        .context(
+            "cargo build --release --package backlog-agent reported no backlog-agent executable",
+        )?;
 
     let test_artifacts = cargo_artifacts(
         &[
