@@ -8,7 +8,12 @@
 //!    run_time_ns / run_cnt) and the agent's CPU per SYN;
 //! 3. events printed, aggregated and lost, and whether
 //!    events + aggregated + lost = the namespace's TcpExt counter
-//!    (TCPReqQFullDrop, TCPReqQFullDoCookies).
+//!    (TCPReqQFullDrop, TCPReqQFullDoCookies);
+//! 4. the same floods with bpftrace printing one line per SYN that
+//!    reaches tcp_conn_request() (every SYN of the flood is a drop or a
+//!    cookie), where kprobes exist and bpftrace is there (the guests of
+//!    `vm-test --bench` carry it): its rate ratio, CPU and ns per call
+//!    beside the agent's.
 //!
 //! Figures from one run on one machine, not assertions. Bounded: each
 //! phase sends at most MAX_SYNS SYNs for at most FLOOD.
@@ -16,7 +21,13 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::{thread, time::Duration};
+use std::{
+    fs,
+    path::Path,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
 
 use common::{
     accounting::{accounted, in_netns},
@@ -28,6 +39,68 @@ use common::{
 const FLOOD: Duration = Duration::from_secs(3);
 const MAX_SYNS: u64 = 3_000_000;
 const COOKIES: [&str; 2] = ["0", "1"];
+/// Per program: name, calls, ns per call (bench::bpf_costs).
+type Costs = Vec<(String, u64, f64)>;
+/// bpftrace's one-line answer to the same question: a line per SYN.
+const BPFTRACE_PROGRAM: &str = "kprobe:tcp_conn_request { printf(\"%d %s\\n\", cpu, comm); }";
+
+/// One flood with bpftrace printing a line per SYN: the flood, bpftrace's
+/// CPU, the kernel cost of its program and the lines it wrote; why not,
+/// when it cannot attach (no kprobes, as on this project's 6.18 hosts).
+fn bpftrace_flood(
+    bpftrace: &Path,
+    cookies: &'static str,
+    dir: &Path,
+) -> Result<(SynFlood, Duration, Costs, u64), String> {
+    let out = dir.join(format!("bpftrace-{cookies}.out"));
+    let err = dir.join(format!("bpftrace-{cookies}.err"));
+    let mut child = Command::new(bpftrace)
+        .args(["-e", BPFTRACE_PROGRAM])
+        .stdout(fs::File::create(&out).map_err(|e| e.to_string())?)
+        .stderr(fs::File::create(&err).map_err(|e| e.to_string())?)
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("bpftrace did not start: {e}"))?;
+    // Under software emulation bpftrace's LLVM takes a while to compile.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("Attaching")
+        {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let why = fs::read_to_string(&err).unwrap_or_default();
+            return Err(format!(
+                "bpftrace exited ({status}) before attaching: {}",
+                why.lines().last().unwrap_or("no message")
+            ));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("bpftrace did not attach within 180 s".into());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let cpu0 = process_cpu(child.id());
+    let p0 = bpf_programs();
+    let flood = syn_flood(cookies, FLOOD, MAX_SYNS);
+    let p1 = bpf_programs();
+    // Its output of the last SYNs is part of its cost.
+    thread::sleep(Duration::from_millis(1200));
+    let cpu = process_cpu(child.id()).saturating_sub(cpu0);
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let _ = child.wait();
+    let lines = fs::read_to_string(&out)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with("Attaching"))
+        .count() as u64;
+    Ok((flood, cpu, bpf_costs(&p0, &p1), lines))
+}
 
 fn main() {
     if !common::privileged("bench syn_flood") {
@@ -65,6 +138,13 @@ fn main() {
     let run = agent.stop();
     assert!(run.status.success(), "agent failed:\n{}", run.stderr);
     let records = run.json_events();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bpftraced: Result<Vec<_>, String> = common::try_outside("bpftrace").and_then(|bpftrace| {
+        COOKIES
+            .into_iter()
+            .map(|cookies| bpftrace_flood(&bpftrace, cookies, dir.path()))
+            .collect()
+    });
     drop(stats);
 
     println!(
@@ -94,7 +174,30 @@ fn main() {
         let a = accounted(&records, &[kind], in_netns(flood.netns));
         println!("    {kind}: {}", a.line(counter, flood.drops));
     }
-    println!(
-        "(c) bpftrace on the SYN stage needs kprobes or fentry on tcp_conn_request: this host has neither, and the guests carry no bpftrace; the side-by-side bpftrace figures are the UNIX storm's (benches/storm.rs)"
-    );
+    match &bpftraced {
+        Ok(floods) => {
+            println!("(c) the same floods with bpftrace: {BPFTRACE_PROGRAM}");
+            for (i, (cookies, (flood, cpu, costs, lines))) in COOKIES.iter().zip(floods).enumerate()
+            {
+                let (counter, _) = counter_and_kind(cookies);
+                let per_drop =
+                    |cpu: &Duration, drops: u64| cpu.as_secs_f64() * 1e6 / drops.max(1) as f64;
+                let agent_us = per_drop(&with[i].1, with[i].0.drops);
+                let bpftrace_us = per_drop(cpu, flood.drops);
+                println!(
+                    "  tcp_syncookies={cookies}: {counter} with bpftrace {:.0}/s ({:.3}x of without), {lines} lines for {} drops",
+                    flood.rate(),
+                    flood.rate() / without[i].rate().max(1.0),
+                    flood.drops
+                );
+                println!(
+                    "    bpftrace CPU {:.3} s ({bpftrace_us:.3} us per drop); agent CPU per drop / bpftrace's: {:.3}; kernel cost:",
+                    cpu.as_secs_f64(),
+                    agent_us / bpftrace_us.max(1e-9)
+                );
+                print_costs("bpftrace", costs);
+            }
+        }
+        Err(why) => println!("(c) bpftrace not run: {why}"),
+    }
 }

@@ -166,6 +166,16 @@ pub fn build_bench() -> Result<Payload> {
                 .collect(),
         });
     }
+    // bpftrace beside the agent (benches/syn_flood.rs and storm.rs run it
+    // where it is), at the path xtask/outside-programs.tsv names, with its
+    // shared libraries (LLVM and clang: some 200 MB of initramfs).
+    match crate::outside::locate("bpftrace") {
+        Ok(bpftrace) => files.push(PayloadFile {
+            guest: bpftrace.to_string_lossy().into_owned(),
+            host: bpftrace,
+        }),
+        Err(why) => println!("vm-test: the guests' benchmarks run without bpftrace: {why}"),
+    }
     Ok(Payload {
         files,
         runs,
