@@ -23,7 +23,6 @@
 mod common;
 
 use std::{
-    fs,
     net::{SocketAddr, TcpListener},
     path::Path,
     process::{Command, Stdio},
@@ -35,6 +34,7 @@ use common::{
     accounting::{accounted, Accounted},
     bench::{
         bpf_costs, bpf_programs, idle_processes, print_costs, print_costs_indented, process_cpu,
+        Bpftrace,
     },
     storm, Agent,
 };
@@ -191,47 +191,31 @@ struct BpftracePrintf {
 /// The storm with bpftrace printing one line per EAGAIN (the same
 /// one-line question the agent answers); None when it cannot start.
 fn bpftrace_printf(dir: &Path, bpftrace: &Path) -> Option<BpftracePrintf> {
-    let out = dir.join("bpftrace.out");
-    let child = Command::new(bpftrace)
-        .args([
-            "-e",
-            "tracepoint:syscalls:sys_exit_connect /args->ret == -11/ { printf(\"%d %s\\n\", pid, comm); }",
-        ])
-        .stdout(fs::File::create(&out).expect("bpftrace output file"))
-        .stderr(Stdio::null())
-        .spawn();
-    match child {
-        Ok(mut child) => {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !fs::read_to_string(&out)
-                .unwrap_or_default()
-                .contains("Attaching")
-                && Instant::now() < deadline
-            {
-                thread::sleep(Duration::from_millis(50));
-            }
-            let cpu0 = process_cpu(child.id());
-            let b0 = bpf_programs();
-            let (storm, _) = one_storm(dir, "bpftrace.sock");
-            let b1 = bpf_programs();
-            thread::sleep(Duration::from_millis(1200));
-            let cpu = process_cpu(child.id()).saturating_sub(cpu0);
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-            let _ = child.wait();
-            let lines = fs::read_to_string(&out).unwrap_or_default().lines().count() as u64;
-            Some(BpftracePrintf {
-                storm,
-                cpu,
-                costs: bpf_costs(&b0, &b1),
-                lines,
-            })
+    let tracer = match Bpftrace::attach(
+        bpftrace,
+        "tracepoint:syscalls:sys_exit_connect /args->ret == -11/ { printf(\"%d %s\\n\", pid, comm); }",
+        dir.join("bpftrace.out"),
+        Duration::from_secs(60),
+    ) {
+        Ok(tracer) => tracer,
+        Err(why) => {
+            println!("bpftrace not run: {why}");
+            return None;
         }
-        Err(err) => {
-            println!("bpftrace not run: {err} (`cargo xtask setup` installs it)");
-            None
-        }
-    }
+    };
+    let cpu0 = process_cpu(tracer.pid());
+    let b0 = bpf_programs();
+    let (storm, _) = one_storm(dir, "bpftrace.sock");
+    let b1 = bpf_programs();
+    thread::sleep(Duration::from_millis(1200));
+    let cpu = process_cpu(tracer.pid()).saturating_sub(cpu0);
+    let lines = tracer.stop();
+    Some(BpftracePrintf {
+        storm,
+        cpu,
+        costs: bpf_costs(&b0, &b1),
+        lines,
+    })
 }
 
 /// What the agent accounted for the UNIX listeners at `paths`.

@@ -21,17 +21,11 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::{
-    fs,
-    path::Path,
-    process::{Command, Stdio},
-    thread,
-    time::{Duration, Instant},
-};
+use std::{path::Path, thread, time::Duration};
 
 use common::{
     accounting::{accounted, in_netns},
-    bench::{bpf_costs, bpf_programs, print_costs, process_cpu},
+    bench::{bpf_costs, bpf_programs, print_costs, process_cpu, Bpftrace},
     synflood::{counter_and_kind, syn_flood, SynFlood},
     Agent,
 };
@@ -52,53 +46,21 @@ fn bpftrace_flood(
     cookies: &'static str,
     dir: &Path,
 ) -> Result<(SynFlood, Duration, Costs, u64), String> {
-    let out = dir.join(format!("bpftrace-{cookies}.out"));
-    let err = dir.join(format!("bpftrace-{cookies}.err"));
-    let mut child = Command::new(bpftrace)
-        .args(["-e", BPFTRACE_PROGRAM])
-        .stdout(fs::File::create(&out).map_err(|e| e.to_string())?)
-        .stderr(fs::File::create(&err).map_err(|e| e.to_string())?)
-        .stdin(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("bpftrace did not start: {e}"))?;
     // Under software emulation bpftrace's LLVM takes a while to compile.
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        if fs::read_to_string(&out)
-            .unwrap_or_default()
-            .contains("Attaching")
-        {
-            break;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            let why = fs::read_to_string(&err).unwrap_or_default();
-            return Err(format!(
-                "bpftrace exited ({status}) before attaching: {}",
-                why.lines().last().unwrap_or("no message")
-            ));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("bpftrace did not attach within 180 s".into());
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    let cpu0 = process_cpu(child.id());
+    let tracer = Bpftrace::attach(
+        bpftrace,
+        BPFTRACE_PROGRAM,
+        dir.join(format!("bpftrace-{cookies}.out")),
+        Duration::from_secs(180),
+    )?;
+    let cpu0 = process_cpu(tracer.pid());
     let p0 = bpf_programs();
     let flood = syn_flood(cookies, FLOOD, MAX_SYNS);
     let p1 = bpf_programs();
     // Its output of the last SYNs is part of its cost.
     thread::sleep(Duration::from_millis(1200));
-    let cpu = process_cpu(child.id()).saturating_sub(cpu0);
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-    let _ = child.wait();
-    let lines = fs::read_to_string(&out)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| !l.starts_with("Attaching"))
-        .count() as u64;
+    let cpu = process_cpu(tracer.pid()).saturating_sub(cpu0);
+    let lines = tracer.stop();
     Ok((flood, cpu, bpf_costs(&p0, &p1), lines))
 }
 

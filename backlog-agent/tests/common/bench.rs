@@ -5,8 +5,10 @@
 use std::{
     collections::HashMap,
     fs,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::Duration,
+    thread,
+    time::{Duration, Instant},
 };
 
 /// CPU time (user + system) a process has used so far; zero once it has
@@ -106,4 +108,74 @@ pub fn idle_processes(n: usize) -> Vec<Child> {
                 .ok()
         })
         .collect()
+}
+
+/// bpftrace running a one-line program, what it prints kept in a file:
+/// the benchmarks' side-by-side tracer.
+pub struct Bpftrace {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Bpftrace {
+    /// Starts `bpftrace -e program` and waits until it says it has
+    /// attached; why not, when it exits first (a probe this kernel lacks)
+    /// or `within` runs out (its LLVM is slow under software emulation).
+    pub fn attach(
+        bpftrace: &Path,
+        program: &str,
+        out: PathBuf,
+        within: Duration,
+    ) -> Result<Self, String> {
+        let err = out.with_extension("err");
+        let create =
+            |path: &Path| fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()));
+        let mut child = Command::new(bpftrace)
+            .args(["-e", program])
+            .stdin(Stdio::null())
+            .stdout(create(&out)?)
+            .stderr(create(&err)?)
+            .spawn()
+            .map_err(|e| format!("bpftrace did not start: {e}"))?;
+        let deadline = Instant::now() + within;
+        while !fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("Attaching")
+        {
+            if let Ok(Some(status)) = child.try_wait() {
+                let why = fs::read_to_string(&err).unwrap_or_default();
+                return Err(format!(
+                    "bpftrace exited ({status}) before attaching: {}",
+                    why.lines().last().unwrap_or("no message")
+                ));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "bpftrace did not attach within {} s",
+                    within.as_secs()
+                ));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self { child, out })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops it as Ctrl-C does and counts the lines its program printed
+    /// (its own "Attaching" line left out).
+    pub fn stop(mut self) -> u64 {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        let _ = self.child.wait();
+        fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| !line.starts_with("Attaching"))
+            .count() as u64
+    }
 }
