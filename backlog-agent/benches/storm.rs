@@ -34,7 +34,7 @@ use common::{
     accounting::{accounted, Accounted},
     bench::{
         bpf_costs, bpf_programs, idle_processes, print_costs, print_costs_indented, process_cpu,
-        Bpftrace,
+        traced_phase, Bpftrace,
     },
     storm, Agent,
 };
@@ -203,17 +203,12 @@ fn bpftrace_printf(dir: &Path, bpftrace: &Path) -> Option<BpftracePrintf> {
             return None;
         }
     };
-    let cpu0 = process_cpu(tracer.pid());
-    let b0 = bpf_programs();
-    let (storm, _) = one_storm(dir, "bpftrace.sock");
-    let b1 = bpf_programs();
-    thread::sleep(Duration::from_millis(1200));
-    let cpu = process_cpu(tracer.pid()).saturating_sub(cpu0);
+    let ((storm, _), cpu, costs) = traced_phase(tracer.pid(), || one_storm(dir, "bpftrace.sock"));
     let lines = tracer.stop();
     Some(BpftracePrintf {
         storm,
         cpu,
-        costs: bpf_costs(&b0, &b1),
+        costs,
         lines,
     })
 }

@@ -21,11 +21,11 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::{path::Path, thread, time::Duration};
+use std::{path::Path, time::Duration};
 
 use common::{
     accounting::{accounted, in_netns},
-    bench::{bpf_costs, bpf_programs, print_costs, process_cpu, Bpftrace},
+    bench::{print_costs, traced_phase, Bpftrace},
     synflood::{counter_and_kind, syn_flood, SynFlood},
     Agent,
 };
@@ -53,15 +53,9 @@ fn bpftrace_flood(
         dir.join(format!("bpftrace-{cookies}.out")),
         Duration::from_secs(180),
     )?;
-    let cpu0 = process_cpu(tracer.pid());
-    let p0 = bpf_programs();
-    let flood = syn_flood(cookies, FLOOD, MAX_SYNS);
-    let p1 = bpf_programs();
-    // Its output of the last SYNs is part of its cost.
-    thread::sleep(Duration::from_millis(1200));
-    let cpu = process_cpu(tracer.pid()).saturating_sub(cpu0);
+    let (flood, cpu, costs) = traced_phase(tracer.pid(), || syn_flood(cookies, FLOOD, MAX_SYNS));
     let lines = tracer.stop();
-    Ok((flood, cpu, bpf_costs(&p0, &p1), lines))
+    Ok((flood, cpu, costs, lines))
 }
 
 fn main() {
@@ -88,14 +82,9 @@ fn main() {
         .collect();
     let mut with = Vec::new();
     for cookies in COOKIES {
-        let cpu0 = process_cpu(agent.pid());
-        let p0 = bpf_programs();
-        let flood = syn_flood(cookies, FLOOD, MAX_SYNS);
-        let p1 = bpf_programs();
-        // The agent's last aggregate window and drain are part of its cost.
-        thread::sleep(Duration::from_millis(1200));
-        let cpu = process_cpu(agent.pid()).saturating_sub(cpu0);
-        with.push((flood, cpu, bpf_costs(&p0, &p1)));
+        with.push(traced_phase(agent.pid(), || {
+            syn_flood(cookies, FLOOD, MAX_SYNS)
+        }));
     }
     let run = agent.stop();
     assert!(run.status.success(), "agent failed:\n{}", run.stderr);

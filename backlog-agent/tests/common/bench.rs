@@ -110,6 +110,23 @@ pub fn idle_processes(n: usize) -> Vec<Child> {
         .collect()
 }
 
+/// Runs `work` while the tracer `pid` (the agent or bpftrace) watches:
+/// what it returned, the tracer's CPU over it and the 1.2 s after (its
+/// last window and drain, or its output of the last events, are part of
+/// its cost), and the kernel cost of every program that ran during it.
+pub fn traced_phase<T>(
+    pid: u32,
+    work: impl FnOnce() -> T,
+) -> (T, Duration, Vec<(String, u64, f64)>) {
+    let cpu0 = process_cpu(pid);
+    let before = bpf_programs();
+    let result = work();
+    let after = bpf_programs();
+    thread::sleep(Duration::from_millis(1200));
+    let cpu = process_cpu(pid).saturating_sub(cpu0);
+    (result, cpu, bpf_costs(&before, &after))
+}
+
 /// bpftrace running a one-line program, what it prints kept in a file:
 /// the benchmarks' side-by-side tracer.
 pub struct Bpftrace {
