@@ -55,6 +55,15 @@ fn bpftrace_flood(
     )?;
     let (flood, cpu, costs) = traced_phase(tracer.pid(), || syn_flood(cookies, FLOOD, MAX_SYNS));
     let lines = tracer.stop();
+    // bpftrace says "Attaching" and carries on where the kprobe cannot
+    // attach (6.18 here: no kprobes): figures of a tracer that traced
+    // nothing would read as a free one.
+    if costs.is_empty() && lines == 0 {
+        return Err(format!(
+            "bpftrace said it attached, but no program of its ran during {} drops (no kprobe on tcp_conn_request here)",
+            flood.drops
+        ));
+    }
     Ok((flood, cpu, costs, lines))
 }
 
