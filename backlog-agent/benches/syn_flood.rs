@@ -25,7 +25,7 @@ use std::{path::Path, time::Duration};
 
 use common::{
     accounting::{accounted, in_netns},
-    bench::{print_costs, traced_phase, Bpftrace},
+    bench::{print_costs, process_wakeups, traced_phase, Bpftrace},
     synflood::{counter_and_kind, syn_flood, SynFlood},
     Agent,
 };
@@ -89,11 +89,19 @@ fn main() {
         .filter(|l| l.contains("not observable"))
         .map(str::to_owned)
         .collect();
+    // What the agent costs with nothing to report (its timers and polls),
+    // to tell its fixed cost from its cost per drop.
+    let idle_wakeups = process_wakeups(agent.pid());
+    let ((), idle_cpu, _) = traced_phase(agent.pid(), || std::thread::sleep(FLOOD));
+    let idle_wakeups = process_wakeups(agent.pid()) - idle_wakeups;
     let mut with = Vec::new();
+    let mut wakeups = Vec::new();
     for cookies in COOKIES {
+        let before = process_wakeups(agent.pid());
         with.push(traced_phase(agent.pid(), || {
             syn_flood(cookies, FLOOD, MAX_SYNS)
         }));
+        wakeups.push(process_wakeups(agent.pid()) - before);
     }
     let run = agent.stop();
     assert!(run.status.success(), "agent failed:\n{}", run.stderr);
@@ -111,6 +119,13 @@ fn main() {
         "(a) spoofed-source SYN flood over a raw socket, at most {} s and {MAX_SYNS} SYNs per phase, listener backlog 64, agent at default settings:",
         FLOOD.as_secs()
     );
+    // traced_phase's CPU includes the 1.2 s after the work.
+    let phase_secs = FLOOD.as_secs_f64() + 1.2;
+    println!(
+        "  agent idle: {:.1} ms CPU per s, {:.0} wakeups per s",
+        idle_cpu.as_secs_f64() * 1e3 / phase_secs,
+        idle_wakeups as f64 / phase_secs
+    );
     for (i, cookies) in COOKIES.iter().enumerate() {
         let (counter, kind) = counter_and_kind(cookies);
         let (flood, cpu, costs) = &with[i];
@@ -121,10 +136,11 @@ fn main() {
             flood.rate() / without[i].rate().max(1.0)
         );
         println!(
-            "    agent CPU {:.3} s for {} drops ({:.3} us per drop); kernel cost:",
+            "    agent CPU {:.3} s for {} drops ({:.3} us per drop), {} wakeups; kernel cost:",
             cpu.as_secs_f64(),
             flood.drops,
-            cpu.as_secs_f64() * 1e6 / flood.drops.max(1) as f64
+            cpu.as_secs_f64() * 1e6 / flood.drops.max(1) as f64,
+            wakeups[i]
         );
         print_costs("agent", costs);
         if let Some(line) = not_traced.iter().find(|l| l.contains(kind)) {

@@ -44,6 +44,7 @@ use crate::{
         note, text,
     },
     sink::{Options, Sink},
+    wakeup::{AsleepFlag, Pace, POLL},
 };
 
 /// Blocks from this size up get their own mapping (glibc's default
@@ -57,6 +58,8 @@ pub struct Running {
     /// Dropped first at `stop`: detaching ends the flow of events.
     pub probes: Probes,
     pub ring: AsyncFd<RingBuf<MapData>>,
+    /// Whether the loop polls the ring or sleeps until woken.
+    pub pace: Pace,
     pub counters: KernelCounters,
     pub sink: Sink,
     pub aggregator: Aggregator,
@@ -181,6 +184,21 @@ pub async fn start(cli: &Cli) -> Result<Running> {
         )),
     }
     let ring = probes.take_events()?;
+    let asleep_flag = probes
+        .take_asleep_flag()
+        .map_err(anyhow::Error::from)
+        .and_then(|map| AsleepFlag::map(map).map_err(anyhow::Error::from));
+    let asleep_flag = match asleep_flag {
+        Ok(flag) => Some(flag),
+        Err(err) => {
+            note(format_args!(
+                "cannot share the sleep flag with the kernel ({err:#}): reading the ring buffer \
+                 every {} ms instead of sleeping until woken",
+                POLL.as_millis()
+            ));
+            None
+        }
+    };
     let mut counters = probes.take_counters()?;
     preflight::memory_phase("mapping the ring buffer");
     counters.inet_expiry = Expiry::new(expire_after, RETIRED_CAP);
@@ -230,6 +248,7 @@ pub async fn start(cli: &Cli) -> Result<Running> {
         started,
         probes,
         ring,
+        pace: Pace::new(asleep_flag, Instant::now()),
         counters,
         sink,
         aggregator,
@@ -268,6 +287,7 @@ pub fn stop(running: Running) {
         started,
         probes,
         mut ring,
+        pace,
         mut counters,
         mut sink,
         mut aggregator,
@@ -371,6 +391,14 @@ pub fn stop(running: Running) {
             "{errors} accept-queue rows could not be read (removed while being read)"
         ));
     }
+    // How the ring was read: records read at the once-a-second drain
+    // while asleep would mean wakeups that did not come (wakeup.rs).
+    let reads = pace.stats;
+    note(format_args!(
+        "ring buffer: {} records read when woken, {} while polling, {} at the once-a-second \
+         drain; went to sleep {} times",
+        reads.woken, reads.polled, reads.window, reads.sleeps
+    ));
     // What attribution cost: full walks read every process, partial
     // walks only new descendants of holders (resolver.rs).
     let scans = sink.resolver.stats();
@@ -385,8 +413,6 @@ pub fn stop(running: Running) {
 /// just gets its first answers later.
 const FIRST_WALK_WAIT: Duration = Duration::from_secs(3);
 
-/// How often the ring buffer is read when the kernel did not wake us.
-pub const POLL: Duration = Duration::from_millis(5);
 /// The interval of aggregate records.
 pub const AGGREGATE_WINDOW: Duration = Duration::from_secs(1);
 
@@ -545,12 +571,16 @@ fn apply_accounting(counters: &KernelCounters, sink: &mut Sink) {
     }
 }
 
-pub fn drain(ring: &mut RingBuf<MapData>, sink: &mut Sink) {
+/// Reads every record the ring holds; how many it read.
+pub fn drain(ring: &mut RingBuf<MapData>, sink: &mut Sink) -> usize {
+    let mut records = 0;
     while let Some(record) = ring.next() {
         sink.handle(&record);
+        records += 1;
     }
     sink.release_waiting();
     sink.flush();
+    records
 }
 
 /// The summary at `--interval`, with the kernel's totals as of now.

@@ -30,3 +30,4 @@ pub mod report;
 pub mod sink;
 #[cfg(test)]
 mod testing;
+pub mod wakeup;

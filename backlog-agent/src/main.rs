@@ -9,10 +9,11 @@ use std::{process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result};
 use backlog_agent::{
-    agent::{self, AGGREGATE_WINDOW, POLL},
+    agent::{self, AGGREGATE_WINDOW},
     cli::Cli,
     http,
     report::metrics::Metrics,
+    wakeup::Read,
 };
 use clap::Parser as _;
 use tokio::signal::unix::{signal, SignalKind};
@@ -52,9 +53,6 @@ async fn run(cli: Cli) -> Result<()> {
         timer
     };
     let mut interval = cli.interval.map(every);
-    // The kernel wakes the agent only once enough is pending; this poll
-    // bounds how long a lone event waits.
-    let mut poll = every(POLL);
     let mut window = every(AGGREGATE_WINDOW);
     loop {
         let r = &mut running;
@@ -63,9 +61,16 @@ async fn run(cli: Cli) -> Result<()> {
             _ = sigterm.recv() => break,
             () = until(deadline) => break,
             () = tick(&mut interval) => agent::summary(r),
-            _ = poll.tick() => agent::drain(r.ring.get_mut(), &mut r.sink),
+            // Polling while records come, asleep once they stop (wakeup.rs).
+            () = poll_at(r.pace.next_poll()) => {
+                let records = agent::drain(r.ring.get_mut(), &mut r.sink);
+                r.pace.after_read(Read::Polled, records, std::time::Instant::now(), || {
+                    agent::drain(r.ring.get_mut(), &mut r.sink)
+                });
+            }
             _ = window.tick() => {
-                agent::drain(r.ring.get_mut(), &mut r.sink);
+                let records = agent::drain(r.ring.get_mut(), &mut r.sink);
+                r.pace.after_read(Read::Window, records, std::time::Instant::now(), || 0);
                 agent::aggregate(&mut r.counters, &mut r.aggregator, &mut r.sink);
             }
             _ = near_full_poll.tick() => r.sink.poll_near_full(false),
@@ -82,7 +87,10 @@ async fn run(cli: Cli) -> Result<()> {
             }
             guard = r.ring.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer failed")?;
-                agent::drain(guard.get_inner_mut(), &mut r.sink);
+                let records = agent::drain(guard.get_inner_mut(), &mut r.sink);
+                r.pace.after_read(Read::Woken, records, std::time::Instant::now(), || {
+                    agent::drain(guard.get_inner_mut(), &mut r.sink)
+                });
                 guard.clear_ready();
             }
         }
@@ -111,6 +119,14 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
         Some(timer) => {
             timer.tick().await;
         }
+        None => std::future::pending().await,
+    }
+}
+
+/// Ready at `at`; never while the loop sleeps until woken.
+async fn poll_at(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
 }

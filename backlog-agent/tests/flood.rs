@@ -115,6 +115,64 @@ fn unix_storm_identity(attach: &str) {
     );
 }
 
+/// The figures of the agent's "ring buffer:" line: records read when
+/// woken, while polling, at the once-a-second drain; times it slept.
+fn ring_reads(stderr: &str) -> [u64; 4] {
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("backlog-agent: ring buffer: "))
+        .unwrap_or_else(|| panic!("no ring buffer line:\n{stderr}"));
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    numbers
+        .try_into()
+        .unwrap_or_else(|_| panic!("unexpected ring buffer line: {line}"))
+}
+
+/// Lone drops, far apart, wake the sleeping agent: each is read when
+/// woken, none waits for the once-a-second drain (which is what a missed
+/// wakeup would look like), and the agent sleeps between them instead of
+/// polling (wakeup.rs; the programs' side is `wake_if_asleep`).
+#[test]
+fn lone_drops_wake_the_sleeping_agent() {
+    if !privileged("lone_drops_wake_the_sleeping_agent") {
+        return;
+    }
+    let _serial = serial();
+    let agent = Agent::expect_ready(&["--output", "json"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("lone.sock");
+    let (listener, held) = storm::full_listener(&path, 1);
+    let mut eagains = 0;
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(150));
+        eagains += storm::storm(&path, 1, Duration::from_secs(1)).eagain;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    storm::release(held);
+    drop(listener);
+    let run = agent.stop();
+    assert!(run.status.success(), "{}", run.stderr);
+    let [woken, polled, window, sleeps] = ring_reads(&run.stderr);
+    common::figure(&format!(
+        "lone drops: eagain={eagains} records read when woken={woken} polling={polled} \
+         at the once-a-second drain={window} sleeps={sleeps}"
+    ));
+    assert_eq!(eagains, 10, "each connect() should have met the full queue");
+    // A window drain may, rarely, come between a record and its wakeup.
+    assert!(
+        window <= 1,
+        "records waited for the once-a-second drain: wakeups were missed"
+    );
+    assert!(
+        woken >= eagains - 1,
+        "lone records were not read when woken"
+    );
+    assert!(sleeps >= 5, "the agent kept polling between lone records");
+}
+
 /// Final-ACK overflows past the rate limit: events + aggregated + lost =
 /// ListenOverflows of the test's namespace (the scenario drops no SYN).
 #[test]

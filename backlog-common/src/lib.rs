@@ -345,8 +345,10 @@ pub struct Config {
     pub event_interval_ns: u64,
     /// How far ahead of now the bucket may run (the burst allowance).
     pub burst_ns: u64,
-    /// Wake the agent only when this many bytes are pending in the ring
-    /// buffer (it also polls every few milliseconds); 0 = every record.
+    /// While the agent polls, wake it early once this many bytes are
+    /// pending in the ring buffer (a sleeping agent is woken by the first
+    /// record, see `AGENT_ASLEEP`); 0 = the kernel's own policy, a wakeup
+    /// per record that finds the reader caught up.
     pub wakeup_bytes: u64,
 }
 

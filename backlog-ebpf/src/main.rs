@@ -20,9 +20,9 @@ mod syscalls;
 mod unix_stream_connect;
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_F_MMAPABLE, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
 };
 use backlog_common::{
     Config, KernelOffsets, COUNTER_COUNT, COUNTER_EVENTS_LOST, COUNTER_EVENTS_SENT,
@@ -32,6 +32,12 @@ use backlog_common::{
 /// real one (`--ring-buffer-kib`) before load.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// 1 while the agent sleeps until woken: it found the ring buffer empty
+/// and stopped polling. The agent writes it through a shared mapping,
+/// without a syscall; see `wake_if_asleep`.
+#[map]
+static AGENT_ASLEEP: Array<u32> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// Per-CPU counters indexed by `COUNTER_*`: what could not be reported
 /// as an event is counted here so that nothing is lost silently.
@@ -82,9 +88,10 @@ fn count(counter: u32) {
 
 /// Queues one record for the agent; false when the ring buffer is full.
 ///
-/// The agent is woken only once `wakeup_bytes` are pending (it polls every
-/// few milliseconds for the rest): a wakeup per record costs more than
-/// the record under a flood.
+/// A record never wakes the agent by itself while it is awake (it polls
+/// every few milliseconds then, and is woken early once `wakeup_bytes`
+/// are pending): a wakeup per record costs more than the record under a
+/// flood. When it sleeps, the first record wakes it.
 #[inline(always)]
 fn output<T: 'static>(record: &T) -> bool {
     let threshold = config!(wakeup_bytes);
@@ -95,7 +102,36 @@ fn output<T: 'static>(record: &T) -> bool {
     } else {
         BPF_RB_NO_WAKEUP as u64
     };
-    EVENTS.output::<T>(record, flags).is_ok()
+    let ok = EVENTS.output::<T>(record, flags).is_ok();
+    if threshold != 0 {
+        wake_if_asleep();
+    }
+    ok
+}
+
+/// Wakes the agent if it sleeps. Read after the record's commit, a fully
+/// ordered exchange: the agent sets the flag, then (behind a full fence)
+/// reads the ring, so either it saw this record, or this sees the flag.
+/// Reading it before the output instead would leave a window (flag read,
+/// agent goes to sleep, record committed unannounced). The wakeup rides
+/// on a discarded record: only a commit can wake the reader, and the
+/// agent's reader skips discarded ones.
+#[inline(always)]
+fn wake_if_asleep() {
+    let Some(flag) = AGENT_ASLEEP.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: the map's only value; the agent writes it concurrently,
+    // hence the volatile accesses. Two CPUs racing here both wake it.
+    unsafe {
+        if core::ptr::read_volatile(flag) == 0 {
+            return;
+        }
+        core::ptr::write_volatile(flag, 0);
+    }
+    if let Some(entry) = EVENTS.reserve_bytes(8, 0) {
+        entry.discard(BPF_RB_FORCE_WAKEUP as u64);
+    }
 }
 
 /// Queues a record that is not a drop (drops are accounted per listener,

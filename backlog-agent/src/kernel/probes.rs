@@ -966,6 +966,17 @@ impl Probes {
         })
     }
 
+    /// The map behind the agent's sleep flag (wakeup.rs).
+    pub fn take_asleep_flag(&mut self) -> Result<MapData, ProbeError> {
+        match self.take_map("AGENT_ASLEEP")? {
+            aya::maps::Map::Array(data) => Ok(data),
+            _ => Err(ProbeError::Map {
+                name: "AGENT_ASLEEP",
+                reason: "not an array map".into(),
+            }),
+        }
+    }
+
     /// The per-listener accept-queue figures (accept.rs).
     pub fn take_accept_stats(
         &mut self,

@@ -17,6 +17,25 @@ pub fn process_cpu(pid: u32) -> Duration {
     stat_cpu(&format!("/proc/{pid}/stat"))
 }
 
+/// Times the process's threads have gone to sleep and been woken since
+/// they started (voluntary context switches, summed over its threads):
+/// an idle agent's wakeups are its fixed cost.
+pub fn process_wakeups(pid: u32) -> u64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| fs::read_to_string(task.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
 /// CPU time of one thread of a process.
 pub fn task_cpu(pid: u32, tid: u32) -> Duration {
     stat_cpu(&format!("/proc/{pid}/task/{tid}/stat"))
