@@ -4,6 +4,7 @@
 //! attaches a hook per drop kind (`probes`), and the kernel's own run-time
 //! accounting of those programs (`bpfstats`).
 
+pub mod batch;
 pub mod bpfstats;
 pub mod btf;
 pub mod expire;

@@ -32,6 +32,9 @@ const REQQ_FULL_DO_COOKIES: usize = 3;
 pub struct SynInFlight {
     sk: u64,
     skb: u64,
+    /// This CPU's MIB of the listener's netns, found at entry: the same
+    /// CPU runs the exit, and the listener holds its netns meanwhile.
+    mib: u64,
     active: u32,
     _pad: u32,
     counters: [u64; 4],
@@ -47,24 +50,44 @@ fn slot() -> Option<&'static mut SynInFlight> {
     SYN_IN_FLIGHT.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
-/// This CPU's values of the four counters in the listener's netns, and
-/// whether they could all be read.
+/// This CPU's SNMP MIB (net->mib.net_statistics) in the listener's netns;
+/// null when it cannot be read.
 #[inline(always)]
-fn counters(o: &KernelOffsets, sk: *const u8) -> ([u64; 4], bool) {
+fn this_cpu_mib(o: &KernelOffsets, sk: *const u8) -> *const u8 {
     let mut r = Reader::new();
     let net = r.ptr(sk, o.sk_net);
     let percpu = r.ptr(net, o.net_mib_net_statistics);
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let offsets = o.per_cpu_offset_addr as *const u8;
     let cpu_offset = r.at::<u64>(offsets, cpu.wrapping_mul(8));
-    let mib = (percpu as u64).wrapping_add(cpu_offset) as *const u8;
-    let values = [
-        r.at::<u64>(mib, o.mib_listen_overflows.wrapping_mul(8)),
-        r.at::<u64>(mib, o.mib_listen_drops.wrapping_mul(8)),
-        r.at::<u64>(mib, o.mib_reqq_full_drop.wrapping_mul(8)),
-        r.at::<u64>(mib, o.mib_reqq_full_do_cookies.wrapping_mul(8)),
-    ];
-    (values, r.ok())
+    if !r.ok() {
+        return core::ptr::null();
+    }
+    (percpu as u64).wrapping_add(cpu_offset) as *const u8
+}
+
+/// The four counters in `mib`, and whether they could all be read. Every
+/// kernel so far keeps them in two adjacent pairs (ListenOverflows,
+/// ListenDrops; TCPReqQFullDoCookies, TCPReqQFullDrop): two reads of 16
+/// bytes then, four of 8 otherwise. Each SYN of a flood reads them twice.
+#[inline(always)]
+fn counters(o: &KernelOffsets, mib: *const u8) -> ([u64; 4], bool) {
+    let mut r = Reader::new();
+    let paired = o.mib_listen_drops == o.mib_listen_overflows.wrapping_add(1)
+        && o.mib_reqq_full_drop == o.mib_reqq_full_do_cookies.wrapping_add(1);
+    let values = if paired {
+        let listen = r.at::<[u64; 2]>(mib, o.mib_listen_overflows.wrapping_mul(8));
+        let reqq = r.at::<[u64; 2]>(mib, o.mib_reqq_full_do_cookies.wrapping_mul(8));
+        [listen[0], listen[1], reqq[1], reqq[0]]
+    } else {
+        [
+            r.at::<u64>(mib, o.mib_listen_overflows.wrapping_mul(8)),
+            r.at::<u64>(mib, o.mib_listen_drops.wrapping_mul(8)),
+            r.at::<u64>(mib, o.mib_reqq_full_drop.wrapping_mul(8)),
+            r.at::<u64>(mib, o.mib_reqq_full_do_cookies.wrapping_mul(8)),
+        ]
+    };
+    (values, r.ok() && !mib.is_null())
 }
 
 #[inline(always)]
@@ -73,11 +96,13 @@ fn enter(sk: u64, skb: u64) {
     let Some(s) = slot() else {
         return;
     };
-    let (counters, ok) = counters(&o, sk as *const u8);
+    let mib = this_cpu_mib(&o, sk as *const u8);
+    let (counters, ok) = counters(&o, mib);
     if ok {
         *s = SynInFlight {
             sk,
             skb,
+            mib: mib as u64,
             active: 1,
             _pad: 0,
             counters,
@@ -102,7 +127,7 @@ fn exit() {
     let o = crate::offsets();
     let sk = state.sk as *const u8;
     let skb = state.skb as *const u8;
-    let (now, ok) = counters(&o, sk);
+    let (now, ok) = counters(&o, state.mib as *const u8);
     if !ok {
         crate::count(backlog_common::COUNTER_READ_ERRORS);
         return;

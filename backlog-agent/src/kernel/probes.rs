@@ -1004,6 +1004,7 @@ impl Probes {
                 .map_err(map_error("UNIX_TOTALS"))?,
             peers: BpfHashMap::try_from(self.take_map("SUPPRESSED_PEERS")?)
                 .map_err(map_error("SUPPRESSED_PEERS"))?,
+            peers_batch: true,
             inet_expiry: Expiry::new(None, RETIRED_CAP),
             unix_expiry: Expiry::new(None, RETIRED_CAP),
         })
@@ -1030,6 +1031,8 @@ pub struct KernelCounters {
     totals: PerCpuHashMap<MapData, DropTotalKey, DropCounts>,
     unix_totals: BpfHashMap<MapData, UnixTotalKey, UnixAccount>,
     peers: BpfHashMap<MapData, PeerKey, u64>,
+    /// Whether `peers` is emptied with the batch command (batch.rs).
+    peers_batch: bool,
     /// Idle rows moved out of `totals` / `unix_totals` (expire.rs).
     pub inet_expiry: Expiry<DropTotalKey>,
     pub unix_expiry: Expiry<UnixTotalKey>,
@@ -1149,6 +1152,14 @@ impl KernelCounters {
     /// The sources of suppressed drops since the last call, emptying the
     /// map so that each interval names its own busiest peers.
     pub fn take_peers(&mut self) -> Vec<(PeerKey, u64)> {
+        if self.peers_batch {
+            match super::batch::take_all(aya::maps::IterableMap::map(&self.peers)) {
+                Ok(peers) => return peers,
+                // Too old a kernel for the batch command (before 5.6):
+                // one entry at a time from now on.
+                Err(_) => self.peers_batch = false,
+            }
+        }
         let peers: Vec<(PeerKey, u64)> = self.peers.iter().filter_map(Result::ok).collect();
         for (key, _) in &peers {
             let _ = self.peers.remove(key);
