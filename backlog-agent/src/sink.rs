@@ -409,7 +409,11 @@ impl Sink {
 
     fn unix_connect(&mut self, event: &UnixConnect) {
         let (netns, listener) = match event.path.as_deref() {
-            Some(path) => self.unix_listeners.for_client(event.pid, path),
+            Some(path) => {
+                let kernel_netns = (event.netns_inode != 0).then_some(u64::from(event.netns_inode));
+                self.unix_listeners
+                    .for_client(event.pid, kernel_netns, path)
+            }
             None => (None, None),
         };
         // The kernel's view of the client's namespace first: the client

@@ -35,17 +35,25 @@ impl UnixListeners {
     }
 
     /// The UNIX listener at `path` as seen from the client's network
-    /// namespace, with that namespace's inode.
+    /// namespace, with that namespace's inode. `kernel_netns` is the
+    /// namespace the kernel saw the client in, when it could say: when it
+    /// is the agent's own, /proc is not asked (a stat per event otherwise).
     pub fn for_client(
         &mut self,
         client_pid: u32,
+        kernel_netns: Option<u64>,
         path: &str,
     ) -> (Option<u64>, Option<UnixListenerInfo>) {
-        let netns_file = PathBuf::from(format!("/proc/{client_pid}/ns/net"));
-        // A client that exited already: look in our own namespace.
-        let (netns, netns_file) = match context::netns_inode(&netns_file) {
-            Some(inode) => (Some(inode), Some(netns_file)),
-            None => (self.own_netns, None),
+        let (netns, netns_file) = match kernel_netns {
+            Some(inode) if kernel_netns == self.own_netns => (Some(inode), None),
+            _ => {
+                let file = PathBuf::from(format!("/proc/{client_pid}/ns/net"));
+                // A client that exited already: look in our own namespace.
+                match context::netns_inode(&file) {
+                    Some(inode) => (Some(inode), Some(file)),
+                    None => (self.own_netns, None),
+                }
+            }
         };
         let key = netns.unwrap_or(0);
         let fresh = |dump: &(Instant, Vec<UnixListenerInfo>)| {

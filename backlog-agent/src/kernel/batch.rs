@@ -50,17 +50,9 @@ pub fn take_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
             batch.count = chunk as u32;
             batch.map_fd = fd as u32;
         }
-        // SAFETY: the kernel writes at most `count` keys and values into
-        // buffers of that capacity, and one token into token_out.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_MAP_LOOKUP_AND_DELETE_BATCH as libc::c_int,
-                std::ptr::addr_of_mut!(attr),
-                size_of::<bpf_attr>() as libc::c_uint,
-            )
-        };
-        let err = (rc < 0).then(io::Error::last_os_error);
+        // The kernel writes at most `count` keys and values into buffers
+        // of that capacity, and one token into token_out.
+        let err = bpf(bpf_cmd::BPF_MAP_LOOKUP_AND_DELETE_BATCH, &mut attr).err();
         let errno = err.as_ref().and_then(io::Error::raw_os_error);
         // The kernel sets count to the entries it wrote on success, on
         // ENOENT (no more buckets) and on ENOSPC; on any other error the
@@ -99,6 +91,25 @@ pub fn take_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
     }
 }
 
+/// bpf(2) with `attr`, whose pointers must outlive the call.
+fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<i64> {
+    // SAFETY: the kernel reads and writes only within `attr` and the
+    // buffers its fields point at, which the caller keeps alive.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_int,
+            std::ptr::from_mut(attr),
+            size_of::<bpf_attr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::{FromRawFd as _, OwnedFd};
@@ -106,30 +117,17 @@ mod tests {
     use super::*;
 
     /// bpf(2) on a zeroed attr that `fill` sets up.
-    fn bpf(cmd: bpf_cmd, fill: impl FnOnce(&mut bpf_attr)) -> io::Result<i64> {
+    fn bpf_with(cmd: bpf_cmd, fill: impl FnOnce(&mut bpf_attr)) -> io::Result<i64> {
         // SAFETY: plain data, zero is "unset".
         let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
         fill(&mut attr);
-        // SAFETY: every pointer `fill` put in attr outlives the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd as libc::c_int,
-                std::ptr::addr_of_mut!(attr),
-                size_of::<bpf_attr>() as libc::c_uint,
-            )
-        };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(rc)
-        }
+        bpf(cmd, &mut attr)
     }
 
     /// An LRU hash map like SUPPRESSED_PEERS (u64 keys here), filled with
     /// `n` entries.
     fn lru_map(n: u64) -> MapData {
-        let fd = bpf(bpf_cmd::BPF_MAP_CREATE, |attr| {
+        let fd = bpf_with(bpf_cmd::BPF_MAP_CREATE, |attr| {
             // SAFETY: the map-create member of a zeroed union.
             let create = unsafe { &mut attr.__bindgen_anon_1 };
             create.map_type = aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_LRU_HASH as u32;
@@ -143,7 +141,7 @@ mod tests {
         let raw = fd.as_raw_fd();
         for key in 0..n {
             let value = key * 10;
-            bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, |attr| {
+            bpf_with(bpf_cmd::BPF_MAP_UPDATE_ELEM, |attr| {
                 // SAFETY: the element member of a zeroed union.
                 let elem = unsafe { &mut attr.__bindgen_anon_2 };
                 elem.map_fd = raw as u32;
