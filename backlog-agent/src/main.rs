@@ -62,15 +62,21 @@ async fn run(cli: Cli) -> Result<()> {
             () = until(deadline) => break,
             () = tick(&mut interval) => agent::summary(r),
             // Polling while records come, asleep once they stop (wakeup.rs).
+            // (Events waiting for their holders keep it polling: only a
+            // read releases them.)
             () = poll_at(r.pace.next_poll()) => {
                 let records = agent::drain(r.ring.get_mut(), &mut r.sink);
-                r.pace.after_read(Read::Polled, records, std::time::Instant::now(), || {
-                    agent::drain(r.ring.get_mut(), &mut r.sink)
+                let waiting = r.sink.has_waiting();
+                r.pace.after_read(Read::Polled, records, waiting, std::time::Instant::now(), || {
+                    (agent::drain(r.ring.get_mut(), &mut r.sink), r.sink.has_waiting())
                 });
             }
             _ = window.tick() => {
                 let records = agent::drain(r.ring.get_mut(), &mut r.sink);
-                r.pace.after_read(Read::Window, records, std::time::Instant::now(), || 0);
+                let waiting = r.sink.has_waiting();
+                r.pace.after_read(Read::Window, records, waiting, std::time::Instant::now(), || {
+                    (0, waiting)
+                });
                 agent::aggregate(&mut r.counters, &mut r.aggregator, &mut r.sink);
             }
             _ = near_full_poll.tick() => r.sink.poll_near_full(false),
@@ -88,8 +94,9 @@ async fn run(cli: Cli) -> Result<()> {
             guard = r.ring.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer failed")?;
                 let records = agent::drain(guard.get_inner_mut(), &mut r.sink);
-                r.pace.after_read(Read::Woken, records, std::time::Instant::now(), || {
-                    agent::drain(guard.get_inner_mut(), &mut r.sink)
+                let waiting = r.sink.has_waiting();
+                r.pace.after_read(Read::Woken, records, waiting, std::time::Instant::now(), || {
+                    (agent::drain(guard.get_inner_mut(), &mut r.sink), r.sink.has_waiting())
                 });
                 guard.clear_ready();
             }

@@ -295,6 +295,13 @@ impl Sink {
         self.flush();
     }
 
+    /// Whether events wait for their holders: only the next
+    /// [`release_waiting`](Self::release_waiting) writes them, so the loop
+    /// keeps reading while there are any.
+    pub fn has_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
     /// Writes the waiting events whose holders are known by now, or whose
     /// wait is over; the others keep waiting (and keep their order). Runs
     /// after every drain, so it also forgets expired fragments.

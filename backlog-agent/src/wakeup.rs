@@ -154,56 +154,66 @@ impl Pace {
         self.next_poll
     }
 
-    /// After a read that found `records`: poll on, or sleep. `drain` reads
-    /// the ring once more after the flag is raised and says how many
-    /// records it found; any means the agent stays awake.
+    /// After a read that found `records`: poll on, or sleep. `waiting`:
+    /// the sink holds events waiting for their holders, which only a read
+    /// releases (Sink::release_waiting), so the loop polls until they are
+    /// out. `drain` reads the ring once more after the flag is raised and
+    /// says how many records it found and whether events wait; either
+    /// keeps the agent awake.
     pub fn after_read(
         &mut self,
         read: Read,
         records: usize,
+        waiting: bool,
         now: Instant,
-        drain: impl FnOnce() -> usize,
+        drain: impl FnOnce() -> (usize, bool),
     ) {
         let n = records as u64;
-        match read {
-            Read::Woken => self.stats.woken += n,
-            Read::Polled => self.stats.polled += n,
-            Read::Window => {
-                self.stats.window += n;
-                return;
-            }
-        }
         let poll = match read {
             Read::Woken => {
-                if let Some(flag) = &self.flag {
-                    flag.lower();
-                }
+                self.stats.woken += n;
                 let frequent = self
                     .last_woken
                     .is_some_and(|last| now.saturating_duration_since(last) < FREQUENT);
                 self.last_woken = Some(now);
-                frequent
+                frequent || waiting
             }
-            _ => records > 0,
+            Read::Polled => {
+                self.stats.polled += n;
+                records > 0 || waiting
+            }
+            Read::Window => {
+                self.stats.window += n;
+                // The pace stays, unless a sleeping loop now has events
+                // waiting (a record read here came between its commit and
+                // its wakeup).
+                if !(waiting && self.next_poll.is_none()) {
+                    return;
+                }
+                true
+            }
         };
         if poll || !self.sleep(drain) {
+            if let Some(flag) = &self.flag {
+                flag.lower();
+            }
             self.next_poll = Some(now + POLL);
         } else {
             self.next_poll = None;
         }
     }
 
-    /// Raises the flag and takes the last look; false (flag lowered) when
-    /// there is no flag or the look found records.
-    fn sleep(&mut self, drain: impl FnOnce() -> usize) -> bool {
+    /// Raises the flag and takes the last look; false when there is no
+    /// flag, or the look found records or left events waiting (the caller
+    /// then lowers the flag and polls).
+    fn sleep(&mut self, drain: impl FnOnce() -> (usize, bool)) -> bool {
         let Some(flag) = &self.flag else {
             return false;
         };
         flag.raise();
-        let found = drain();
-        if found > 0 {
-            flag.lower();
-            self.stats.polled += found as u64;
+        let (found, waiting) = drain();
+        self.stats.polled += found as u64;
+        if found > 0 || waiting {
             return false;
         }
         self.stats.sleeps += 1;
@@ -223,9 +233,9 @@ mod tests {
     fn without_a_flag_it_polls_forever() {
         let t = Instant::now();
         let mut pace = Pace::new(None, t);
-        pace.after_read(Read::Polled, 0, t + ms(5), || unreachable!());
+        pace.after_read(Read::Polled, 0, false, t + ms(5), || unreachable!());
         assert_eq!(pace.next_poll(), Some(t + ms(10)));
-        pace.after_read(Read::Woken, 1, t + ms(100), || unreachable!());
+        pace.after_read(Read::Woken, 1, false, t + ms(100), || unreachable!());
         assert_eq!(pace.next_poll(), Some(t + ms(105)));
     }
 
@@ -233,7 +243,7 @@ mod tests {
     fn a_poll_that_finds_records_polls_on() {
         let t = Instant::now();
         let mut pace = Pace::new(None, t);
-        pace.after_read(Read::Polled, 3, t, || unreachable!());
+        pace.after_read(Read::Polled, 3, false, t, || unreachable!());
         assert_eq!(pace.next_poll(), Some(t + POLL));
         assert_eq!(pace.stats.polled, 3);
     }
@@ -247,9 +257,9 @@ mod tests {
         let t = Instant::now();
         let mut pace = Pace::new(Some(AsleepFlag::local()), t);
         let mut looked = false;
-        pace.after_read(Read::Woken, 1, t + ms(50), || {
+        pace.after_read(Read::Woken, 1, false, t + ms(50), || {
             looked = true;
-            0
+            (0, false)
         });
         assert!(looked, "the last look after raising the flag");
         assert!(raised(&pace));
@@ -261,14 +271,14 @@ mod tests {
     fn wakeups_in_quick_succession_turn_to_polling() {
         let t = Instant::now();
         let mut pace = Pace::new(Some(AsleepFlag::local()), t);
-        pace.after_read(Read::Woken, 1, t + ms(50), || 0);
-        pace.after_read(Read::Woken, 1, t + ms(52), || unreachable!());
+        pace.after_read(Read::Woken, 1, false, t + ms(50), || (0, false));
+        pace.after_read(Read::Woken, 1, false, t + ms(52), || unreachable!());
         assert!(!raised(&pace), "lowered on waking");
         assert_eq!(pace.next_poll(), Some(t + ms(52) + POLL));
         // Polling on while it finds records, asleep at the first empty poll.
-        pace.after_read(Read::Polled, 4, t + ms(57), || unreachable!());
+        pace.after_read(Read::Polled, 4, false, t + ms(57), || unreachable!());
         assert_eq!(pace.next_poll(), Some(t + ms(57) + POLL));
-        pace.after_read(Read::Polled, 0, t + ms(62), || 0);
+        pace.after_read(Read::Polled, 0, false, t + ms(62), || (0, false));
         assert_eq!(pace.next_poll(), None);
         assert!(raised(&pace));
     }
@@ -277,17 +287,44 @@ mod tests {
     fn records_in_the_last_look_keep_it_awake() {
         let t = Instant::now();
         let mut pace = Pace::new(Some(AsleepFlag::local()), t);
-        pace.after_read(Read::Polled, 0, t + ms(5), || 2);
+        pace.after_read(Read::Polled, 0, false, t + ms(5), || (2, false));
         assert!(!raised(&pace));
         assert_eq!(pace.next_poll(), Some(t + ms(10)));
         assert_eq!((pace.stats.polled, pace.stats.sleeps), (2, 0));
     }
 
     #[test]
+    fn events_waiting_for_holders_keep_it_polling() {
+        let t = Instant::now();
+        let mut pace = Pace::new(Some(AsleepFlag::local()), t);
+        // Woken, the record's event waits for its holders: poll, not sleep.
+        pace.after_read(Read::Woken, 1, true, t + ms(50), || unreachable!());
+        assert!(!raised(&pace));
+        assert_eq!(pace.next_poll(), Some(t + ms(50) + POLL));
+        pace.after_read(Read::Polled, 0, true, t + ms(55), || unreachable!());
+        assert_eq!(pace.next_poll(), Some(t + ms(55) + POLL));
+        // Released: asleep at the next empty poll.
+        pace.after_read(Read::Polled, 0, false, t + ms(60), || (0, false));
+        assert_eq!(pace.next_poll(), None);
+        // The last look itself may leave events waiting.
+        let mut pace = Pace::new(Some(AsleepFlag::local()), t);
+        pace.after_read(Read::Polled, 0, false, t + ms(5), || (0, true));
+        assert!(!raised(&pace));
+        assert_eq!(pace.next_poll(), Some(t + ms(10)));
+        // Asleep, a window read that leaves events waiting starts polling.
+        let mut pace = Pace::new(Some(AsleepFlag::local()), t);
+        pace.after_read(Read::Polled, 0, false, t + ms(5), || (0, false));
+        assert_eq!(pace.next_poll(), None);
+        pace.after_read(Read::Window, 1, true, t + ms(1000), || unreachable!());
+        assert!(!raised(&pace));
+        assert_eq!(pace.next_poll(), Some(t + ms(1000) + POLL));
+    }
+
+    #[test]
     fn the_window_drain_counts_but_keeps_the_pace() {
         let t = Instant::now();
         let mut pace = Pace::new(None, t);
-        pace.after_read(Read::Window, 2, t + ms(1000), || unreachable!());
+        pace.after_read(Read::Window, 2, false, t + ms(1000), || unreachable!());
         assert_eq!(pace.next_poll(), Some(t + POLL));
         assert_eq!(pace.stats.window, 2);
     }
