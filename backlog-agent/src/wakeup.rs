@@ -113,7 +113,8 @@ pub enum Read {
     Woken,
     /// Its poll timer.
     Polled,
-    /// The aggregate window's drain, which does not change the pace.
+    /// The aggregate window's drain: it changes the pace only to release
+    /// events left waiting for their holders.
     Window,
 }
 
