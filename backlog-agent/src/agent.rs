@@ -44,7 +44,7 @@ use crate::{
         note, text,
     },
     sink::{Options, Sink},
-    wakeup::{AsleepFlag, Pace, POLL},
+    wakeup::{AsleepFlag, Pace, Read, POLL},
 };
 
 /// Blocks from this size up get their own mapping (glibc's default
@@ -569,6 +569,16 @@ fn apply_accounting(counters: &KernelCounters, sink: &mut Sink) {
             note(format_args!("cannot read the per-listener totals: {err}"));
         }
     }
+}
+
+/// One read of the ring buffer, for whichever reason `read` says, and the
+/// pace after it (poll on, or sleep until woken: wakeup.rs).
+pub fn read_ring(ring: &mut RingBuf<MapData>, sink: &mut Sink, pace: &mut Pace, read: Read) {
+    let records = drain(ring, sink);
+    let waiting = sink.has_waiting();
+    pace.after_read(read, records, waiting, Instant::now(), || {
+        (drain(ring, sink), sink.has_waiting())
+    });
 }
 
 /// Reads every record the ring holds; how many it read.

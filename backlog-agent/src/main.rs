@@ -65,18 +65,10 @@ async fn run(cli: Cli) -> Result<()> {
             // (Events waiting for their holders keep it polling: only a
             // read releases them.)
             () = poll_at(r.pace.next_poll()) => {
-                let records = agent::drain(r.ring.get_mut(), &mut r.sink);
-                let waiting = r.sink.has_waiting();
-                r.pace.after_read(Read::Polled, records, waiting, std::time::Instant::now(), || {
-                    (agent::drain(r.ring.get_mut(), &mut r.sink), r.sink.has_waiting())
-                });
+                agent::read_ring(r.ring.get_mut(), &mut r.sink, &mut r.pace, Read::Polled);
             }
             _ = window.tick() => {
-                let records = agent::drain(r.ring.get_mut(), &mut r.sink);
-                let waiting = r.sink.has_waiting();
-                r.pace.after_read(Read::Window, records, waiting, std::time::Instant::now(), || {
-                    (0, waiting)
-                });
+                agent::read_ring(r.ring.get_mut(), &mut r.sink, &mut r.pace, Read::Window);
                 agent::aggregate(&mut r.counters, &mut r.aggregator, &mut r.sink);
             }
             _ = near_full_poll.tick() => r.sink.poll_near_full(false),
@@ -93,11 +85,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             guard = r.ring.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer failed")?;
-                let records = agent::drain(guard.get_inner_mut(), &mut r.sink);
-                let waiting = r.sink.has_waiting();
-                r.pace.after_read(Read::Woken, records, waiting, std::time::Instant::now(), || {
-                    (agent::drain(guard.get_inner_mut(), &mut r.sink), r.sink.has_waiting())
-                });
+                agent::read_ring(guard.get_inner_mut(), &mut r.sink, &mut r.pace, Read::Woken);
                 guard.clear_ready();
             }
         }
