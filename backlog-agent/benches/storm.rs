@@ -134,50 +134,98 @@ struct Floor {
     storm: storm::Storm,
 }
 
+/// A bpftrace one-liner, attached: its process and its program's id.
+struct Attached {
+    child: std::process::Child,
+    id: u32,
+}
+
+impl Attached {
+    /// Starts `program` and waits until a new BPF program whose name
+    /// starts with `name` shows up (bpftrace truncates names to 15 bytes).
+    fn start(bpftrace: &Path, program: &str, name: &str) -> Result<Attached, String> {
+        let before = bpf_programs();
+        let mut child = Command::new(bpftrace)
+            .args(["-e", program])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(id) = bpf_programs()
+                .iter()
+                .find(|(id, (found, ..))| !before.contains_key(id) && found.starts_with(name))
+                .map(|(id, _)| *id)
+            {
+                return Ok(Attached { child, id });
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("bpftrace attached no {name} program within 60 s"));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// bpf_stats calls and ns per call of the program while `work` runs.
+    fn measure<T>(&self, work: impl FnOnce() -> T) -> (T, u64, f64) {
+        let before = bpf_programs();
+        let out = work();
+        let after = bpf_programs();
+        let (ns0, cnt0) = before.get(&self.id).map_or((0, 0), |(_, n, c)| (*n, *c));
+        let (ns1, cnt1) = after.get(&self.id).map_or((0, 0), |(_, n, c)| (*n, *c));
+        let calls = cnt1.saturating_sub(cnt0);
+        (
+            out,
+            calls,
+            ns1.saturating_sub(ns0) as f64 / calls.max(1) as f64,
+        )
+    }
+
+    fn stop(mut self) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        let _ = self.child.wait();
+    }
+}
+
 /// Attaches the do-nothing program and measures [`Floor`].
 fn stats_floor(dir: &Path, bpftrace: &Path) -> Result<Floor, String> {
-    let mut child = Command::new(bpftrace)
-        .args([
-            "-e",
-            "tracepoint:syscalls:sys_exit_connect /args->ret == 12345/ { }",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    // Attached once a program on sys_exit_connect shows up.
-    let before = bpf_programs();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let floor_id = loop {
-        let now = bpf_programs();
-        if let Some(id) = now
-            .iter()
-            .find(|(id, (name, ..))| !before.contains_key(id) && name.starts_with("sys_exit_conn"))
-            .map(|(id, _)| *id)
-        {
-            break Some(id);
-        }
-        if Instant::now() > deadline {
-            break None;
-        }
-        thread::sleep(Duration::from_millis(50));
-    };
-    let b0 = bpf_programs();
-    tcp_connects(true, TCP_CONNECTS);
-    let b1 = bpf_programs();
+    let probe = Attached::start(
+        bpftrace,
+        "tracepoint:syscalls:sys_exit_connect /args->ret == 12345/ { }",
+        "sys_exit_conn",
+    )?;
+    let (_, calls, ns) = probe.measure(|| tcp_connects(true, TCP_CONNECTS));
     let (storm, _) = one_storm(dir, "floor.sock");
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-    let _ = child.wait();
-    let id = floor_id.ok_or("bpftrace attached no program within 60 s")?;
-    let (ns0, cnt0) = b0.get(&id).map_or((0, 0), |(_, n, c)| (*n, *c));
-    let (ns1, cnt1) = b1.get(&id).map_or((0, 0), |(_, n, c)| (*n, *c));
-    let calls = cnt1.saturating_sub(cnt0);
-    Ok(Floor {
-        calls,
-        ns: (ns1 - ns0) as f64 / calls.max(1) as f64,
-        storm,
-    })
+    probe.stop();
+    Ok(Floor { calls, ns, storm })
+}
+
+/// The cheapest program that learns anything about the address a
+/// connect() asked for: bpftrace reading the 2-byte sun_family from the
+/// caller's memory at sys_enter_connect, nothing else. Every hook at the
+/// syscall pays such a read for the path (the kernel's own copy is gone
+/// by sys_exit_connect), so this bounds what the agent's tracepoint rung
+/// can cost per EAGAIN and what storm rate it can keep.
+struct ReadFloor {
+    calls: u64,
+    ns: f64,
+    storm: storm::Storm,
+}
+
+fn user_read_floor(dir: &Path, bpftrace: &Path) -> Result<ReadFloor, String> {
+    let probe = Attached::start(
+        bpftrace,
+        "tracepoint:syscalls:sys_enter_connect \
+         / *(uint16 *)uptr(args->uservaddr) == 12345 / { }",
+        "sys_enter_conn",
+    )?;
+    let ((storm, _), calls, ns) = probe.measure(|| one_storm(dir, "read-floor.sock"));
+    probe.stop();
+    Ok(ReadFloor { calls, ns, storm })
 }
 
 /// bpftrace during a storm: what it cost, and the lines it printed.
@@ -331,6 +379,7 @@ fn side_by_side(dir: &Path) {
     let udp_without = successful_connects(true);
     let bpftrace = common::outside("bpftrace");
     let floor = stats_floor(dir, &bpftrace);
+    let read_floor = user_read_floor(dir, &bpftrace);
     // A second storm without a tracer, after the others: the ratios use
     // the mean of the two, so that drift over the run (thermal, other
     // load) does not count as the agent's.
@@ -388,6 +437,16 @@ fn side_by_side(dir: &Path) {
             floor.storm.rate(),
             floor.storm.rate() / without_rate
         );
+    }
+    match &read_floor {
+        Ok(ReadFloor { calls, ns, storm }) => println!(
+            "  with only a program reading sun_family from the caller's memory (bpftrace, \
+             sys_enter_connect): {:.0} EAGAIN/s ({:.3}x), {ns:.0} ns per call over {calls} \
+             calls: the ceiling of any tracer that reads the path",
+            storm.rate(),
+            storm.rate() / without_rate
+        ),
+        Err(err) => println!("  user-memory read floor not measured: {err}"),
     }
     println!("  kernel cost during the storm with the agent:");
     print_costs("agent", &bpf_costs(&p0, &p1));

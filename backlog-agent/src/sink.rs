@@ -749,27 +749,29 @@ impl Sink {
         let Some(accept) = self.accept.as_mut() else {
             return;
         };
-        let rows = accept.figures();
-        for (row, figures) in rows {
-            if !self.row_filter.wants(&row) {
-                continue;
+        let rows: Vec<(RowListener, accept_wait::AcceptFigures)> = accept
+            .figures()
+            .into_iter()
+            .filter(|(row, _)| self.row_filter.wants(row))
+            .collect();
+        // Each listener looks its row up, once: a scan of every listener
+        // per row was 100 million comparisons at each summary with 10,000
+        // listeners. Rows are unique per (netns, port) and per UNIX
+        // socket inode (the map's key), so one row per entry.
+        let index: HashMap<RowMatch, usize> = rows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (row, _))| Some((RowMatch::of_row(row)?, i)))
+            .collect();
+        let mut matched = vec![false; rows.len()];
+        for (key, stats) in self.summary.listeners.iter_mut() {
+            if let Some(&i) = RowMatch::of_listener(key).and_then(|m| index.get(&m)) {
+                stats.accept = Some(Box::new(rows[i].1.clone()));
+                matched[i] = true;
             }
-            let mut matched = false;
-            for (key, stats) in self.summary.listeners.iter_mut() {
-                let same = match (&row, &key.listener) {
-                    (RowListener::Tcp { netns, port, .. }, ListenerAddr::Inet(addr)) => {
-                        *netns == key.netns && *port == addr.port()
-                    }
-                    (RowListener::Unix { socket_inode, .. }, ListenerAddr::Unix(_)) => {
-                        *socket_inode != 0 && *socket_inode == key.socket_inode
-                    }
-                    _ => false,
-                };
-                if same {
-                    stats.accept = Some(Box::new(figures.clone()));
-                    matched = true;
-                }
-            }
+        }
+        drop(index);
+        for ((row, figures), matched) in rows.into_iter().zip(matched) {
             // Over the summary's cap, a listener idle this interval is not
             // brought back: it would be folded again at once (summary.rs).
             let idle = figures.accepts == 0 && figures.arrivals == 0;
@@ -815,6 +817,38 @@ impl Sink {
                 stats.accept_queue_limit = figures.queue_limit;
             }
             stats.advice = advice_for(stats, figures, timeout).map(Box::new);
+        }
+    }
+}
+
+/// What ties a summary listener to its accept-queue row: the port in a
+/// netns for TCP (every address of the port shares the row), the socket
+/// inode for UNIX.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum RowMatch {
+    Tcp { netns: u32, port: u16 },
+    Unix { socket_inode: u64 },
+}
+
+impl RowMatch {
+    fn of_row(row: &RowListener) -> Option<RowMatch> {
+        match *row {
+            RowListener::Tcp { netns, port, .. } => Some(RowMatch::Tcp { netns, port }),
+            RowListener::Unix { socket_inode, .. } => {
+                (socket_inode != 0).then_some(RowMatch::Unix { socket_inode })
+            }
+        }
+    }
+
+    fn of_listener(key: &ListenerKey) -> Option<RowMatch> {
+        match &key.listener {
+            ListenerAddr::Inet(addr) => Some(RowMatch::Tcp {
+                netns: key.netns,
+                port: addr.port(),
+            }),
+            ListenerAddr::Unix(_) => (key.socket_inode != 0).then_some(RowMatch::Unix {
+                socket_inode: key.socket_inode,
+            }),
         }
     }
 }
