@@ -550,10 +550,13 @@ impl Summary {
             let ListenerAddr::Unix(path) = &key.listener else {
                 continue;
             };
-            if first.contains_key(&(key.netns, path.clone())) {
-                self.listeners.remove(&key);
-            } else {
-                first.insert((key.netns, path.clone()), key);
+            match first.entry((key.netns, path.clone())) {
+                std::collections::hash_map::Entry::Occupied(_) => {
+                    self.listeners.remove(&key);
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(key);
+                }
             }
         }
         let mut with_total = std::collections::HashSet::new();
