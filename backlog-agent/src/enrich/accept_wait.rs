@@ -458,7 +458,6 @@ impl AcceptWait {
         }
     }
 
-    /// The rows now in the kernel map, as they are there.
     /// Deletes the rows whose counters have not changed for
     /// `--expire-after`, keeping their figures; returns how many went.
     ///
