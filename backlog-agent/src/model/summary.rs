@@ -690,6 +690,22 @@ mod tests {
         }
     }
 
+    /// The kernel's UNIX total for `path` in netns 1: `total` drops, of
+    /// which `sent` went out as events and the rest were suppressed.
+    fn unix_total(path: &str, total: u64, sent: u64) -> (UnixTotalKey, DropCounts) {
+        let mut key = UnixTotalKey::ZERO;
+        key.netns_inode = 1;
+        key.path[..path.len()].copy_from_slice(path.as_bytes());
+        key.path_len = path.len() as _;
+        let counts = DropCounts {
+            total,
+            sent,
+            suppressed: total - sent,
+            lost: 0,
+        };
+        (key, counts)
+    }
+
     fn stats(events: u64, total: u64, last_active_ns: u64) -> ListenerStats {
         let kind = DropKind::AckDroppedAcceptQueueFull;
         let mut stats = ListenerStats {
@@ -760,17 +776,7 @@ mod tests {
         for (inode, t) in [(10, 1), (11, 2), (11, 3)] {
             summary.record_unix(1, "/a", inode, None, &[], t);
         }
-        let mut key = UnixTotalKey::ZERO;
-        key.netns_inode = 1;
-        key.path[..2].copy_from_slice(b"/a");
-        key.path_len = 2;
-        let counts = DropCounts {
-            total: 7,
-            sent: 3,
-            suppressed: 4,
-            lost: 0,
-        };
-        summary.apply_accounting(&[], &[(key, counts)]);
+        summary.apply_accounting(&[], &[unix_total("/a", 7, 3)]);
         let kind = DropKind::UnixConnectBacklogFull;
         let listed: u64 = summary.listeners.values().map(|s| s.count(kind)).sum();
         assert_eq!(listed, 7);
@@ -789,17 +795,8 @@ mod tests {
     #[test]
     fn a_unix_total_before_the_first_event_joins_its_listener() {
         let mut summary = Summary::default();
-        let mut key = UnixTotalKey::ZERO;
-        key.netns_inode = 1;
-        key.path[..2].copy_from_slice(b"/a");
-        key.path_len = 2;
-        let counts = DropCounts {
-            total: 5,
-            sent: 5,
-            suppressed: 0,
-            lost: 0,
-        };
-        summary.apply_accounting(&[], &[(key, counts)]);
+        let total = unix_total("/a", 5, 5);
+        summary.apply_accounting(&[], &[total]);
         assert_eq!(
             summary.listeners.keys().collect::<Vec<_>>(),
             [&unix_key("/a", 0)]
@@ -807,24 +804,19 @@ mod tests {
         for t in 1..=5 {
             summary.record_unix(1, "/a", 7, Some((3, 2)), &[], t);
         }
-        summary.apply_accounting(&[], &[(key, counts)]);
-        let kind = DropKind::UnixConnectBacklogFull;
-        let rows: Vec<(u64, u64)> = summary
-            .listeners
-            .iter()
-            .map(|(key, stats)| (key.socket_inode, stats.count(kind)))
-            .collect();
-        assert_eq!(rows, [(7, 5)]);
+        summary.apply_accounting(&[], &[total]);
+        let rows = |summary: &Summary| -> Vec<(u64, u64)> {
+            let kind = DropKind::UnixConnectBacklogFull;
+            let rows = summary.listeners.iter();
+            rows.map(|(key, stats)| (key.socket_inode, stats.count(kind)))
+                .collect()
+        };
+        assert_eq!(rows(&summary), [(7, 5)]);
         // A listener that was not found (inode 0) keeps its row: its
         // events are its own, the total goes to the one that was found.
         summary.record_unix(1, "/a", 0, None, &[], 6);
-        summary.apply_accounting(&[], &[(key, counts)]);
-        let rows: Vec<(u64, u64)> = summary
-            .listeners
-            .iter()
-            .map(|(key, stats)| (key.socket_inode, stats.count(kind)))
-            .collect();
-        assert_eq!(rows, [(0, 0), (7, 5)]);
+        summary.apply_accounting(&[], &[total]);
+        assert_eq!(rows(&summary), [(0, 0), (7, 5)]);
     }
 
     /// UNIX listeners of one path share the kernel's total: they fold
