@@ -183,6 +183,7 @@ mod tests {
     use backlog_common::AF_INET;
 
     use super::*;
+    use crate::testing::unix_total_key;
 
     fn inet_key(port: u16, kind: DropKind) -> DropTotalKey {
         let mut key = DropTotalKey {
@@ -207,14 +208,6 @@ mod tests {
         }
     }
 
-    fn unix_key(netns: u32, path: &[u8]) -> UnixTotalKey {
-        let mut key = UnixTotalKey::ZERO;
-        key.netns_inode = netns;
-        key.path[..path.len()].copy_from_slice(path);
-        key.path_len = path.len() as u32;
-        key
-    }
-
     #[test]
     fn one_aggregate_per_listener_and_kind_per_window_from_the_growth() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
@@ -235,8 +228,8 @@ mod tests {
         let mut other = peer;
         other.addr[3] = 2;
         // Two raw paths that name one socket: with and without the NUL.
-        let php = unix_key(9, b"/run/php.sock");
-        let php_nul = unix_key(9, b"/run/php.sock\0");
+        let php = unix_total_key(9, b"/run/php.sock");
+        let php_nul = unix_total_key(9, b"/run/php.sock\0");
         let first = agg.window(
             &[(syn, counts(500, 100, 400)), (quiet, counts(3, 3, 0))],
             &[(php, counts(150, 100, 50)), (php_nul, counts(10, 0, 10))],

@@ -693,10 +693,7 @@ mod tests {
     /// The kernel's UNIX total for `path` in netns 1: `total` drops, of
     /// which `sent` went out as events and the rest were suppressed.
     fn unix_total(path: &str, total: u64, sent: u64) -> (UnixTotalKey, DropCounts) {
-        let mut key = UnixTotalKey::ZERO;
-        key.netns_inode = 1;
-        key.path[..path.len()].copy_from_slice(path.as_bytes());
-        key.path_len = path.len() as _;
+        let key = crate::testing::unix_total_key(1, path.as_bytes());
         let counts = DropCounts {
             total,
             sent,
