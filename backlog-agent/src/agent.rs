@@ -5,7 +5,7 @@
 //! what is still queued and writes the final summary.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     io,
     net::SocketAddr,
     path::Path,
@@ -38,7 +38,10 @@ use crate::{
         probes::{self, KernelCounters, Outcome, Probes},
         tracefs,
     },
-    model::{summary::SUMMARY_CAP, ListenerAddr},
+    model::{
+        summary::{KernelSkip, SUMMARY_CAP},
+        ListenerAddr,
+    },
     report::{
         metrics::{CountedDrops, Health, Metrics, Snapshot},
         note, text,
@@ -285,7 +288,7 @@ pub fn stop(running: Running) {
     // and what was counted since the last aggregate.
     let Running {
         started,
-        probes,
+        mut probes,
         mut ring,
         pace,
         mut counters,
@@ -296,6 +299,10 @@ pub fn stop(running: Running) {
         ..
     } = running;
     preflight::memory_phase("the run");
+    // The programs outlive their links through these fds, so that their
+    // skips are read once nothing can run any more.
+    let held = bpfstats::hold(&probes.ebpf);
+    let roles = std::mem::take(&mut probes.roles);
     drop(probes);
     drain(ring.get_mut(), &mut sink);
     sink.release_all();
@@ -308,6 +315,8 @@ pub fn stop(running: Running) {
         Err(err) => note(format_args!("cannot read the lost-event counter: {err}")),
     }
     apply_accounting(&counters, &mut sink);
+    apply_kernel_skips(bpfstats::skipped_held(&held), &roles, &mut sink);
+    drop(held);
     match counters.events_suppressed() {
         Ok(n) => sink.summary.flood.suppressed_in_kernel = n,
         Err(err) => note(format_args!(
@@ -562,6 +571,34 @@ fn accept_stats_full_note(n: u64) -> Option<String> {
     })
 }
 
+/// The kernel's skipped runs of the agent's programs (bpfstats.rs), with
+/// what each program observes, into the summary; an fd that cannot be
+/// asked leaves the last figures and is said.
+fn apply_kernel_skips(
+    skipped: Result<Vec<bpfstats::Skipped>, String>,
+    roles: &BTreeMap<&'static str, Vec<&'static str>>,
+    sink: &mut Sink,
+) {
+    match skipped {
+        Ok(skipped) => sink.summary.kernel_skips = kernel_skips(skipped, roles),
+        Err(err) => note(format_args!("cannot read the kernel's skipped runs: {err}")),
+    }
+}
+
+fn kernel_skips(
+    skipped: Vec<bpfstats::Skipped>,
+    roles: &BTreeMap<&'static str, Vec<&'static str>>,
+) -> Vec<KernelSkip> {
+    skipped
+        .into_iter()
+        .map(|s| KernelSkip {
+            observes: roles.get(s.program.as_str()).cloned().unwrap_or_default(),
+            program: s.program,
+            runs: s.runs,
+        })
+        .collect()
+}
+
 fn apply_accounting(counters: &KernelCounters, sink: &mut Sink) {
     match (counters.totals(), counters.unix_totals()) {
         (Ok(inet), Ok(unix)) => sink.summary.apply_accounting(&inet, &unix),
@@ -596,6 +633,11 @@ pub fn drain(ring: &mut RingBuf<MapData>, sink: &mut Sink) -> usize {
 /// The summary at `--interval`, with the kernel's totals as of now.
 pub fn summary(running: &mut Running) {
     apply_accounting(&running.counters, &mut running.sink);
+    apply_kernel_skips(
+        bpfstats::skipped(&running.probes.ebpf),
+        &running.probes.roles,
+        &mut running.sink,
+    );
     running.sink.report(&summary_heading(running.started));
     give_back_freed();
 }
@@ -627,7 +669,7 @@ pub fn scrape(
     metrics: &mut Metrics,
     sink: &mut Sink,
     counters: &KernelCounters,
-    ebpf: &aya::Ebpf,
+    probes: &Probes,
     counted_before: Option<&counted::Snapshot>,
 ) -> Snapshot {
     // The kernel's exact per-listener accounting (issue 11): totals for
@@ -643,6 +685,10 @@ pub fn scrape(
         Ok(lost) => sink.summary.losses.lost_in_kernel = lost,
         Err(err) => metrics.warn(format!("cannot read lost events: {err}")),
     }
+    match bpfstats::skipped(&probes.ebpf) {
+        Ok(skipped) => sink.summary.kernel_skips = kernel_skips(skipped, &probes.roles),
+        Err(err) => metrics.warn(format!("cannot read the kernel's skipped runs: {err}")),
+    }
     let drops_untracked = counters.totals_full().unwrap_or(0);
     let listeners = sink.scrape_reports();
     let counted = counted_drops(counted_before, sink);
@@ -655,7 +701,13 @@ pub fn scrape(
         drops_untracked,
         events_aggregated: sink.summary.flood.aggregated,
     };
-    let mut snapshot = metrics.snapshot(&listeners, health, counted, bpfstats::accounted(ebpf));
+    let mut snapshot = metrics.snapshot(
+        &listeners,
+        health,
+        counted,
+        bpfstats::accounted(&probes.ebpf),
+    );
+    snapshot.kernel_skips = sink.summary.kernel_skips.clone();
     // Listeners folded out of the summary count under "other" from then
     // on: every sum stays monotonic.
     for (kind, count) in &sink.summary.folded.drops {

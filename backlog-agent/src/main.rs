@@ -77,7 +77,7 @@ async fn run(cli: Cli) -> Result<()> {
                     metrics,
                     &mut r.sink,
                     &r.counters,
-                    &r.probes.ebpf,
+                    &r.probes,
                     r.counted_before.as_ref(),
                 );
                 // The HTTP task may have given up waiting: nothing to do.

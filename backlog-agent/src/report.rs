@@ -151,11 +151,15 @@ impl Reporter {
     }
 
     /// With `--output json`, the line of the listeners folded out of the
-    /// summary, after the listeners' lines.
+    /// summary and the line of the kernel's skipped runs, after the
+    /// listeners' lines.
     pub fn folded_summary_line(&mut self, summary: &Summary) {
         if self.options.format == OutputFormat::Json {
             let time = clock::rfc3339(SystemTime::now());
             if let Some(line) = json::folded_line(&time, &summary.folded) {
+                self.write_line(&line);
+            }
+            if let Some(line) = json::kernel_skips_line(&time, &summary.kernel_skips) {
                 self.write_line(&line);
             }
         }

@@ -797,6 +797,37 @@ impl Btf {
             name: name.to_owned(),
         })
     }
+
+    /// Number of arguments a tp_btf program on the tracepoint `name` gets:
+    /// the parameters of the kernel's `btf_trace_<name>` typedef (a
+    /// pointer to a FUNC_PROTO), less its leading `void *__data`. Kernels
+    /// add arguments to tracepoints (skb:kfree_skb gained `rx_sk` in
+    /// 6.11), and a tp_btf program reads them by position.
+    pub fn tracepoint_arg_count(&self, name: &str) -> Result<u32, BtfError> {
+        let typedef = format!("btf_trace_{name}");
+        for id in self.ids_named(&typedef) {
+            let ty = self.ty(id)?;
+            if ty.kind != KIND_TYPEDEF {
+                continue;
+            }
+            let ptr = self.resolve(ty.size_or_type)?;
+            let proto = if ptr.kind == KIND_PTR {
+                self.resolve(ptr.size_or_type)?
+            } else {
+                ptr
+            };
+            if proto.kind != KIND_FUNC_PROTO || proto.vlen == 0 {
+                return Err(malformed(format!(
+                    "TYPEDEF {typedef} (id {id}) is not a pointer to a FUNC_PROTO with __data"
+                )));
+            }
+            return Ok(proto.vlen - 1);
+        }
+        Err(BtfError::TypeNotFound {
+            kind: "tracepoint typedef",
+            name: typedef,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -1083,6 +1114,11 @@ mod tests {
         b.enum64("big", &[("SMALL", 1), ("HUGE", 0x1234_5678_9abc_def0)]);
         let proto = b.func_proto(u32_t, &[("sk", sock), ("", 0)]);
         b.func("tcp_v4_syn_recv_sock", proto);
+        // How the kernel declares a tracepoint's arguments for tp_btf.
+        let tp = b.func_proto(0, &[("", sock), ("skb", sock), ("reason", u32_t)]);
+        let tp_ptr = b.ptr(tp);
+        b.modifier(KIND_TYPEDEF, "btf_trace_kfree_skb", tp_ptr);
+        b.modifier(KIND_TYPEDEF, "btf_trace_not_a_proto", sock);
         let v = b.var("some_var", u32_t);
         b.datasec(".data..percpu", 4, &[(v, 0, 4)]);
         b.float("double", 8);
@@ -1106,7 +1142,7 @@ mod tests {
     #[test]
     fn walks_every_kind() {
         let btf = sample_btf();
-        assert_eq!(btf.record_pos.len(), 40);
+        assert_eq!(btf.record_pos.len(), 44);
         // Every id resolves to a record of a known kind.
         for id in 1..=btf.record_pos.len() as u32 {
             let ty = btf.ty(id).unwrap_or_else(|e| panic!("type {id}: {e}"));
@@ -1342,6 +1378,15 @@ mod tests {
             Err(BtfError::TypeNotFound { .. })
         ));
         assert!(!btf.has_function("tcp_v6_syn_recv_sock"));
+        assert_eq!(btf.tracepoint_arg_count("kfree_skb").unwrap(), 2);
+        assert!(matches!(
+            btf.tracepoint_arg_count("sock"),
+            Err(BtfError::TypeNotFound { .. })
+        ));
+        assert!(matches!(
+            btf.tracepoint_arg_count("not_a_proto"),
+            Err(BtfError::Malformed { .. })
+        ));
         assert!(!btf.has_function("sock"));
         assert!(!btf.has_function("some_var"));
     }

@@ -3,11 +3,11 @@
 //! is named) or not observable (and the reason is given): the user is
 //! told which, never left to guess.
 
-use std::{path::Path, time::Instant};
+use std::{collections::BTreeMap, path::Path, time::Instant};
 
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{FEntry, FExit, KProbe, Program, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, Program, TracePoint},
     Ebpf, EbpfError, EbpfLoader,
 };
 use backlog_common::{
@@ -82,6 +82,8 @@ enum Attach {
         category: &'static str,
         name: &'static str,
     },
+    /// tp_btf: a raw tracepoint with its arguments typed from BTF.
+    BtfTracepoint(&'static str),
     Fentry(&'static str),
     Fexit(&'static str),
     Kprobe(&'static str),
@@ -115,6 +117,9 @@ enum Needs {
     /// fields where the program reads them (TP_KFREE_SKB_*). Checked
     /// before attach (see start()).
     KfreeSkbLayout,
+    /// KfreeSkbLayout's reason number, and trace_kfree_skb() with the
+    /// four arguments (rx_sk last) the tp_btf program reads by position.
+    KfreeSkbArgs,
     /// The syscalls:* record layouts.
     SyscallLayout,
     /// The syscalls:* record layouts, bpf_task_pt_regs and where the
@@ -142,6 +147,20 @@ impl Hook {
         self.label.to_owned()
     }
 }
+
+/// Preferred over the perf tracepoint below: its program has a recursion
+/// guard of its own, where a perf tracepoint program is skipped whenever
+/// the drop's softirq interrupted any kprobe or perf tracepoint program on
+/// that CPU (see backlog-ebpf/src/kfree_skb.rs).
+const KFREE_SKB_BTF: Hook = Hook {
+    family: HookFamily::Tracepoint,
+    label: "tracepoint skb:kfree_skb (tp_btf, reason TCP_LISTEN_OVERFLOW)",
+    needs: Needs::KfreeSkbArgs,
+    programs: &[(
+        "btf_kfree_skb_listen_overflow",
+        Attach::BtfTracepoint("kfree_skb"),
+    )],
+};
 
 const KFREE_SKB: Hook = Hook {
     family: HookFamily::Tracepoint,
@@ -400,12 +419,18 @@ const CONN_REQUEST_KPROBE: Hook = Hook {
 /// Candidate hooks per kind, best first (fentry, kprobe, tracepoint).
 fn hooks_for(kind: DropKind, syn_recv_sock_params: Option<u32>) -> &'static [Hook] {
     match kind {
-        DropKind::AckDroppedAcceptQueueFull if syn_recv_sock_params == Some(7) => {
-            &[SYN_RECV_SOCK_FEXIT_7, SYN_RECV_SOCK_KPROBE, KFREE_SKB]
-        }
-        DropKind::AckDroppedAcceptQueueFull => {
-            &[SYN_RECV_SOCK_FEXIT_6, SYN_RECV_SOCK_KPROBE, KFREE_SKB]
-        }
+        DropKind::AckDroppedAcceptQueueFull if syn_recv_sock_params == Some(7) => &[
+            SYN_RECV_SOCK_FEXIT_7,
+            SYN_RECV_SOCK_KPROBE,
+            KFREE_SKB_BTF,
+            KFREE_SKB,
+        ],
+        DropKind::AckDroppedAcceptQueueFull => &[
+            SYN_RECV_SOCK_FEXIT_6,
+            SYN_RECV_SOCK_KPROBE,
+            KFREE_SKB_BTF,
+            KFREE_SKB,
+        ],
         DropKind::SynDroppedSynQueueFull
         | DropKind::SynCookieSent
         | DropKind::SynDroppedAcceptQueueFull
@@ -437,12 +462,31 @@ pub struct Probes {
     pub listen_calls: Result<String, String>,
     /// Accept-queue wait and rates: the hook, or why it is unavailable.
     pub accept_wait: Result<String, String>,
+    /// What each attached program observes (drop kinds, or "listen()
+    /// calls", "accept-queue wait", "UNIX arrivals"): what a run the
+    /// kernel skipped (bpfstats::Skipped) may have missed.
+    pub roles: BTreeMap<&'static str, Vec<&'static str>>,
+}
+
+/// Adds `what` to the roles of every program of `hook`.
+fn add_roles(
+    roles: &mut BTreeMap<&'static str, Vec<&'static str>>,
+    hook: &Hook,
+    what: &'static str,
+) {
+    for (program, _) in hook.programs {
+        let list = roles.entry(program).or_default();
+        if !list.contains(&what) {
+            list.push(what);
+        }
+    }
 }
 
 /// Per-hook facts checked before load (tracepoint record layouts, enum
 /// values): a hook whose precondition failed is not tried.
 struct Preconditions {
     kfree_skb: Result<(), String>,
+    kfree_skb_args: Result<(), String>,
     syscalls: Result<(), String>,
     syscall_regs: Result<(), String>,
     /// The fexit programs exist for 6- and 7-argument prototypes only.
@@ -460,6 +504,7 @@ impl Preconditions {
         match hook.needs {
             Needs::Nothing => Ok(()),
             Needs::KfreeSkbLayout => self.kfree_skb.clone(),
+            Needs::KfreeSkbArgs => self.kfree_skb_args.clone(),
             Needs::SyscallLayout => self.syscalls.clone(),
             Needs::SyscallRegs => self.syscalls.clone().and(self.syscall_regs.clone()),
             Needs::SynRecvSockPrototype => self.syn_recv_sock_fexit.clone(),
@@ -517,6 +562,16 @@ pub fn start(
             offsets::apply_kfree_skb(&mut kernel_offsets, btf, &format)
                 .map_err(|err| err.to_string())
         });
+    let kfree_skb_args =
+        kfree_skb
+            .clone()
+            .and_then(|()| match btf.tracepoint_arg_count("kfree_skb") {
+                Ok(4) => Ok(()),
+                Ok(n) => Err(format!(
+                    "trace_kfree_skb() takes {n} arguments here; this build knows 4 (rx_sk last)"
+                )),
+                Err(err) => Err(err.to_string()),
+            });
     let syscalls = (|| {
         let read = |name| EventFormat::read(tracefs, "syscalls", name).map_err(|e| e.to_string());
         offsets::apply_syscalls(
@@ -557,6 +612,7 @@ pub fn start(
         crate::enrich::accept_wait::resolve(&kernel_offsets, btf, tracefs, near_full_percent);
     let preconditions = Preconditions {
         kfree_skb,
+        kfree_skb_args,
         syscalls,
         syscall_regs,
         syn_recv_sock_fexit,
@@ -598,6 +654,7 @@ pub fn start(
     // attach it once and reuse the result.
     let mut tried: Vec<(&'static str, Result<(), String>)> = Vec::new();
     let mut outcomes = Vec::new();
+    let mut roles = BTreeMap::new();
     for kind in DropKind::ALL {
         let hooks = hooks_for(kind, syn_recv_sock_params);
         let mut failures = Vec::new();
@@ -649,6 +706,9 @@ pub fn start(
                     }
                 }
             }
+        }
+        if let Some(hook) = attached {
+            add_roles(&mut roles, hook, kind.as_str());
         }
         let outcome = match attached {
             Some(hook) => Outcome::Attached {
@@ -702,6 +762,9 @@ pub fn start(
         }
         _ => None,
     });
+    if let Ok(hook) = &listen_calls {
+        add_roles(&mut roles, hook, "listen() calls");
+    }
     let accept_wait = first_of(
         &[ACCEPT_WAIT_REGS, ACCEPT_WAIT],
         &preconditions,
@@ -709,6 +772,7 @@ pub fn start(
         &mut kernel_btf,
     )
     .map(|accept| {
+        add_roles(&mut roles, &accept, "accept-queue wait");
         // The parts carried by shared programs, named only when they run.
         let mut hook = accept.describe();
         match &listen_calls {
@@ -731,6 +795,20 @@ pub fn start(
             )
             .map(|arrivals| arrivals.label.to_owned()),
         };
+        // Whichever programs carry them, by their label.
+        if let Ok(label) = &arrivals {
+            for hook in [
+                UNIX_CONNECT_FEXIT,
+                UNIX_CONNECT_REGS,
+                UNIX_CONNECT,
+                UNIX_ARRIVALS_REGS,
+                UNIX_ARRIVALS,
+            ] {
+                if hook.label == label {
+                    add_roles(&mut roles, &hook, "UNIX arrivals");
+                }
+            }
+        }
         match arrivals.as_deref() {
             Ok(label) if label == UNIX_CONNECT_FEXIT.label => {
                 hook.push_str(", fexit unix_stream_connect (UNIX arrivals)")
@@ -751,6 +829,7 @@ pub fn start(
             outcomes,
             listen_calls,
             accept_wait,
+            roles,
         },
         resolved.absent,
     ))
@@ -812,6 +891,7 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, kernel_btf: &mut KernelBtf) -> Result<()
 fn unload(ebpf: &mut Ebpf, name: &str) {
     let _ = match ebpf.program_mut(name) {
         Some(Program::TracePoint(p)) => p.unload(),
+        Some(Program::BtfTracePoint(p)) => p.unload(),
         Some(Program::FEntry(p)) => p.unload(),
         Some(Program::FExit(p)) => p.unload(),
         Some(Program::KProbe(p)) => p.unload(),
@@ -822,6 +902,7 @@ fn unload(ebpf: &mut Ebpf, name: &str) {
 fn target_name(target: Attach) -> String {
     match target {
         Attach::Tracepoint { category, name } => format!("{category}:{name}"),
+        Attach::BtfTracepoint(name) => format!("tp_btf {name}"),
         Attach::Fentry(f) | Attach::Fexit(f) | Attach::Kprobe(f) | Attach::Kretprobe(f) => {
             f.to_owned()
         }
@@ -857,6 +938,14 @@ fn attach_program(
             tp.load().map_err(|e| format!("load: {e}"))?;
             tp.attach(category, name)
                 .map_err(|e| format!("attach: {e}"))?;
+        }
+        Attach::BtfTracepoint(name) => {
+            let btf = kernel_btf.get()?;
+            let tp: &mut BtfTracePoint = program.try_into().map_err(|e| format!("{e}"))?;
+            tp.load(name, btf)
+                .map_err(|e| format!("load: {}", error_chain(&e)))?;
+            tp.attach()
+                .map_err(|e| format!("attach: {}", error_chain(&e)))?;
         }
         Attach::Fentry(function) => {
             let btf = kernel_btf.get()?;

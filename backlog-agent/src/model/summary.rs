@@ -333,6 +333,17 @@ pub struct Losses {
     pub partial: u64,
 }
 
+/// Runs of one of the agent's programs that the kernel skipped (another
+/// BPF program was running on that CPU): whatever they would have seen
+/// is in no count, so the summary names them with what they observe.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelSkip {
+    pub program: String,
+    /// Drop kinds (their names) or other figures the program carries.
+    pub observes: Vec<&'static str>,
+    pub runs: u64,
+}
+
 /// Flood mode over the whole run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FloodTotals {
@@ -349,6 +360,8 @@ pub struct Summary {
     pub listeners: BTreeMap<ListenerKey, ListenerStats>,
     pub events: u64,
     pub losses: Losses,
+    /// Since start, per program; empty while the kernel skipped nothing.
+    pub kernel_skips: Vec<KernelSkip>,
     pub flood: FloodTotals,
     /// Idle listeners folded out of `listeners` (`evict_idle`).
     pub folded: Folded,

@@ -14,8 +14,9 @@ use crate::{
     enrich::{accept_wait::WaitMs, advice::Advice, attribution::Process},
     flood::FloodListener,
     model::{
-        summary::Folded, AggregateRecord, CountedNetns, DropEvent, ListenerAddr, ListenerContext,
-        ListenerReport, NearFullWarning, Placement, UnixDrop,
+        summary::{Folded, KernelSkip},
+        AggregateRecord, CountedNetns, DropEvent, ListenerAddr, ListenerContext, ListenerReport,
+        NearFullWarning, Placement, UnixDrop,
     },
 };
 
@@ -456,6 +457,44 @@ pub fn folded_line(time: &str, folded: &Folded) -> Option<String> {
     serde_json::to_string(&json).ok()
 }
 
+#[derive(Serialize)]
+struct KernelSkipJson<'a> {
+    program: &'a str,
+    observes: &'a [&'static str],
+    runs: u64,
+}
+
+/// Runs of the agent's programs the kernel skipped since start: what
+/// they would have seen is in no count (text.rs kernel_skips_line).
+#[derive(Serialize)]
+struct KernelSkipsJson<'a> {
+    kind: &'static str,
+    time: &'a str,
+    runs: u64,
+    programs: Vec<KernelSkipJson<'a>>,
+}
+
+/// The `kernel_skips` line; None while the kernel skipped nothing.
+pub fn kernel_skips_line(time: &str, skips: &[KernelSkip]) -> Option<String> {
+    if skips.is_empty() {
+        return None;
+    }
+    let json = KernelSkipsJson {
+        kind: "kernel_skips",
+        time,
+        runs: skips.iter().map(|s| s.runs).sum(),
+        programs: skips
+            .iter()
+            .map(|s| KernelSkipJson {
+                program: &s.program,
+                observes: &s.observes,
+                runs: s.runs,
+            })
+            .collect(),
+    };
+    serde_json::to_string(&json).ok()
+}
+
 /// The `listener_summary` line of one listener.
 pub fn listener_summary_line(time: &str, report: &ListenerReport) -> String {
     let (key, stats, sysctls) = (&report.key, &report.stats, &report.sysctls);
@@ -562,6 +601,30 @@ mod tests {
         flood::Aggregate,
         report::fixtures::{event, procs, time},
     };
+
+    #[test]
+    fn kernel_skips_line_for_log_pipelines() {
+        assert_eq!(kernel_skips_line("t", &[]), None);
+        let skips = [KernelSkip {
+            program: "kprobe_syn_recv_sock_v6".into(),
+            observes: vec!["ack_dropped_accept_queue_full"],
+            runs: 5,
+        }];
+        let line: Value = serde_json::from_str(&kernel_skips_line("t", &skips).unwrap()).unwrap();
+        assert_eq!(
+            line,
+            serde_json::json!({
+                "kind": "kernel_skips",
+                "time": "t",
+                "runs": 5,
+                "programs": [{
+                    "program": "kprobe_syn_recv_sock_v6",
+                    "observes": ["ack_dropped_accept_queue_full"],
+                    "runs": 5
+                }]
+            })
+        );
+    }
 
     fn drop_line_of(
         event: &crate::decode::Event,

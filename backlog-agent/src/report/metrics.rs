@@ -27,7 +27,7 @@ use super::note;
 use crate::{
     kernel::bpfstats::{self, ProgramStats},
     kernel::probes::Outcome,
-    model::{ListenerAddr, ListenerReport},
+    model::{summary::KernelSkip, ListenerAddr, ListenerReport},
 };
 
 /// The drops of one listener (all its sockets on one address in one
@@ -101,6 +101,8 @@ pub struct Snapshot {
     /// Empty while the kernel has accounted nothing: with the accounting
     /// off, zeros would read as "free".
     pub programs: Vec<ProgramStats>,
+    /// Programs whose runs the kernel skipped, since start.
+    pub kernel_skips: Vec<KernelSkip>,
     pub hooks: Vec<HookInfo>,
     pub version: &'static str,
     pub kernel: String,
@@ -204,6 +206,7 @@ impl Metrics {
             health,
             bpf_stats_sysctl: bpfstats::sysctl_enabled(),
             programs,
+            kernel_skips: Vec::new(),
             hooks: self.hooks.clone(),
             version: env!("CARGO_PKG_VERSION"),
             kernel: self.kernel.clone(),
@@ -475,6 +478,23 @@ impl Collector for Snapshot {
                 (
                     labels([("program", Some(p.name.clone()))]),
                     counter(p.run_count),
+                )
+            }),
+        )?;
+        family(
+            e,
+            "backlog_bpf_program_skipped_runs",
+            "Runs of each of the agent's eBPF programs that the kernel skipped because they would \
+             have nested in a BPF program already running on that CPU: what they would have seen \
+             (`observes`) is in no other count. Only programs with skips have a series",
+            None,
+            self.kernel_skips.iter().map(|s| {
+                (
+                    labels([
+                        ("program", Some(s.program.clone())),
+                        ("observes", Some(s.observes.join(","))),
+                    ]),
+                    counter(s.runs),
                 )
             }),
         )?;

@@ -12,7 +12,8 @@ use crate::{
     flood::FloodListener,
     kernel::probes::Outcome,
     model::{
-        AggregateRecord, CountedNetns, DropEvent, ListenerAddr, NearFullWarning, Summary, UnixDrop,
+        summary::KernelSkip, AggregateRecord, CountedNetns, DropEvent, ListenerAddr,
+        NearFullWarning, Summary, UnixDrop,
     },
 };
 
@@ -220,6 +221,9 @@ pub fn write_summary_table(out: &mut impl Write, summary: &Summary) {
         "events: {} reported, {} lost in the kernel (ring buffer full), {} undecodable, {} partial",
         summary.events, l.lost_in_kernel, l.undecodable, l.partial
     );
+    if let Some(line) = kernel_skips_line(&summary.kernel_skips) {
+        let _ = writeln!(out, "{line}");
+    }
     let f = summary.flood;
     if f.suppressed_in_kernel > 0 || f.records > 0 {
         let engaged: Vec<String> = summary
@@ -241,6 +245,33 @@ pub fn write_summary_table(out: &mut impl Write, summary: &Summary) {
             if engaged.is_empty() { "none".to_owned() } else { engaged.join(", ") }
         );
     }
+}
+
+/// What the kernel skipped, or None while it skipped nothing. A skipped
+/// run is a drop (or an arrival) that may be in no count at all, not even
+/// as lost: the line says up to how many.
+pub fn kernel_skips_line(skips: &[KernelSkip]) -> Option<String> {
+    if skips.is_empty() {
+        return None;
+    }
+    let total: u64 = skips.iter().map(|s| s.runs).sum();
+    let each: Vec<String> = skips
+        .iter()
+        .map(|s| {
+            let observes = if s.observes.is_empty() {
+                "nothing attached".to_owned()
+            } else {
+                s.observes.join(", ")
+            };
+            format!("{} {} ({observes})", s.program, s.runs)
+        })
+        .collect();
+    Some(format!(
+        "skipped by the kernel: {total} runs of the agent's programs, because they would have \
+         nested in a BPF program already running on that CPU; what those runs would have seen is in no \
+         count (up to that many drops missing): {}",
+        each.join(", ")
+    ))
 }
 
 /// The summary for stderr: `heading` and the table; each listener's
@@ -330,6 +361,39 @@ mod tests {
         model::{ListenerContext, Placement},
         report::fixtures::{event, procs, time},
     };
+
+    #[test]
+    fn kernel_skips_are_said_with_what_they_missed() {
+        assert_eq!(kernel_skips_line(&[]), None);
+        let skips = [
+            KernelSkip {
+                program: "kfree_skb_listen_overflow".into(),
+                observes: vec!["ack_dropped_accept_queue_full"],
+                runs: 7,
+            },
+            KernelSkip {
+                program: "orphan".into(),
+                observes: vec![],
+                runs: 2,
+            },
+        ];
+        let line = kernel_skips_line(&skips).unwrap();
+        assert!(line.starts_with("skipped by the kernel: 9 runs"), "{line}");
+        assert!(
+            line.ends_with(
+                "kfree_skb_listen_overflow 7 (ack_dropped_accept_queue_full), \
+                 orphan 2 (nothing attached)"
+            ),
+            "{line}"
+        );
+        let summary = Summary {
+            kernel_skips: skips.to_vec(),
+            ..Summary::default()
+        };
+        let mut table = String::new();
+        write_summary_table(&mut table, &summary);
+        assert!(table.contains(&line), "{table}");
+    }
 
     fn line(event: &Event, processes: &[Process]) -> String {
         let context = ListenerContext::new(processes.to_vec(), Placement::default());

@@ -2,6 +2,12 @@
 //! drops inside aggregates, events lost, and the kernel's own total from
 //! the listener summaries. The tests check the identity exactly; the
 //! benchmarks print it.
+//!
+//! Exactly, save for one thing the agent cannot see but says: runs of its
+//! programs the kernel skipped (its `kernel_skips` line). Such a drop is in
+//! neither the events nor the kernel map's total, so the kernel's counter
+//! may be ahead of both by at most the skipped runs of the programs that
+//! observe the kinds; by more, or with nothing said, the identity fails.
 
 use serde_json::Value;
 
@@ -14,6 +20,9 @@ pub struct Accounted {
     pub lost: u64,
     /// The kernel's total in the listener summaries.
     pub total: u64,
+    /// Runs of the programs observing these kinds that the kernel skipped
+    /// (the whole run's, whatever `matches` selected).
+    pub skipped: u64,
 }
 
 impl Accounted {
@@ -22,21 +31,25 @@ impl Accounted {
         self.events + self.aggregated + self.lost
     }
 
-    /// events + aggregated + lost = `counter` = the kernel's total.
+    /// events + aggregated + lost = the kernel map's total = `counter`
+    /// (short of `counter` by no more than the skipped runs).
     pub fn holds(&self, counter: u64) -> bool {
-        self.sum() == counter && self.total == counter
+        self.sum() == self.total && explained(self.total, counter, self.skipped)
     }
 
     /// Asserts [`Accounted::holds`], naming what `counter` is.
     pub fn assert_holds(&self, what: &str, counter_name: &str, counter: u64) {
-        assert_eq!(
-            self.total, counter,
-            "{what}: kernel total vs {counter_name}"
+        assert!(
+            explained(self.total, counter, self.skipped),
+            "{what}: kernel total {} vs {counter_name} {counter} ({} skipped runs said)",
+            self.total,
+            self.skipped
         );
         assert_eq!(
             self.sum(),
-            counter,
-            "{what}: events + aggregated + lost vs {counter_name}: {self:?}"
+            self.total,
+            "{what}: events + aggregated + lost vs the kernel total ({counter_name} {counter}): \
+             {self:?}"
         );
     }
 
@@ -47,15 +60,50 @@ impl Accounted {
             self.aggregated,
             self.lost,
             self.total,
-            if self.holds(counter) { "holds" } else { "BROKEN" }
+            match (self.holds(counter), self.skipped) {
+                (false, _) => "BROKEN".to_owned(),
+                (true, 0) => "holds".to_owned(),
+                (true, n) => format!("holds ({} short, {n} skipped runs said)", counter - self.total),
+            }
         )
     }
+}
+
+/// `agent` drops counted against the kernel's `kernel`: equal, or short
+/// by no more than the `skipped` runs the agent said the kernel skipped.
+pub fn explained(agent: u64, kernel: u64, skipped: u64) -> bool {
+    agent == kernel || (agent < kernel && kernel - agent <= skipped)
+}
+
+/// Runs the kernel skipped of the agent's programs that observe any of
+/// `kinds`, from its last `kernel_skips` line (cumulative; 0 without one).
+pub fn kernel_skipped(records: &[Value], kinds: &[&str]) -> u64 {
+    let Some(line) = records.iter().rev().find(|r| r["kind"] == "kernel_skips") else {
+        return 0;
+    };
+    let programs = line["programs"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    programs
+        .iter()
+        .filter(|p| {
+            p["observes"].as_array().is_some_and(|o| {
+                o.iter()
+                    .any(|k| k.as_str().is_some_and(|k| kinds.contains(&k)))
+            })
+        })
+        .map(|p| p["runs"].as_u64().expect("kernel_skips runs"))
+        .sum()
 }
 
 /// Sums, over the records `matches` selects (by listener or namespace),
 /// what became of the drops of `kinds`.
 pub fn accounted(records: &[Value], kinds: &[&str], matches: impl Fn(&Value) -> bool) -> Accounted {
-    let mut a = Accounted::default();
+    let mut a = Accounted {
+        skipped: kernel_skipped(records, kinds),
+        ..Accounted::default()
+    };
     for record in records.iter().filter(|r| matches(r)) {
         for kind in kinds {
             if record["kind"] == "listener_summary" {

@@ -270,6 +270,11 @@ fn full_snapshot() -> Snapshot {
             run_time_ns: 1_500_000_000,
             run_count: 10,
         }],
+        kernel_skips: vec![KernelSkip {
+            program: "kfree_skb_listen_overflow".into(),
+            observes: vec![ACK, "accept-queue wait"],
+            runs: 7,
+        }],
         hooks: vec![
             HookInfo {
                 kind: ACK,
@@ -401,6 +406,19 @@ fn both_formats_parse_strictly_with_the_values_put_in() {
                 &[("program", "kfree_skb")]
             ),
             10.0
+        );
+        assert_eq!(
+            value(
+                "backlog_bpf_program_skipped_runs_total",
+                &[
+                    ("program", "kfree_skb_listen_overflow"),
+                    (
+                        "observes",
+                        "ack_dropped_accept_queue_full,accept-queue wait"
+                    )
+                ]
+            ),
+            7.0
         );
         assert_eq!(
             value(
