@@ -758,6 +758,9 @@ pub struct AcceptOffsets {
     // UNIX arrivals: unix_sock.peer (the socket the server will accept).
     // The connect() record is read by syscalls.rs at constant offsets.
     pub unix_peer: u32,
+    /// sock.sk_protocol (a u16 since 5.6): the tp_btf arrivals program
+    /// reads it from the socket, the perf tracepoint one from the record.
+    pub sk_protocol: u32,
 }
 
 /// The offsets of the walk current->files->fdt->fd[fd]->private_data
@@ -791,7 +794,7 @@ macro_rules! fd_walk_of {
 
 fd_walk_of!(KernelOffsets, AcceptOffsets);
 
-const _: () = assert!(size_of::<AcceptOffsets>() == 28 * 4);
+const _: () = assert!(size_of::<AcceptOffsets>() == 29 * 4);
 
 impl AcceptOffsets {
     pub const ABSENT: AcceptOffsets = AcceptOffsets {
@@ -823,6 +826,7 @@ impl AcceptOffsets {
         socket_sk: OFFSET_ABSENT,
         near_full_percent: 0,
         unix_peer: OFFSET_ABSENT,
+        sk_protocol: OFFSET_ABSENT,
     };
 }
 /// Which in-kernel filters are on (`FILTER_*` bits), written by the

@@ -37,9 +37,9 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::TracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use backlog_common::{
     wait_bucket, AcceptKey, AcceptOffsets, AcceptStats, ACCEPT_KEY_TCP, ACCEPT_KEY_UNIX,
@@ -221,16 +221,55 @@ pub fn accept_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     }
     let sk = unsafe { tp_field::<u64, { TP_STATE_SKADDR }>(&ctx) };
     let port = unsafe { tp_field::<u16, { TP_STATE_SPORT }>(&ctx) };
+    tcp_arrival(&o, sk, port);
+    0
+}
+
+/// The same tracepoint as a tp_btf program, preferred where it loads: a
+/// perf tracepoint program shares one per-CPU guard with every kprobe and
+/// perf tracepoint program, so an arrival whose softirq interrupted one
+/// of them (our syscall programs, say) is skipped by the kernel; a tp_btf
+/// program has a guard of its own (see kfree_skb.rs). Its arguments are
+/// `(sk, oldstate, newstate)`; protocol and port come from the socket.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn accept_btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    let old: u64 = ctx.arg(1);
+    let new: u64 = ctx.arg(2);
+    if old as i32 != TCP_SYN_RECV || new as i32 != TCP_ESTABLISHED {
+        return 0;
+    }
+    let sk: u64 = ctx.arg(0);
+    let o = offsets();
+    // A NULL check first: the verifier allows no arithmetic on a pointer
+    // argument it types as possibly NULL.
+    if sk == 0 || !layout_known(&o) || o.sk_protocol == OFFSET_ABSENT {
+        return 0;
+    }
+    let mut r = Reader::new();
+    let protocol = r.at::<u16>(sk as *const u8, o.sk_protocol);
+    let port = r.at::<u16>(sk as *const u8, o.sk_num);
+    if !r.ok() || protocol != IPPROTO_TCP {
+        return 0;
+    }
+    tcp_arrival(&o, sk, port);
+    0
+}
+
+/// A TCP connection just queued on the listener of `port`: counts its
+/// arrival, remembers when (for its wait at accept()) and reads the
+/// queue's fill.
+#[inline(always)]
+fn tcp_arrival(o: &AcceptOffsets, sk: u64, port: u16) {
     let now = unsafe { bpf_ktime_get_ns() };
     let _ = ESTABLISHED_AT.insert(sk, now, 0);
     let key = AcceptKey {
         socket_inode: 0,
-        netns_inode: netns_of(&o, sk as *const u8),
+        netns_inode: netns_of(o, sk as *const u8),
         port,
         kind: ACCEPT_KEY_TCP,
     };
     let Some(stats) = row(&key) else {
-        return 0;
+        return;
     };
     add(&mut stats.arrivals, 1);
     count_in_window(
@@ -241,7 +280,7 @@ pub fn accept_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     );
     // SAFETY: a copy of the map value.
     let Some(listener) = (unsafe { LISTENER_SOCK.get(key) }).copied() else {
-        return 0;
+        return;
     };
     let listener = listener as *const u8;
     // The remembered pointer may be stale (listener closed, memory
@@ -250,9 +289,8 @@ pub fn accept_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let state = r.at::<u8>(listener, o.sk_state);
     let num = r.at::<u16>(listener, o.sk_num);
     if r.ok() && state == TCP_LISTEN && num == port {
-        queue_fill(stats, &o, listener, 0);
+        queue_fill(stats, o, listener, 0);
     }
-    0
 }
 
 #[inline(always)]

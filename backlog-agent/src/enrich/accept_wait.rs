@@ -117,6 +117,12 @@ pub fn resolve(
         socket_sk: kernel.socket_sk,
         near_full_percent,
         unix_peer,
+        // Only the tp_btf arrivals program needs it (see probes.rs).
+        sk_protocol: btf
+            .field("sock.sk_protocol")
+            .ok()
+            .filter(|f| f.size == 2)
+            .map_or(backlog_common::OFFSET_ABSENT, |f| f.offset),
     };
     let needed = [
         ("task_struct.files", o.task_files),

@@ -140,6 +140,11 @@ enum Needs {
     /// sys_exit_accept{,4} where the exit-only programs read it
     /// (TP_SYS_EXIT_RET). Checked before load, like SyscallRegs.
     AcceptRegs,
+    /// AcceptLayout, and for the tp_btf arrivals program
+    /// inet_sock_set_state's three arguments and sock.sk_protocol.
+    AcceptLayoutBtf,
+    /// AcceptRegs and AcceptLayoutBtf's arrivals.
+    AcceptRegsBtf,
 }
 
 impl Hook {
@@ -273,6 +278,64 @@ const ACCEPT_WAIT_REGS: Hook = Hook {
             },
         ),
     ],
+};
+
+/// ACCEPT_WAIT_REGS with the arrivals on a tp_btf program, preferred: a
+/// perf tracepoint program is skipped whenever the arrival's softirq
+/// interrupted any kprobe or perf tracepoint program on that CPU (see
+/// backlog-ebpf/src/accept.rs). Needs sock.sk_protocol as a plain field.
+const ACCEPT_WAIT_REGS_BTF: Hook = Hook {
+    label: "tracepoint sock:inet_sock_set_state (tp_btf), syscalls:sys_exit_{accept,accept4} (listening fd from the saved registers)",
+    needs: Needs::AcceptRegsBtf,
+    programs: &[
+        // First: where it cannot load, nothing else was loaded for
+        // the next rung to load again.
+        (
+            "accept_btf_inet_sock_set_state",
+            Attach::BtfTracepoint("inet_sock_set_state"),
+        ),
+        (
+            "accept_sys_exit_accept4_regs",
+            syscall_tracepoint("sys_exit_accept4"),
+        ),
+        (
+            "accept_sys_exit_accept_regs",
+            syscall_tracepoint("sys_exit_accept"),
+        ),
+    ],
+    ..ACCEPT_WAIT_REGS
+};
+
+/// ACCEPT_WAIT with the arrivals on tp_btf, as ACCEPT_WAIT_REGS_BTF.
+const ACCEPT_WAIT_BTF: Hook = Hook {
+    label:
+        "tracepoint sock:inet_sock_set_state (tp_btf), syscalls:sys_{enter,exit}_{accept,accept4}",
+    needs: Needs::AcceptLayoutBtf,
+    programs: &[
+        // First: where it cannot load, nothing else was loaded for
+        // the next rung to load again.
+        (
+            "accept_btf_inet_sock_set_state",
+            Attach::BtfTracepoint("inet_sock_set_state"),
+        ),
+        (
+            "accept_sys_exit_accept4",
+            syscall_tracepoint("sys_exit_accept4"),
+        ),
+        (
+            "accept_sys_exit_accept",
+            syscall_tracepoint("sys_exit_accept"),
+        ),
+        (
+            "accept_sys_enter_accept4",
+            syscall_tracepoint("sys_enter_accept4"),
+        ),
+        (
+            "accept_sys_enter_accept",
+            syscall_tracepoint("sys_enter_accept"),
+        ),
+    ],
+    ..ACCEPT_WAIT
 };
 
 /// The fallback before 5.15. Exits first, so that no entry is armed
@@ -497,6 +560,8 @@ struct Preconditions {
     accept: Result<(), String>,
     /// `ret` of sys_exit_accept{,4} at TP_SYS_EXIT_RET (AcceptRegs).
     accept_exit_ret: Result<(), String>,
+    /// What the tp_btf arrivals program reads (AcceptLayoutBtf).
+    accept_btf: Result<(), String>,
 }
 
 impl Preconditions {
@@ -516,6 +581,13 @@ impl Preconditions {
                 .clone()
                 .and(self.syscall_regs.clone())
                 .and(self.accept_exit_ret.clone()),
+            Needs::AcceptLayoutBtf => self.accept.clone().and(self.accept_btf.clone()),
+            Needs::AcceptRegsBtf => self
+                .accept
+                .clone()
+                .and(self.syscall_regs.clone())
+                .and(self.accept_exit_ret.clone())
+                .and(self.accept_btf.clone()),
         }
     }
 }
@@ -610,7 +682,7 @@ pub fn start(
     memory_phase("reading /proc/kallsyms");
     let accept_offsets =
         crate::enrich::accept_wait::resolve(&kernel_offsets, btf, tracefs, near_full_percent);
-    let preconditions = Preconditions {
+    let mut preconditions = Preconditions {
         kfree_skb,
         kfree_skb_args,
         syscalls,
@@ -626,8 +698,20 @@ pub fn start(
             .as_ref()
             .map_err(Clone::clone)
             .and_then(|o| offsets::check_sys_exit_accept(o).map_err(|e| e.to_string())),
+        accept_btf: Err("not checked yet".into()),
     };
     let accept_offsets = accept_offsets.unwrap_or(backlog_common::AcceptOffsets::ABSENT);
+    preconditions.accept_btf = if accept_offsets.sk_protocol == backlog_common::OFFSET_ABSENT {
+        Err("sock.sk_protocol is not a 2-byte field here (a bitfield before 5.6)".into())
+    } else {
+        match btf.tracepoint_arg_count("inet_sock_set_state") {
+            Ok(3) => Ok(()),
+            Ok(n) => Err(format!(
+                "trace_inet_sock_set_state() takes {n} arguments here; this build knows 3"
+            )),
+            Err(err) => Err(err.to_string()),
+        }
+    };
     drop(vmlinux);
     memory_phase("dropping the kernel's BTF");
 
@@ -662,7 +746,11 @@ pub fn start(
         for hook in hooks.iter().filter(|h| h.family.allowed_by(mode)) {
             let result = match tried.iter().find(|(label, _)| *label == hook.label) {
                 Some((_, result)) => result.clone(),
-                None if matches!(hook.needs, Needs::SyscallRegs | Needs::KfreeSkbLayout) => {
+                None if matches!(
+                    hook.needs,
+                    Needs::SyscallRegs | Needs::KfreeSkbLayout | Needs::KfreeSkbArgs
+                ) =>
+                {
                     // Without the helpers the program does not load, and
                     // where the kfree_skb record is shorter (before 6.11)
                     // the kernel refuses its constant-offset loads at
@@ -766,7 +854,12 @@ pub fn start(
         add_roles(&mut roles, hook, "listen() calls");
     }
     let accept_wait = first_of(
-        &[ACCEPT_WAIT_REGS, ACCEPT_WAIT],
+        &[
+            ACCEPT_WAIT_REGS_BTF,
+            ACCEPT_WAIT_REGS,
+            ACCEPT_WAIT_BTF,
+            ACCEPT_WAIT,
+        ],
         &preconditions,
         &mut ebpf,
         &mut kernel_btf,
