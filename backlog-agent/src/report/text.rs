@@ -269,7 +269,7 @@ pub fn kernel_skips_line(skips: &[KernelSkip]) -> Option<String> {
     Some(format!(
         "skipped by the kernel: {total} runs of the agent's programs, because they would have \
          nested in a BPF program already running on that CPU; what those runs would have seen is in no \
-         count (up to that many drops missing): {}",
+         count (up to that many of what each observes missing): {}",
         each.join(", ")
     ))
 }
