@@ -154,7 +154,7 @@ enum Event {
 /// BPF code is booted once more, its console kept beside the log as
 /// `<log>.panic`. The kernels emulated here have panicked in their own
 /// text patching (an `int3` left by smp_text_poke hit on the other vCPU
-/// while tracefs disabled an event: 7.3 under TCG, once in 9 rehearsals),
+/// while tracefs disabled an event: 7.3 under TCG, once in 6 rehearsals),
 /// which no test can cause or fix; a panic in or under a BPF program is
 /// not retried, and the retry is said in the summary either way.
 pub fn run(guest: &GuestRun) -> GuestOutcome {
