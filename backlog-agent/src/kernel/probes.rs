@@ -566,7 +566,11 @@ struct Preconditions {
 
 impl Preconditions {
     fn of(&self, hook: &Hook) -> Result<(), String> {
-        match hook.needs {
+        self.holds(hook.needs)
+    }
+
+    fn holds(&self, needs: Needs) -> Result<(), String> {
+        match needs {
             Needs::Nothing => Ok(()),
             Needs::KfreeSkbLayout => self.kfree_skb.clone(),
             Needs::KfreeSkbArgs => self.kfree_skb_args.clone(),
@@ -581,13 +585,8 @@ impl Preconditions {
                 .clone()
                 .and(self.syscall_regs.clone())
                 .and(self.accept_exit_ret.clone()),
-            Needs::AcceptLayoutBtf => self.accept.clone().and(self.accept_btf.clone()),
-            Needs::AcceptRegsBtf => self
-                .accept
-                .clone()
-                .and(self.syscall_regs.clone())
-                .and(self.accept_exit_ret.clone())
-                .and(self.accept_btf.clone()),
+            Needs::AcceptLayoutBtf => self.holds(Needs::AcceptLayout).and(self.accept_btf.clone()),
+            Needs::AcceptRegsBtf => self.holds(Needs::AcceptRegs).and(self.accept_btf.clone()),
         }
     }
 }
@@ -634,16 +633,9 @@ pub fn start(
             offsets::apply_kfree_skb(&mut kernel_offsets, btf, &format)
                 .map_err(|err| err.to_string())
         });
-    let kfree_skb_args =
-        kfree_skb
-            .clone()
-            .and_then(|()| match btf.tracepoint_arg_count("kfree_skb") {
-                Ok(4) => Ok(()),
-                Ok(n) => Err(format!(
-                    "trace_kfree_skb() takes {n} arguments here; this build knows 4 (rx_sk last)"
-                )),
-                Err(err) => Err(err.to_string()),
-            });
+    let kfree_skb_args = kfree_skb
+        .clone()
+        .and_then(|()| tracepoint_args(btf, "kfree_skb", 4));
     let syscalls = (|| {
         let read = |name| EventFormat::read(tracefs, "syscalls", name).map_err(|e| e.to_string());
         offsets::apply_syscalls(
@@ -682,7 +674,14 @@ pub fn start(
     memory_phase("reading /proc/kallsyms");
     let accept_offsets =
         crate::enrich::accept_wait::resolve(&kernel_offsets, btf, tracefs, near_full_percent);
-    let mut preconditions = Preconditions {
+    let accept_btf = match accept_offsets.as_ref().map(|o| o.sk_protocol) {
+        Ok(backlog_common::OFFSET_ABSENT) => {
+            Err("sock.sk_protocol is not a 2-byte field here (a bitfield before 5.6)".into())
+        }
+        // Without the offsets the accept precondition already says why.
+        Ok(_) | Err(_) => tracepoint_args(btf, "inet_sock_set_state", 3),
+    };
+    let preconditions = Preconditions {
         kfree_skb,
         kfree_skb_args,
         syscalls,
@@ -698,20 +697,9 @@ pub fn start(
             .as_ref()
             .map_err(Clone::clone)
             .and_then(|o| offsets::check_sys_exit_accept(o).map_err(|e| e.to_string())),
-        accept_btf: Err("not checked yet".into()),
+        accept_btf,
     };
     let accept_offsets = accept_offsets.unwrap_or(backlog_common::AcceptOffsets::ABSENT);
-    preconditions.accept_btf = if accept_offsets.sk_protocol == backlog_common::OFFSET_ABSENT {
-        Err("sock.sk_protocol is not a 2-byte field here (a bitfield before 5.6)".into())
-    } else {
-        match btf.tracepoint_arg_count("inet_sock_set_state") {
-            Ok(3) => Ok(()),
-            Ok(n) => Err(format!(
-                "trace_inet_sock_set_state() takes {n} arguments here; this build knows 3"
-            )),
-            Err(err) => Err(err.to_string()),
-        }
-    };
     drop(vmlinux);
     memory_phase("dropping the kernel's BTF");
 
@@ -957,6 +945,18 @@ fn mode_name(mode: AttachMode) -> &'static str {
         AttachMode::Fentry => "fentry",
         AttachMode::Kprobe => "kprobe",
         AttachMode::Tracepoint => "tracepoint",
+    }
+}
+
+/// Whether a tp_btf program on the tracepoint `name` gets the `want`
+/// arguments it reads by position.
+fn tracepoint_args(btf: &Btf, name: &str, want: u32) -> Result<(), String> {
+    match btf.tracepoint_arg_count(name) {
+        Ok(n) if n == want => Ok(()),
+        Ok(n) => Err(format!(
+            "trace_{name}() takes {n} arguments here; this build knows {want}"
+        )),
+        Err(err) => Err(err.to_string()),
     }
 }
 
